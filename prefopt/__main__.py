@@ -1,0 +1,5 @@
+import sys
+
+from prefopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""The run config: one pydantic model, loaded from YAML with safe loading."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefopt.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = Field(None, description="Hub name or local directory of a pretrained causal LM.")
+    config: dict[str, Any] | None = Field(
+        None, description="Build a freshly initialised model from this transformers config instead (e.g. model_type: llama)."
+    )
+    tokenizer: str | None = Field(None, description="Hub name or local directory of the tokenizer; defaults to name_or_path.")
+    reference: str | None = Field(None, description="A different reference model (Hub name or directory); defaults to the initial policy.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub to run. Off unless you trust the repository.")
+    lora: dict[str, Any] | None = Field(
+        None, description="Train a LoRA adapter with peft (keys of peft.LoraConfig); the reference is then the base model."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.name_or_path and model.config")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required when the model is built from model.config")
+        return self
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Training data: a local JSON/JSONL/Parquet/CSV file or directory, or a Hub dataset name.")
+    split: str = Field("train", description="Split to read from the training source.")
+    eval: str | None = Field(None, description="Held-out data (same forms as train); if unset, eval_fraction of train is held out.")
+    eval_split: str = Field("test", description="Split to read from a Hub eval source.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of train held out for evaluation when eval is unset.")
+    max_length: int = Field(512, gt=1, description="Maximum tokens of prompt + completion (+ EOS).")
+    max_prompt_length: int | None = Field(None, gt=0, description="Cut prompts to their last N tokens first (default: no cut).")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows stop the run (raise) or are skipped and counted (skip).")
+    on_overlong: Literal["drop", "raise"] = Field("drop", description="Rows that cannot fit max_length are dropped and counted, or stop the run.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of train (for quick runs).")
+
+
+class ReferenceConfig(_Section):
+    mode: Literal["auto", "cache", "live", "none"] = Field(
+        "auto", description="auto picks cache when the loss allows, live when it needs token KL, none when reference-free."
+    )
+    cache_dir: str = Field(".prefopt-cache", description="Directory of reference log-prob caches, keyed by fingerprint.")
+    batch_size: int | None = Field(None, gt=0, description="Pairs per forward when precomputing (default: the train batch size).")
+
+
+class TrainerConfig(_Section):
+    output_dir: str = Field("runs/prefopt", description="Where checkpoints, metrics and the final model go.")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    batch_size: int = Field(8, gt=0, description="Pairs per optimiser step per process (before accumulation).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step; the effective batch is batch_size * grad_accum * processes.")
+    micro_batch_size: int | None = Field(None, gt=0, description="Pairs per forward; defaults to batch_size / grad_accum.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
+    lr: float = Field(5e-7, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through accelerate; fp16 needs CUDA.")
+    group_by_length: bool = Field(True, description="Batch pairs of similar length so padding stays small.")
+    logprob_chunk_tokens: int = Field(512, gt=0, description="Completion positions projected through the LM head at once.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimiser steps.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate on the held-out split every N steps (and always at start and end).")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimiser steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
+    max_bad_steps: int = Field(10, ge=0, description="Stop after this many steps with a non-finite loss or gradient.")
+    report_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="jsonl, and accelerate trackers such as tensorboard.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    loss: dict[str, Any] | list[dict[str, Any]] = Field(
+        default_factory=lambda: {"name": "dpo"},
+        description="A loss by name with its parameters, or a list of them with weights (see `prefopt losses`).",
+    )
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    def build_loss(self):
+        """The loss object this config selects (validated by the loss's own config model)."""
+        from prefopt.registry import build_loss
+
+        return build_loss(self.loss, "loss")
+
+
+# PyYAML follows YAML 1.1, where `1e-6` is a string; accept it as a float as users expect.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Safe-load YAML text; an error names the source."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.lr=1e-6")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = parse_yaml(value, f"--set {key}")
+    return raw
+
+
+def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`; every bad field is named by its path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    problems: list[str] = []
+    config = None
+    try:
+        config = RunConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            problems.append(f"{where}: {e['msg']}{got}")
+    if check_loss and isinstance(raw.get("loss", {"name": "dpo"}), (dict, list)):
+        from prefopt.registry import build_loss
+
+        try:
+            build_loss(raw.get("loss", {"name": "dpo"}), "loss")
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+    if problems:
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems))
+    assert config is not None
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config.
+
+    A relative data or model path that does not exist from the working directory
+    but does beside the YAML file is taken from there.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    raw = parse_yaml(text, str(path)) or {}
+    raw = apply_overrides(raw, overrides or [])
+    config = validate(raw, str(path))
+    _resolve_paths(config, path.parent)
+    return config
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> None:
+    for section, key in _PATH_FIELDS:
+        value = getattr(getattr(config, section), key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(getattr(config, section), key, str(base / value))
+
+
+_PATH_FIELDS = [("data", "train"), ("data", "eval"), ("model", "name_or_path"), ("model", "tokenizer"), ("model", "reference")]

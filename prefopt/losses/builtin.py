@@ -1,0 +1,11 @@
+"""The built-in losses, registered through the same hook as any third-party plugin."""
+from prefopt.hookspecs import hookimpl
+from prefopt.losses.dpo import DPO
+from prefopt.losses.ipo import IPO
+from prefopt.losses.sft import SFT
+from prefopt.losses.tdpo import TDPO
+
+
+@hookimpl
+def register_losses() -> list[type]:
+    return [DPO, IPO, TDPO, SFT]

@@ -1,0 +1,180 @@
+"""Loss names -> classes, from every plugin; selection and validation of a loss spec."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from prefopt import plugins
+from prefopt.errors import ConfigError, PluginError, UnknownLossError
+from prefopt.losses.base import Loss
+from prefopt.losses.combined import WeightedLoss
+
+# Losses shipped as first-party packages in plugins/: named in the error when not installed.
+FIRST_PARTY = {"simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust_dpo": "prefopt-robust"}
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """A registered loss and the distribution that provides it."""
+
+    name: str
+    cls: type[Loss]
+    dist: str
+    version: str
+
+
+@dataclass
+class Registry:
+    losses: dict[str, LossEntry] = field(default_factory=dict)
+    conflicts: dict[str, list[LossEntry]] = field(default_factory=dict)
+    broken: list[plugins.PluginInfo] = field(default_factory=list)
+
+
+_registry: Registry | None = None
+
+
+def reset() -> None:
+    global _registry
+    _registry = None
+
+
+def get_registry() -> Registry:
+    """All losses of all loaded plugins (built once per process)."""
+    global _registry
+    if _registry is not None:
+        return _registry
+    pm = plugins.get_plugin_manager()
+    reg = Registry(broken=[p for p in plugins.plugins() if p.error])
+    for impl in pm.hook.register_losses.get_hookimpls():
+        info = plugins.plugin_info(impl.plugin_name)
+        try:
+            classes = list(impl.function())
+            for cls in classes:
+                _check_class(cls)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is flagged, not fatal
+            reg.broken.append(
+                plugins.PluginInfo(info.name, info.dist, info.version, f"plugin {info.name!r} from {info.dist} {info.version} registered a broken loss: {exc}")
+            )
+            continue
+        for cls in classes:
+            entry = LossEntry(cls.name, cls, info.dist, info.version)
+            if cls.name in reg.conflicts:
+                reg.conflicts[cls.name].append(entry)
+            elif cls.name in reg.losses:
+                reg.conflicts[cls.name] = [reg.losses.pop(cls.name), entry]
+            else:
+                reg.losses[cls.name] = entry
+    _registry = reg
+    return reg
+
+
+def _check_class(cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Loss)):
+        raise TypeError(f"{cls!r} is not a prefopt.Loss subclass")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{cls.__name__} has no 'name'")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, pydantic.BaseModel)):
+        raise TypeError(f"{cls.__name__}.Config is not a pydantic model")
+
+
+def get_loss_class(name: str) -> type[Loss]:
+    """The loss class registered under ``name``, or an error that says what to do."""
+    reg = get_registry()
+    if name in reg.losses:
+        return reg.losses[name].cls
+    if name in reg.conflicts:
+        providers = " and ".join(f"{e.dist} {e.version} ({e.cls.__module__}.{e.cls.__qualname__})" for e in reg.conflicts[name])
+        raise PluginError(
+            f"loss {name!r} is provided by two plugins: {providers}; uninstall one or restrict PREFOPT_LOAD_PLUGINS"
+        )
+    for info in reg.broken:
+        if info.name == name or FIRST_PARTY.get(name) == info.dist:
+            raise PluginError(f"loss {name!r} is unavailable: {info.error}")
+    installed = sorted(reg.losses)
+    message = f"unknown loss {name!r}; installed losses: {', '.join(installed) or 'none'}"
+    close = difflib.get_close_matches(name, installed, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    if name in FIRST_PARTY:
+        message += f"; {name!r} is provided by the package {FIRST_PARTY[name]} (pip install {FIRST_PARTY[name]})"
+    if reg.broken:
+        message += "; plugins that failed to load: " + ", ".join(p.name for p in reg.broken)
+    raise UnknownLossError(message)
+
+
+def _format_validation(err: pydantic.ValidationError, loss_name: str, path: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        value = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"{path}.{where}: loss {loss_name!r}: {e['msg']}{value}")
+    return lines
+
+
+def build_loss(spec: dict[str, Any] | list[dict[str, Any]], path: str = "loss") -> Loss | WeightedLoss:
+    """Validate a loss spec from a config and build it.
+
+    ``{name: dpo, beta: 0.1}`` builds one loss; a list of such mappings, each with an
+    optional ``weight`` (default 1), builds their weighted sum. Every problem is
+    reported at once in a :class:`ConfigError`, each line naming the field's path.
+    """
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{path}: the list of losses is empty")
+        terms, problems = [], []
+        for i, item in enumerate(spec):
+            item = dict(item) if isinstance(item, dict) else item
+            weight = item.pop("weight", 1.0) if isinstance(item, dict) else 1.0
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                problems.append(f"{path}[{i}].weight: must be a number (got {weight!r})")
+            try:
+                terms.append((float(weight), build_loss(item, f"{path}[{i}]")))
+            except (ConfigError, UnknownLossError, PluginError) as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return WeightedLoss(terms)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping like {{name: dpo, beta: 0.1}} or a list of them (got {spec!r})")
+    params = dict(spec)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}.name: required, the name of an installed loss (see `prefopt losses`)")
+    if "weight" in params:
+        raise ConfigError(f"{path}.weight: weights apply to a list of losses; write loss: [{{name: {name}, weight: ...}}, ...]")
+    try:
+        cls = get_loss_class(name)
+    except (UnknownLossError, PluginError) as exc:
+        raise ConfigError(f"{path}.name: {exc}") from None
+    try:
+        config = cls.Config(**params)
+    except pydantic.ValidationError as exc:
+        raise ConfigError("\n".join(_format_validation(exc, name, path))) from None
+    return cls(config)
+
+
+def describe(cls: type[Loss]) -> list[dict[str, Any]]:
+    """Each config field of a loss: name, type, default (or required) and description."""
+    out = []
+    for fname, finfo in cls.Config.model_fields.items():
+        required = finfo.is_required()
+        out.append(
+            {
+                "name": fname,
+                "type": _type_name(finfo.annotation),
+                "default": None if required else finfo.get_default(call_default_factory=True),
+                "required": required,
+                "description": finfo.description or "",
+            }
+        )
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    name = getattr(annotation, "__name__", None)
+    if name and not getattr(annotation, "__args__", None):
+        return name
+    return str(annotation).replace("typing.", "")

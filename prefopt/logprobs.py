@@ -1,0 +1,103 @@
+"""Per-token completion log-probs and token KL, without materialising (rows x seq x vocab) logits.
+
+Only completion positions go through the LM head, a chunk of positions at a time,
+with log-softmax in fp32. Each chunk is recomputed in backward (activation
+checkpointing), so peak memory holds one chunk's logits, not the whole batch's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets for positions ``0..T-2`` (``logits[:, :-1]`` predict ``labels[:, 1:]``) and their mask."""
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    return target.masked_fill(~mask, 0), mask
+
+
+def naive_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: per-token log-probs ``(N, T-1)``, zero at masked positions."""
+    target, mask = shift_labels(labels)
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return logp * mask
+
+
+def naive_token_kl(ref_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: per-token KL(ref || policy) ``(N, T-1)``, zero at masked positions."""
+    _, mask = shift_labels(labels)
+    ref = ref_logits[:, :-1].float().log_softmax(-1)
+    pol = policy_logits[:, :-1].float().log_softmax(-1)
+    return (ref.exp() * (ref - pol)).sum(-1) * mask
+
+
+def _logps_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _logps_kl_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None,
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logp = F.linear(hidden, weight, bias).float().log_softmax(-1)
+    with torch.no_grad():
+        ref_logp = F.linear(ref_hidden, ref_weight, ref_bias).float().log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    label = target.unsqueeze(-1)
+    return logp.gather(-1, label).squeeze(-1), kl, ref_logp.gather(-1, label).squeeze(-1)
+
+
+def _run(fn, args: tuple, grad: bool):
+    # Checkpointing only pays when there is a backward to save memory for.
+    return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    chunk_tokens: int = 512,
+    ref_hidden: torch.Tensor | None = None,
+    ref_head: torch.nn.Linear | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of the labels from final hidden states ``(N, T, H)``.
+
+    Returns ``logps`` ``(N, T-1)`` (zero where masked). With ``ref_hidden`` and
+    ``ref_head`` (the reference model's) it also returns ``kl``, per-token
+    KL(ref || policy) over the vocabulary, and the reference's ``ref_logps``.
+    """
+    target, mask = shift_labels(labels)
+    pos = mask.nonzero(as_tuple=True)
+    h = hidden[:, :-1][pos]
+    t = target[pos]
+    grad = torch.is_grad_enabled() and h.requires_grad
+    outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": []}
+    for start in range(0, h.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        if ref_hidden is None:
+            outs["logps"].append(_run(_logps_chunk, (h[sl], head.weight, head.bias, t[sl]), grad))
+        else:
+            assert ref_head is not None
+            rh = ref_hidden[:, :-1][pos][sl]
+            lp, kl, rlp = _run(_logps_kl_chunk, (h[sl], head.weight, head.bias, rh, ref_head.weight, ref_head.bias, t[sl]), grad)
+            outs["logps"].append(lp)
+            outs["kl"].append(kl)
+            outs["ref_logps"].append(rlp)
+    result = {}
+    for key, parts in outs.items():
+        if not parts and (key == "logps" or ref_hidden is not None):
+            parts = [h.new_zeros(0, dtype=torch.float32)]
+        if parts:
+            dense = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+            result[key] = dense.index_put(pos, torch.cat(parts))
+    return result

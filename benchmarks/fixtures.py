@@ -1,0 +1,93 @@
+"""Shared inputs of every run: synthetic preference data, a local byte-level BPE tokenizer, model configs."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PAD, EOS = "<pad>", "</s>"
+
+
+def _lexicon(n: int, rng: random.Random) -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 7))))
+    return sorted(words)
+
+
+def _text(n_words: int, lexicon: list[str], rng: random.Random) -> str:
+    return " ".join(rng.choice(lexicon) for _ in range(n_words))
+
+
+def write_pairs(path: Path, rows: int, max_tokens: int, long_tailed: bool, seed: int) -> None:
+    """Preference pairs as JSONL (prompt/chosen/rejected strings); one word is one token.
+
+    Uniform data: prompts take 15-35% of ``max_tokens`` and completions 20-60% of the
+    rest. Long-tailed data: log-normal lengths (many short pairs, a few near the
+    limit), the shape of real chat data. Every row fits ``max_tokens`` including EOS.
+    """
+    rng = random.Random(seed)
+    lexicon = _lexicon(400, random.Random(0))
+    budget = max_tokens - 2  # EOS, and one token of slack
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(rows):
+            if long_tailed:
+                total = min(budget, max(8, int(rng.lognormvariate(0, 0.9) * budget / 7)))
+                p = max(2, int(total * rng.uniform(0.2, 0.5)))
+                c, r = (max(1, int((total - p) * rng.uniform(0.5, 1.0))) for _ in range(2))
+            else:
+                p = int(budget * rng.uniform(0.15, 0.35))
+                c, r = (max(1, int((budget - p) * rng.uniform(0.2, 0.6))) for _ in range(2))
+            row = {"prompt": _text(p, lexicon, rng), "chosen": " " + _text(c, lexicon, rng), "rejected": " " + _text(r, lexicon, rng)}
+            f.write(json.dumps(row) + "\n")
+
+
+def build_tokenizer(directory: Path, data: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE on the data and save it as a transformers tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+
+    def texts():
+        with data.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                yield from (row["prompt"], row["chosen"], row["rejected"])
+
+    tok.train_from_iterator(texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    fast.save_pretrained(str(directory))
+
+
+# Model shapes. "tiny"/"small" are Llama-shaped for CPU runs; "qwen2-0.5b" is the Qwen2-0.5B
+# architecture (random weights, built from this config) for GPU runs.
+MODELS: dict[str, dict] = {
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    "small": dict(
+        model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    "qwen2-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+}
+
+
+def model_config(name: str, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    """The transformers config dict of a named shape; the vocabulary is at least the tokenizer's."""
+    cfg = dict(MODELS[name])
+    cfg["vocab_size"] = max(cfg.get("vocab_size", 0), vocab_size)
+    cfg.update(pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
+    return cfg

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
 from prefopt.logprobs import chunked_token_logps
+
+log = logging.getLogger("prefopt")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -26,8 +30,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedModel:
     """The policy (or, with ``name_or_path``, another pretrained model), with dropout disabled as in TRL."""
     source = name_or_path or cfg.name_or_path
-    if source is not None:
+    if source is not None and _has_weights(source):
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    elif source is not None:
+        log.info("model: %s holds a config but no weights; initialising a fresh model from it", source)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
     else:
         params = dict(cfg.config or {})
         model_type = params.pop("model_type", None)
@@ -38,6 +45,14 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedM
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     return model
+
+
+def _has_weights(source: str) -> bool:
+    """False only for a local directory with a config.json and no weight files (a model to initialise)."""
+    path = Path(source)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return True  # a Hub name or a checkpoint: let from_pretrained resolve it
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json"))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -53,6 +53,36 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from prefopt.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{args.config}: valid (loss: {config.build_loss()!r})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.trainer import format_summary, train
+
+    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=args.config)
+    if summary.get("interrupted"):
+        return 130
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from prefopt.trainer import precompute_reference
+
+    for name, what in precompute_reference(_load(args)).items():
+        print(f"reference cache ({name}): {what}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimisation for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,16 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugin packages and the losses each provides")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
+    for name, func, text in (
+        ("train", _cmd_train, "train a policy as CONFIG says"),
+        ("validate", _cmd_validate, "check CONFIG, loss parameters included, without training"),
+        ("precompute-ref", _cmd_precompute, "fill the reference log-prob cache ahead of training"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="YAML run config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. trainer.lr=1e-6")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
+            p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+        p.set_defaults(func=func)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         return args.func(args)
     except PrefoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _setup_logging() -> None:
+    import logging
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # one process of several speaks
+        logging.getLogger("prefopt").setLevel(logging.WARNING)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[prefopt] %(message)s"))
+    logger = logging.getLogger("prefopt")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

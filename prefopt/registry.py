@@ -130,6 +130,7 @@ def build_loss(spec: dict[str, Any] | list[dict[str, Any]], path: str = "loss") 
             weight = item.pop("weight", 1.0) if isinstance(item, dict) else 1.0
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 problems.append(f"{path}[{i}].weight: must be a number (got {weight!r})")
+                weight = 0.0  # keep validating this term's loss; the error above is raised below
             try:
                 terms.append((float(weight), build_loss(item, f"{path}[{i}]")))
             except (ConfigError, UnknownLossError, PluginError) as exc:

@@ -1,0 +1,93 @@
+"""Checkpoints: written to a temporary directory, fsynced, renamed; verified by checksum when loaded."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefopt.atomic import fsync_dir, sha256_file
+from prefopt.errors import PrefoptError
+
+log = logging.getLogger("prefopt")
+
+
+class CheckpointError(PrefoptError):
+    """A checkpoint is missing, corrupted or does not fit the run."""
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+    """Write ``root/step-NNNNNNN`` atomically and prune to the last ``keep`` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file matches its recorded checksum."""
+    try:
+        sums = json.loads((path / "checksums.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: no readable checksums.json ({exc})") from None
+    for name, expected in sums.items():
+        f = path / name
+        if not f.exists() or sha256_file(f) != expected:
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated or corrupted (checksum mismatch)")
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest checkpoint that passes verification; corrupted ones are refused with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("%s; refusing it", exc)
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    verify(path)
+    weights = load_file(str(path / "model.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: does not fit this model (missing {sorted(missing)[:3]} ...)")
+    model.load_state_dict(weights, strict=False)
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((path / "state.json").read_text())

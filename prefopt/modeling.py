@@ -1,0 +1,116 @@
+"""Loading models and tokenizers, and the module that computes per-token log-probs for a batch."""
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefopt.config import ModelConfig
+from prefopt.errors import ConfigError
+from prefopt.logprobs import chunked_token_logps
+
+log = logging.getLogger("prefopt")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    name = cfg.tokenizer or cfg.name_or_path
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ConfigError(f"model.tokenizer: {name} has no EOS token; completions need one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedModel:
+    """The policy (or, with ``name_or_path``, another pretrained model), with dropout disabled as in TRL."""
+    source = name_or_path or cfg.name_or_path
+    if source is not None and _has_weights(source):
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    elif source is not None:
+        log.info("model: %s holds a config but no weights; initialising a fresh model from it", source)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
+    else:
+        params = dict(cfg.config or {})
+        model_type = params.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.config.model_type: required (e.g. llama, qwen2, gpt2)")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **params))
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _has_weights(source: str) -> bool:
+    """False only for a local directory with a config.json and no weight files (a model to initialise)."""
+    path = Path(source)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return True  # a Hub name or a checkpoint: let from_pretrained resolve it
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json"))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    if hasattr(model, "get_base_model"):  # a peft model
+        model = model.get_base_model()
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise ConfigError(f"model: {model.config.model_type} transforms its logits ({attr}); not supported yet")
+    return model.base_model, model.get_output_embeddings()
+
+
+class PreferenceModel(nn.Module):
+    """Policy (and, for a live reference, the reference) computing per-token log-probs of completions.
+
+    ``reference`` is a frozen model, the string ``"adapter"`` for a peft policy whose
+    reference is the base model with the adapter disabled, or ``None``.
+    """
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None, chunk_tokens: int = 512) -> None:
+        super().__init__()
+        self.policy = policy
+        self.reference = reference if isinstance(reference, nn.Module) else None
+        self.ref_is_adapter = reference == "adapter"
+        self.chunk_tokens = chunk_tokens
+
+    def train(self, mode: bool = True) -> "PreferenceModel":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    @staticmethod
+    def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
+        backbone, head = _backbone_and_head(model)
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.last_hidden_state, head
+
+    def _ref_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
+        ctx = self.policy.disable_adapter() if self.ref_is_adapter else nullcontext()
+        with torch.no_grad(), ctx:
+            return self._hidden(self.reference if self.reference is not None else self.policy, batch)
+
+    def forward(self, batch: dict[str, torch.Tensor], reference: str = "none") -> dict[str, torch.Tensor]:
+        """Per-token ``logps`` of the policy; ``reference="logps"`` adds ``ref_logps``, ``"kl"`` also ``kl``."""
+        hidden, head = self._hidden(self.policy, batch)
+        labels = batch["labels"]
+        if reference == "kl":
+            ref_hidden, ref_head = self._ref_hidden(batch)
+            return chunked_token_logps(hidden, head, labels, self.chunk_tokens, ref_hidden, ref_head)
+        out = chunked_token_logps(hidden, head, labels, self.chunk_tokens)
+        if reference == "logps":
+            ref_hidden, ref_head = self._ref_hidden(batch)
+            with torch.no_grad():
+                out["ref_logps"] = chunked_token_logps(ref_hidden, ref_head, labels, self.chunk_tokens)["logps"]
+        return out

@@ -1,0 +1,70 @@
+"""`prefopt losses`: every loss with its package, version and documented config fields."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefopt import cli, plugins
+from prefopt.registry import describe
+from prefopt.losses import DPO, IPO, SFT, TDPO
+
+
+@pytest.fixture(autouse=True)
+def builtins_only(monkeypatch):
+    monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+def _run(capsys, *argv: str) -> str:
+    assert cli.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_losses_text(capsys):
+    out = _run(capsys, "losses")
+    version = plugins.plugin_info("prefopt").version
+    assert f"dpo  (prefopt {version}; reference: logps)" in out
+    assert f"ipo  (prefopt {version}; reference: logps)" in out
+    assert f"tdpo  (prefopt {version}; reference: token_kl)" in out
+    assert f"sft  (prefopt {version}; reference: none)" in out
+    assert "    beta: float, default 0.1. Inverse temperature: strength of the implicit KL penalty." in out
+    assert "    average_log_probs: bool, default True. Average log-ratios over completion tokens" in out
+    assert "    variant: Literal['tdpo1', 'tdpo2'], required. tdpo1:" in out
+    assert "CONFLICT" not in out and "BROKEN" not in out
+
+
+def test_losses_json(capsys):
+    data = json.loads(_run(capsys, "losses", "--json"))
+    assert data["conflicts"] == {} and data["broken"] == []
+    rows = {row["name"]: row for row in data["losses"]}
+    assert list(rows) == ["dpo", "ipo", "sft", "tdpo"]
+    version = plugins.plugin_info("prefopt").version
+    for cls in (DPO, IPO, SFT, TDPO):
+        row = rows[cls.name]
+        assert (row["package"], row["version"]) == ("prefopt", version)
+        assert row["needs_reference"] == cls.reference.name.lower()
+        assert [f["name"] for f in row["fields"]] == list(cls.Config.model_fields)
+        for field in row["fields"]:
+            assert field["description"], f"{cls.name}.{field['name']} has no description"
+            assert set(field) == {"name", "type", "default", "required", "description"}
+    dpo = {f["name"]: f for f in rows["dpo"]["fields"]}
+    assert dpo["beta"] == {
+        "name": "beta",
+        "type": "float",
+        "default": 0.1,
+        "required": False,
+        "description": DPO.Config.model_fields["beta"].description,
+    }
+    assert dpo["label_smoothing"]["default"] == 0.0 and dpo["reference_free"]["type"] == "bool"
+    variant = {f["name"]: f for f in rows["tdpo"]["fields"]}["variant"]
+    assert variant["required"] is True and variant["default"] is None and "tdpo1" in variant["type"]
+    assert rows["sft"]["fields"] == []
+
+
+def test_describe_matches_json(capsys):
+    data = json.loads(_run(capsys, "losses", "--json"))
+    ipo = next(row for row in data["losses"] if row["name"] == "ipo")
+    assert ipo["fields"] == describe(IPO)

@@ -32,6 +32,7 @@ class Probe:
         self.pad_id = pad_id
         self.cuda = cuda
         self.step_ends: list[float] = []
+        self.step_cpu: list[float] = []
         self.forwards: list[tuple[float, int, int]] = []
         self._handle = None
         self._orig_embedding_forward = None
@@ -54,6 +55,7 @@ class Probe:
         if self.cuda:
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
+        self.step_cpu.append(time.process_time())
 
     def summary(self, warmup: int) -> dict:
         """Timing over the steps after ``warmup``: step times, tokens and positions in that window."""
@@ -69,6 +71,7 @@ class Probe:
             "steps": len(ends),
             "timed_steps": len(step_times),
             "seconds": stop - start,
+            "cpu_seconds": self.step_cpu[-1] - self.step_cpu[warmup],
             "step_times": step_times,
             "tokens": tokens,
             "positions": positions,

@@ -7,6 +7,13 @@ from pathlib import Path
 import torch
 
 
+def preload() -> None:
+    """Import what a run needs, so the post-import memory baseline includes it."""
+    import datasets  # noqa: F401
+    import trl  # noqa: F401
+    from trl import DPOTrainer  # noqa: F401
+
+
 def run(spec: dict) -> None:
     """Train TRL's DPO for ``spec['steps']`` steps on the spec's model, data and settings."""
     import datasets

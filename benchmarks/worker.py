@@ -19,6 +19,7 @@ def _measure_training(spec: dict) -> dict:
         from benchmarks import trl_side as side
     else:
         from benchmarks import prefopt_side as side
+    side.preload()
     cuda = spec["device"] == "cuda"
     base_rss = rss_bytes()  # after importing torch, transformers and the side's library
     probe = Probe(spec["pad_id"], cuda).install()

@@ -1,0 +1,158 @@
+"""``python -m benchmarks [--quick | --gpu]``: prefopt and TRL's DPOTrainer side by side.
+
+Every measured run is a fresh process (so peak memory is per run), prefopt and
+TRL runs alternate, and both get the same model config, data, tokenizer, batch
+size, max length, precision, optimiser and number of steps. Results go to a
+JSON file and a Markdown table; the last line printed is the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import fixtures, report
+from benchmarks.scenarios import PROFILES, RunSpec, training_runs, vocab_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small models, two CPU cores, a few minutes")
+    mode.add_argument("--gpu", action="store_true", help="Qwen2-0.5B shape in bf16 on the CUDA device, with MFU")
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
+    p.add_argument("--only", nargs="*", metavar="SCENARIO", help="run only these scenarios (1 2 3 4 5)")
+    p.add_argument("--steps", type=int, help="override the profile's number of optimiser steps")
+    p.add_argument("--repeats", type=int, help="override how many times each training run is repeated")
+    p.add_argument("--threads", type=int, help="intra-op threads per run (CPU profiles default to 1: stable on a shared machine)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory (data, tokenizer, run outputs)")
+    return p.parse_args(argv)
+
+
+def _prepare(workdir: Path, profile: dict) -> dict:
+    """Data files, tokenizer and model config shared by every run."""
+    rows = profile["batch_size"] * (profile["steps"] + 2)
+    data = {}
+    for name, long_tailed in (("uniform", False), ("long_tail", True)):
+        data[name] = workdir / f"{name}.jsonl"
+        fixtures.write_pairs(data[name], rows, profile["max_length"], long_tailed, seed=1)
+    tok_dir = workdir / "tokenizer"
+    fixtures.build_tokenizer(tok_dir, data["uniform"], profile["tokenizer_vocab"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model_config = fixtures.model_config(profile["model"], len(tok), tok.pad_token_id, tok.eos_token_id)
+    return {"data": {k: str(v) for k, v in data.items()}, "tokenizer": str(tok_dir), "model_config": model_config, "pad_id": tok.pad_token_id}
+
+
+def _spec(run: RunSpec, i: int, profile: dict, shared: dict, workdir: Path) -> dict:
+    common = {"side": run.side, "device": profile["device"], "threads": profile["threads"], "run_id": i, "workdir": str(workdir)}
+    if run.side == "logits":
+        return {**common, **run.settings, "batch": profile["vocab_batch"], "hidden_size": profile["vocab_hidden"],
+                "seq_len": profile["vocab_seq"], "chunk_tokens": 512}
+    return {
+        **common,
+        "model_config": shared["model_config"], "tokenizer": shared["tokenizer"], "pad_id": shared["pad_id"],
+        "data": shared["data"][run.settings["data"]], "reference": run.settings["reference"],
+        "loss": run.settings.get("loss", "dpo"), "beta": 0.1, "seed": 0, "lr": profile["lr"],
+        "batch_size": profile["batch_size"], "max_length": profile["max_length"], "steps": profile["steps"],
+        "warmup": profile["warmup"], "precision": profile["precision"], "optim": "adamw_torch",
+    }
+
+
+def _execute(spec: dict, workdir: Path) -> dict:
+    spec_path = workdir / f"spec-{spec['run_id']}.json"
+    out_path = workdir / f"result-{spec['run_id']}.json"
+    log_path = workdir / f"log-{spec['run_id']}.txt"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        HF_HOME=str(workdir / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if out_path.exists():
+        return json.loads(out_path.read_text())
+    return {"ok": False, "error": f"worker exited with {proc.returncode}; see {log_path}", "log_tail": log_path.read_text()[-2000:]}
+
+
+def _device_info(profile: dict) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    info["cpu"] = f"{cpu}, {len(os.sched_getaffinity(0))} cores available"
+    if profile["device"] == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    name = "gpu" if args.gpu else "quick" if args.quick else "full"
+    profile = dict(PROFILES[name])
+    if args.steps:
+        profile["steps"] = args.steps
+    if args.repeats:
+        profile["repeats"] = args.repeats
+    if args.threads:
+        profile["threads"] = args.threads
+    if profile["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--gpu needs a CUDA device; none is visible", file=sys.stderr)
+            return 2
+    only = set(args.only or ["1", "2", "3", "4", "5"])
+    runs = [r for r in training_runs(profile["repeats"]) if r.scenario[0] in only]
+    runs += [r for r in vocab_runs(profile["vocab_sizes"]) if r.scenario[0] in only]
+    workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
+    started = time.perf_counter()
+    try:
+        shared = _prepare(workdir, profile)
+        results = []
+        for i, run in enumerate(runs):
+            spec = _spec(run, i, profile, shared, workdir)
+            t0 = time.perf_counter()
+            result = _execute(spec, workdir)
+            status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
+            print(f"[{i + 1}/{len(runs)}] scenario {run.scenario} / {run.label}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            results.append({"scenario": run.scenario, "side": run.side, "label": run.label, "settings": run.settings, "result": result})
+    finally:
+        if args.keep:
+            print(f"working directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    doc = report.build(name, profile, shared["model_config"], _device_info(profile), results, time.perf_counter() - started, argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{name}.md").write_text(doc["markdown"])
+    print(doc["markdown"])
+    print(f"results: {out / (name + '.json')}, {out / (name + '.md')}")
+    print(doc["summary"])
+    return 0 if all(r["result"].get("ok") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

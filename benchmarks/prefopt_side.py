@@ -1,0 +1,48 @@
+"""One measured prefopt run (in its own process)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def config_dict(spec: dict) -> dict:
+    """The prefopt run config equivalent to the spec (and to the TRL run beside it)."""
+    workdir = Path(spec["workdir"])
+    loss = {"name": spec["loss"], {"ipo": "tau"}.get(spec["loss"], "beta"): spec["beta"]}
+    if spec["loss"] == "tdpo":
+        loss["variant"] = "tdpo2"
+    return {
+        "model": {"config": spec["model_config"], "tokenizer": spec["tokenizer"]},
+        "data": {"train": spec["data"], "max_length": spec["max_length"]},
+        "loss": loss,
+        "reference": {"mode": spec["reference"], "cache_dir": str(workdir / "prefopt-cache"), "batch_size": spec["batch_size"]},
+        "trainer": {
+            "output_dir": str(workdir / f"prefopt-out-{spec['run_id']}"),
+            "seed": spec["seed"],
+            "batch_size": spec["batch_size"],
+            "max_steps": spec["steps"],
+            "lr": spec["lr"],
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "precision": spec["precision"],
+            "group_by_length": spec.get("group_by_length", True),
+            "log_every": 1,
+            "report_to": ["jsonl"],
+        },
+    }
+
+
+def preload() -> None:
+    """Import what a run needs, so the post-import memory baseline includes it."""
+    import prefopt.trainer  # noqa: F401
+
+
+def run(spec: dict) -> None:
+    """Train with prefopt for ``spec['steps']`` steps on the spec's model, data and settings."""
+    from prefopt.config import validate
+    from prefopt.trainer import train
+
+    logging.getLogger("prefopt").setLevel(logging.WARNING)
+    train(validate(config_dict(spec), "benchmark"), overwrite=True)

@@ -80,7 +80,7 @@ class TrainerConfig(_Section):
     eval_every: int | None = Field(None, gt=0, description="Evaluate on the held-out split every N steps (and always at start and end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimiser steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
-    max_bad_steps: int = Field(10, ge=0, description="Stop after this many steps with a non-finite loss or gradient.")
+    max_bad_steps: int = Field(10, ge=0, description="Steps with a non-finite loss or gradient tolerated (each skipped); one more stops the run.")
     report_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="jsonl, and accelerate trackers such as tensorboard.")
 
 

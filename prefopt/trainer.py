@@ -75,10 +75,12 @@ def _accelerator(config: RunConfig) -> Accelerator:
 def _cache_for(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str, weights_fp: str) -> torch.Tensor:
     from prefopt.data import fingerprint
 
-    settings = {"precision": run_cfg.trainer.precision}
-    key = ref.cache_key(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
+    settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
+                "max_prompt_length": run_cfg.data.max_prompt_length}
+    parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
+    key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
-    cached = ref.load_cache(path, key, len(pairs))
+    cached = ref.load_cache(path, key, len(pairs), parts)
     if cached is not None:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
@@ -95,7 +97,7 @@ def _cache_for(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process)
     values = accelerator.reduce(torch.nan_to_num(local, nan=0.0).to(accelerator.device), "sum").cpu()
     if accelerator.is_main_process:
-        ref.save_cache(path, key, values)
+        ref.save_cache(path, key, values, parts)
         log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()
     return values
@@ -233,9 +235,30 @@ def _prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     if overwrite and not resume and out.exists():
         import shutil
 
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise ConfigError(f"trainer.output_dir: {out} contains the working directory; --overwrite will not delete it")
+
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metric rows of steps after ``step``: a resumed run logs them again."""
+    if not path.exists():
+        return
+    from prefopt.atomic import atomic_write
+
+    keep = [line for line in path.read_text().splitlines(keepends=True) if _row_step(line) <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a row cut short by kill -9
+        return math.inf
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml") -> dict[str, Any]:
@@ -269,6 +292,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
         state = ckpt.load_checkpoint(path, unwrapped, optimizer, scheduler)
         log.info("resuming from %s (step %d)", path, state["step"])
+        if accelerator.is_main_process:
+            _drop_metrics_after(out / "metrics.jsonl", state["step"])
     if accelerator.is_main_process and tc.report_to != ["jsonl"]:
         accelerator.init_trackers("prefopt", config=_flatten(current))
     metrics_file = out / "metrics.jsonl"
@@ -339,9 +364,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             bar.update(1)
             bar.set_postfix(loss=f"{reduced['loss']:.4f}", acc=f"{reduced.get('rewards/accuracies', float('nan')):.2f}",
                             margin=f"{reduced.get('rewards/margins', float('nan')):.3f}")
-            if state["bad_steps"] > tc.max_bad_steps:
-                save(state["step"])
-                raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
             if state["step"] % tc.log_every == 0 or state["step"] == total:
                 row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "num_tokens": tokens * world, "padding_fraction": round(padding, 4),
@@ -349,6 +371,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:
                     row.update(evaluate(run, model))
                 log_metrics(row)
+            if state["bad_steps"] > tc.max_bad_steps:
+                save(state["step"])
+                raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
             flag = torch.tensor(float(stop.signal is not None), device=accelerator.device)
             if accelerator.reduce(flag, "sum").item() > 0:
                 interrupted = stop.signal or signal.SIGTERM

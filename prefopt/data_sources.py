@@ -1,0 +1,191 @@
+"""Reading rows from a data source: local JSON/JSONL/Parquet/CSV files or directories, or a Hub dataset.
+
+Every source is read with ``datasets.load_dataset``. Local JSON and JSON-lines files are
+first scanned line by line here, because ``datasets`` cannot say which line is malformed.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefopt.errors import DataError
+
+JSON_EXTS = {".json", ".jsonl"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+FIELDS = ("prompt", "chosen", "rejected")
+MALFORMED = "malformed JSON"
+BAD_UTF8 = "invalid UTF-8"
+
+
+@dataclass
+class Record:
+    """One row of a source, parsed or not."""
+
+    row: int  # 0-based index over the whole source
+    where: str  # e.g. "data.jsonl line 8" or "data.parquet row 7 (0-based)"
+    value: dict[str, Any] | None  # None when the row could not be parsed
+    problem: tuple[str, str] | None = None  # (reason, located message) when value is None
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The data files of a local source, or None when ``source`` is not a local path."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+        if not files:
+            raise DataError(f"{source}: directory has no .json, .jsonl, .parquet or .csv files")
+        builders = {BUILDERS[p.suffix.lower()] for p in files}
+        if len(builders) > 1:
+            raise DataError(f"{source}: directory mixes file types ({', '.join(sorted(builders))}); use one type")
+        return files
+    if path.is_file():
+        if path.suffix.lower() not in BUILDERS:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
+        return [path]
+    if path.suffix.lower() in BUILDERS or source.startswith((".", "/", "~")) or "\\" in source:
+        raise DataError(f"{source}: no such file or directory")
+    return None
+
+
+def read_records(
+    source: str, split: str, max_rows: int | None, check: Callable[[list[Record]], None]
+) -> list[Record]:
+    """All rows of ``source`` (at most ``max_rows``).
+
+    ``check`` marks rows that must not reach ``datasets`` (wrong types would break its
+    schema inference); it runs on scanned JSON rows before they are loaded.
+    """
+    files = local_files(source)
+    if files is None:
+        slice_ = f"{split}[:{max_rows}]" if max_rows else split
+        ds = _load(source, f"Hub dataset {source}", split=slice_)
+        return [Record(i, f"{source} [{split}] row {i} (0-based)", dict(r)) for i, r in enumerate(ds)]
+    if files[0].suffix.lower() in JSON_EXTS:
+        records = _scan_json(files, max_rows)
+        check(records)
+        return _through_datasets(records, source)
+    records = []
+    for path in files:
+        if path.suffix.lower() == ".csv":
+            _decode(path)
+        ds = _load(BUILDERS[path.suffix.lower()], str(path), data_files=str(path), split="train")
+        for i, r in enumerate(ds):
+            if max_rows is not None and len(records) >= max_rows:
+                return records
+            records.append(Record(len(records), f"{path} row {i} (0-based)", dict(r)))
+    return records
+
+
+def _load(name: str, label: str, **kwargs: Any):
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(name, **kwargs)
+    except Exception as exc:  # datasets raises many types; the user needs the source named
+        raise DataError(f"{label}: cannot load: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _through_datasets(records: list[Record], source: str) -> list[Record]:
+    """Load the scanned rows that passed ``check`` with ``datasets``, keeping their locations."""
+    good = [r for r in records if r.value is not None]
+    if not good:
+        return records
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / "rows.jsonl"
+        with clean.open("w", encoding="utf-8") as f:
+            for r in good:
+                fields = {k: v for k, v in r.value.items() if k in FIELDS}
+                f.write(json.dumps({"__row__": r.row, **fields}) + "\n")
+        ds = _load("json", source, data_files=str(clean), split="train", cache_dir=str(Path(tmp) / "cache"))
+        by_row = {r.row: r for r in good}
+        for item in ds:
+            item = dict(item)
+            rec = by_row[item.pop("__row__")]
+            rec.value = {k: v for k, v in item.items() if k in rec.value}  # columns absent from this row come back as null
+    return records
+
+
+def _scan_json(files: list[Path], max_rows: int | None) -> list[Record]:
+    records: list[Record] = []
+    for path in files:
+        for where, value, problem in _scan_file(path):
+            if max_rows is not None and len(records) >= max_rows:
+                return records
+            located = (problem[0], f"{where}: {problem[1]}") if problem else None
+            records.append(Record(len(records), where, value, located))
+    return records
+
+
+def _scan_file(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, str] | None]]:
+    """(where, value, problem) per row of a JSON array file or a JSON-lines file."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        yield from _scan_array(path)
+        return
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, None, (BAD_UTF8, f"invalid UTF-8 at byte {exc.start + 1} of the line")
+                continue
+            try:
+                value = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                yield where, None, (MALFORMED, f"malformed JSON: {getattr(exc, 'msg', exc)} (column {getattr(exc, 'colno', '?')})")
+                continue
+            if not isinstance(value, dict):
+                yield where, None, (MALFORMED, f"expected a JSON object, got {kind_name(value)}")
+                continue
+            yield where, value, None
+
+
+def _scan_array(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, str] | None]]:
+    # A broken array has no rows to skip, so it is an error whatever on_error says.
+    text = _decode(path)
+    try:
+        items = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise DataError(f"{path}: malformed JSON at {where}") from None
+    for i, value in enumerate(items):
+        where = f"{path} item {i} (0-based)"
+        if isinstance(value, dict):
+            yield where, value, None
+        else:
+            yield where, None, (MALFORMED, f"expected a JSON object, got {kind_name(value)}")
+
+
+def _decode(path: Path) -> str:
+    """The text of a whole-file format; invalid UTF-8 is an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: invalid UTF-8") from None
+
+
+def kind_name(value: Any) -> str:
+    """How a JSON value's type reads in a message: "a string", "a number", "null"..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)

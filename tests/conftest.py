@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny tokenizer trained locally (no downloads)."""
+from __future__ import annotations
+
+import pytest
+
+from prefopt.tiny import build_tokenizer
+
+CORPUS = [
+    "The cafe was lovely and the coffee was great.",
+    "The phone was slow and the screen was awful.",
+    "Tell me about the new phone. It is fast, bright and friendly to use.",
+    "Review of the hotel: the room was clean, the staff were kind.",
+    "What did you think of the movie? It was boring and far too long.",
+    "Hello world! Numbers 0123456789, punctuation .,;:!?'\"()[]{}<>-_/\\ and unicode: café, naïve, 日本.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer: BOS=0, EOS=1, PAD=2, with a simple chat template."""
+    return build_tokenizer(CORPUS * 4, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """The session tokenizer saved with ``save_pretrained``."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path

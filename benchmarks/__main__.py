@@ -41,9 +41,11 @@ def _prepare(workdir: Path, profile: dict) -> dict:
     """Data files, tokenizer and model config shared by every run."""
     rows = profile["batch_size"] * (profile["steps"] + 2)
     data = {}
-    for name, long_tailed in (("uniform", False), ("long_tail", True)):
+    # The long-tailed set fills at least one window of prefopt's length-grouping sampler
+    # (64 batches), as any real data set does; only the first `steps` batches are trained on.
+    for name, long_tailed, n in (("uniform", False, rows), ("long_tail", True, max(rows, profile["batch_size"] * 64))):
         data[name] = workdir / f"{name}.jsonl"
-        fixtures.write_pairs(data[name], rows, profile["max_length"], long_tailed, seed=1)
+        fixtures.write_pairs(data[name], n, profile["max_length"], long_tailed, seed=1)
     tok_dir = workdir / "tokenizer"
     fixtures.build_tokenizer(tok_dir, data["uniform"], profile["tokenizer_vocab"])
     from transformers import AutoTokenizer

@@ -1,8 +1,9 @@
 """Per-token completion log-probs and token KL, without materialising (rows x seq x vocab) logits.
 
 Only completion positions go through the LM head, a chunk of positions at a time,
-with log-softmax in fp32. Each chunk is recomputed in backward (activation
-checkpointing), so peak memory holds one chunk's logits, not the whole batch's.
+with log-softmax in fp32. Each chunk is recomputed in backward (by a custom autograd
+function for log-probs, by activation checkpointing for the token KL), so peak memory
+holds one chunk's logits, not the whole batch's.
 """
 from __future__ import annotations
 
@@ -35,9 +36,52 @@ def naive_token_kl(ref_logits: torch.Tensor, policy_logits: torch.Tensor, labels
     return (ref.exp() * (ref - pol)).sum(-1) * mask
 
 
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+
+
+class _ChunkLogps(torch.autograd.Function):
+    """Log-probs of the targets under the LM head, for one chunk of positions.
+
+    Forward keeps only the log-normaliser; backward recomputes the chunk's logits and
+    turns them into their gradient in place, so about one chunk of fp32 logits is
+    alive at a time (autograd through log-softmax would hold several).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target):  # type: ignore[override]
+        dtype = _matmul_dtype(hidden)
+        logits = _head_logits(hidden, weight, bias, dtype)
+        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        lse = logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.dtype = dtype
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        # d logp_t / d z = onehot(t) - softmax(z), scaled by the incoming gradient
+        g = _head_logits(h, w, bias, dtype).sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        g.scatter_add_(-1, target.unsqueeze(-1), grad.unsqueeze(-1).to(g.dtype))
+        g = g.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None
+
+
 def _logps_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return _ChunkLogps.apply(hidden, weight, bias, target)
 
 
 def _logps_kl_chunk(
@@ -81,14 +125,15 @@ def chunked_token_logps(
     h = hidden[:, :-1][pos]
     t = target[pos]
     grad = torch.is_grad_enabled() and h.requires_grad
+    ref_h = ref_hidden[:, :-1][pos] if ref_hidden is not None else None
     outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": []}
     for start in range(0, h.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        if ref_hidden is None:
-            outs["logps"].append(_run(_logps_chunk, (h[sl], head.weight, head.bias, t[sl]), grad))
+        if ref_h is None:
+            outs["logps"].append(_logps_chunk(h[sl], head.weight, head.bias, t[sl]))
         else:
             assert ref_head is not None
-            rh = ref_hidden[:, :-1][pos][sl]
+            rh = ref_h[sl]
             lp, kl, rlp = _run(_logps_kl_chunk, (h[sl], head.weight, head.bias, rh, ref_head.weight, ref_head.bias, t[sl]), grad)
             outs["logps"].append(lp)
             outs["kl"].append(kl)

@@ -36,6 +36,8 @@ def config_dict(spec: dict) -> dict:
 
 def preload() -> None:
     """Import what a run needs, so the post-import memory baseline includes it."""
+    import datasets  # noqa: F401  (prefopt reads local JSON through it)
+
     import prefopt.trainer  # noqa: F401
 
 

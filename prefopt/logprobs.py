@@ -1,15 +1,15 @@
 """Per-token completion log-probs and token KL, without materialising (rows x seq x vocab) logits.
 
 Only completion positions go through the LM head, a chunk of positions at a time,
-with log-softmax in fp32. Each chunk is recomputed in backward (by a custom autograd
-function for log-probs, by activation checkpointing for the token KL), so peak memory
-holds one chunk's logits, not the whole batch's.
+with log-softmax in fp32. Custom autograd functions keep only each chunk's
+log-normaliser and recompute the chunk's logits in backward, turning them into their
+gradient in place, so peak memory holds about one chunk's logits (two with the token
+KL), not the whole batch's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -84,26 +84,50 @@ def _logps_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _ChunkLogps.apply(hidden, weight, bias, target)
 
 
-def _logps_kl_chunk(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    ref_bias: torch.Tensor | None,
-    target: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logp = F.linear(hidden, weight, bias).float().log_softmax(-1)
-    with torch.no_grad():
-        ref_logp = F.linear(ref_hidden, ref_weight, ref_bias).float().log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    label = target.unsqueeze(-1)
-    return logp.gather(-1, label).squeeze(-1), kl, ref_logp.gather(-1, label).squeeze(-1)
+class _ChunkLogpsKL(torch.autograd.Function):
+    """Policy log-probs, per-token KL(ref || policy) and reference log-probs, for one chunk.
 
+    As :class:`_ChunkLogps`: forward keeps only the two log-normalisers, backward
+    recomputes both chunks of logits in place. Gradients reach the policy only.
+    """
 
-def _run(fn, args: tuple, grad: bool):
-    # Checkpointing only pays when there is a backward to save memory for.
-    return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, target):  # type: ignore[override]
+        dtype = _matmul_dtype(hidden)
+        label = target.unsqueeze(-1)
+        logp = _head_logits(hidden, weight, bias, dtype)
+        lse = logp.logsumexp(-1)
+        logp = logp.sub_(lse.unsqueeze(-1))
+        ref_logp = _head_logits(ref_hidden, ref_weight, ref_bias, dtype)
+        ref_lse = ref_logp.logsumexp(-1)
+        ref_logp = ref_logp.sub_(ref_lse.unsqueeze(-1))
+        picked = logp.gather(-1, label).squeeze(-1)
+        ref_picked = ref_logp.gather(-1, label).squeeze(-1)
+        diff = logp.neg_().add_(ref_logp)  # log q - log p
+        kl = diff.mul_(ref_logp.exp_()).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, target, lse, ref_lse)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(ref_picked)
+        return picked, kl, ref_picked
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_kl, _grad_ref):  # type: ignore[override]
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, target, lse, ref_lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        # d logp_t / dz = onehot(t) - p and d KL / dz = p - q, so the logits' gradient is
+        # p * (g_kl - g_logp) - q * g_kl + onehot(t) * g_logp
+        g = _head_logits(h, w, bias, dtype).sub_(lse.unsqueeze(-1)).exp_().mul_((grad_kl - grad_logp).unsqueeze(-1))
+        q = _head_logits(ref_hidden, ref_weight, ref_bias, dtype).sub_(ref_lse.unsqueeze(-1)).exp_()
+        g.sub_(q.mul_(grad_kl.unsqueeze(-1)))
+        del q
+        g.scatter_add_(-1, target.unsqueeze(-1), grad_logp.unsqueeze(-1).to(g.dtype))
+        g = g.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None, None
 
 
 def chunked_token_logps(
@@ -124,7 +148,6 @@ def chunked_token_logps(
     pos = mask.nonzero(as_tuple=True)
     h = hidden[:, :-1][pos]
     t = target[pos]
-    grad = torch.is_grad_enabled() and h.requires_grad
     ref_h = ref_hidden[:, :-1][pos] if ref_hidden is not None else None
     outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": []}
     for start in range(0, h.shape[0], chunk_tokens):
@@ -134,7 +157,7 @@ def chunked_token_logps(
         else:
             assert ref_head is not None
             rh = ref_h[sl]
-            lp, kl, rlp = _run(_logps_kl_chunk, (h[sl], head.weight, head.bias, rh, ref_head.weight, ref_head.bias, t[sl]), grad)
+            lp, kl, rlp = _ChunkLogpsKL.apply(h[sl], head.weight, head.bias, rh, ref_head.weight, ref_head.bias, t[sl])
             outs["logps"].append(lp)
             outs["kl"].append(kl)
             outs["ref_logps"].append(rlp)

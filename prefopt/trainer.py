@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -65,7 +67,14 @@ def _accelerator(config: RunConfig) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("trainer.precision: fp16 needs a CUDA device (it trains with loss scaling); use bf16 or fp32 on CPU")
     trackers = [t for t in config.trainer.report_to if t != "jsonl"]
+    # accelerate keeps its state per process and refuses a second Accelerator with another
+    # precision; forget it so train() can run again in one process (the process group stays).
+    AcceleratorState._reset_state()
+    # Started as one of several processes (torchrun) on a machine without CUDA: accelerate
+    # joins them only when told to use the CPU; otherwise each would train alone.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=several and not torch.cuda.is_available(),
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         log_with=trackers or None,
         project_dir=config.trainer.output_dir,
@@ -276,7 +285,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     micro_per_epoch = len(batch_order(lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
     steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
-    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
+    schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ckpt_root = out / "checkpoints"
@@ -366,7 +376,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                             margin=f"{reduced.get('rewards/margins', float('nan')):.3f}")
             if state["step"] % tc.log_every == 0 or state["step"] == total:
                 row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "num_tokens": tokens * world, "padding_fraction": round(padding, 4),
+                       "grad_norm": float(grad_norm), "num_tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item()), "padding_fraction": round(padding, 4),
                        "bad_steps": state["bad_steps"], **reduced}
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:
                     row.update(evaluate(run, model))

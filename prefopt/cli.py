@@ -68,7 +68,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from prefopt.trainer import format_summary, train
 
-    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=args.config)
+    import shlex
+
+    # the resume command printed on interruption repeats the --set overrides
+    command = shlex.join([args.config, *(x for item in args.set for x in ("--set", item))])
+    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=command)
     if summary.get("interrupted"):
         return 130
     print(format_summary(summary))
@@ -115,6 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrefoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _setup_logging() -> None:

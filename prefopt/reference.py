@@ -51,6 +51,47 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def cache_parts(weights: str, tokenizer: str, data: str, settings: dict) -> dict:
+    """What a cache depends on, as the keyword arguments of :func:`cache_key`."""
+    return {"weights": weights, "tokenizer": tokenizer, "data": data, "settings": settings}
+
+
+_PART_NAMES = {"weights": "reference weights", "tokenizer": "tokenizer", "data": "data (token ids)", "settings": "settings"}
+
+
+def _differences(parts: dict, theirs: dict) -> list[str]:
+    out = []
+    for k, label in _PART_NAMES.items():
+        if theirs.get(k) == parts[k]:
+            continue
+        if k == "settings" and isinstance(theirs.get(k), dict):
+            changed = sorted(n for n in set(parts[k]) | set(theirs[k]) if parts[k].get(n) != theirs[k].get(n))
+            label += f" ({', '.join(changed)})"
+        out.append(label)
+    return out
+
+
+def _why_new(path: Path, parts: dict) -> str:
+    """Why no cache exists for ``parts``: what differs from the closest other cache in the directory."""
+    from safetensors import safe_open
+
+    best: tuple | None = None
+    for other in path.parent.glob("*.safetensors"):
+        try:
+            with safe_open(str(other), "pt") as f:
+                theirs = json.loads((f.metadata() or {}).get("parts", "null"))
+            mtime = other.stat().st_mtime
+        except Exception:  # noqa: BLE001 - an unreadable neighbour explains nothing
+            continue
+        if isinstance(theirs, dict):
+            differ = _differences(parts, theirs)
+            if len(differ) < len(_PART_NAMES) and (best is None or (len(differ), -mtime) < best[:2]):
+                best = (len(differ), -mtime, differ, other.name)
+    if best is None:
+        return "computing it"
+    return f"the most similar cache here, {best[3]}, differs in: {', '.join(best[2])}; computing a new one"
+
+
 def cache_key(weights: str, tokenizer: str, data: str, settings: dict) -> str:
     """The cache file's name: changes whenever the reference weights, tokenizer, data or settings do."""
     blob = json.dumps({"format": CACHE_FORMAT, "weights": weights, "tokenizer": tokenizer, "data": data, "settings": settings}, sort_keys=True)
@@ -61,10 +102,15 @@ def _checksum(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def load_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
-    """The cached ``(n, 2)`` reference log-probs, or ``None`` (logging why) if absent, stale or corrupted."""
+def load_cache(path: Path, key: str, n: int, parts: dict | None = None) -> torch.Tensor | None:
+    """The cached ``(n, 2)`` reference log-probs, or ``None`` (logging why) if absent, stale or corrupted.
+
+    With ``parts`` (see :func:`cache_parts`), a missing cache is explained by what differs
+    from the closest other cache in the same directory (weights, tokenizer, data, settings).
+    """
     if not path.exists():
-        log.info("reference cache: none at %s yet; computing it", path)
+        why = _why_new(path, parts) if parts is not None and path.parent.is_dir() else "computing it"
+        log.info("reference cache: none at %s yet; %s", path, why)
         return None
     try:
         from safetensors import safe_open
@@ -84,8 +130,10 @@ def load_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
     return tensor
 
 
-def save_cache(path: Path, key: str, ref_logps: torch.Tensor) -> None:
+def save_cache(path: Path, key: str, ref_logps: torch.Tensor, parts: dict | None = None) -> None:
     meta = {"key": key, "sha256": _checksum(ref_logps), "format": str(CACHE_FORMAT)}
+    if parts is not None:
+        meta["parts"] = json.dumps(parts, sort_keys=True)
     atomic_write(path, lambda tmp: save_file({"ref_logps": ref_logps.contiguous()}, str(tmp), metadata=meta))
 
 

@@ -12,8 +12,15 @@ from prefopt.errors import ConfigError, PluginError, UnknownLossError
 from prefopt.losses.base import Loss
 from prefopt.losses.combined import WeightedLoss
 
-# Losses shipped as first-party packages in plugins/: named in the error when not installed.
-FIRST_PARTY = {"simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust_dpo": "prefopt-robust"}
+# Losses shipped as first-party packages in plugins/<dir>: loss name -> distribution.
+# Named (and suggested) in the error when a config selects one that is not installed.
+FIRST_PARTY = {"simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust"}
+
+
+def first_party_hint(name: str) -> str:
+    """Where the first-party loss ``name`` comes from and how to install it."""
+    dist = FIRST_PARTY[name]
+    return f"{name!r} is provided by the first-party package {dist} (pip install ./plugins/{dist.removeprefix('prefopt-')} from the prefopt repository)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ def get_registry() -> Registry:
             continue
         for cls in classes:
             entry = LossEntry(cls.name, cls, info.dist, info.version)
+            if cls.name in reg.losses and reg.losses[cls.name].cls is cls:
+                continue  # the same class registered twice (e.g. by prefopt.testing.registered) is no clash
             if cls.name in reg.conflicts:
                 reg.conflicts[cls.name].append(entry)
             elif cls.name in reg.losses:
@@ -95,11 +104,13 @@ def get_loss_class(name: str) -> type[Loss]:
             raise PluginError(f"loss {name!r} is unavailable: {info.error}")
     installed = sorted(reg.losses)
     message = f"unknown loss {name!r}; installed losses: {', '.join(installed) or 'none'}"
-    close = difflib.get_close_matches(name, installed, n=1)
+    candidates = sorted((set(installed) | set(FIRST_PARTY)) - {name})
+    close = difflib.get_close_matches(name, candidates, n=1)
     if close:
         message += f"; did you mean {close[0]!r}?"
-    if name in FIRST_PARTY:
-        message += f"; {name!r} is provided by the package {FIRST_PARTY[name]} (pip install {FIRST_PARTY[name]})"
+    for known in [name, *close]:
+        if known in FIRST_PARTY and known not in reg.losses:
+            message += f"; {first_party_hint(known)}"
     if reg.broken:
         message += "; plugins that failed to load: " + ", ".join(p.name for p in reg.broken)
     raise UnknownLossError(message)

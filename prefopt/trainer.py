@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -65,7 +67,14 @@ def _accelerator(config: RunConfig) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("trainer.precision: fp16 needs a CUDA device (it trains with loss scaling); use bf16 or fp32 on CPU")
     trackers = [t for t in config.trainer.report_to if t != "jsonl"]
+    # accelerate keeps its state per process and refuses a second Accelerator with another
+    # precision; forget it so train() can run again in one process (the process group stays).
+    AcceleratorState._reset_state()
+    # Started as one of several processes (torchrun) on a machine without CUDA: accelerate
+    # joins them only when told to use the CPU; otherwise each would train alone.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=several and not torch.cuda.is_available(),
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         log_with=trackers or None,
         project_dir=config.trainer.output_dir,
@@ -75,10 +84,12 @@ def _accelerator(config: RunConfig) -> Accelerator:
 def _cache_for(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str, weights_fp: str) -> torch.Tensor:
     from prefopt.data import fingerprint
 
-    settings = {"precision": run_cfg.trainer.precision}
-    key = ref.cache_key(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
+    settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
+                "max_prompt_length": run_cfg.data.max_prompt_length}
+    parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
+    key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
-    cached = ref.load_cache(path, key, len(pairs))
+    cached = ref.load_cache(path, key, len(pairs), parts)
     if cached is not None:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
@@ -95,7 +106,7 @@ def _cache_for(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process)
     values = accelerator.reduce(torch.nan_to_num(local, nan=0.0).to(accelerator.device), "sum").cpu()
     if accelerator.is_main_process:
-        ref.save_cache(path, key, values)
+        ref.save_cache(path, key, values, parts)
         log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()
     return values
@@ -233,9 +244,30 @@ def _prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     if overwrite and not resume and out.exists():
         import shutil
 
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise ConfigError(f"trainer.output_dir: {out} contains the working directory; --overwrite will not delete it")
+
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metric rows of steps after ``step``: a resumed run logs them again."""
+    if not path.exists():
+        return
+    from prefopt.atomic import atomic_write
+
+    keep = [line for line in path.read_text().splitlines(keepends=True) if _row_step(line) <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a row cut short by kill -9
+        return math.inf
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml") -> dict[str, Any]:
@@ -253,7 +285,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     micro_per_epoch = len(batch_order(lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
     steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
-    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
+    schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ckpt_root = out / "checkpoints"
@@ -269,6 +302,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
         state = ckpt.load_checkpoint(path, unwrapped, optimizer, scheduler)
         log.info("resuming from %s (step %d)", path, state["step"])
+        if accelerator.is_main_process:
+            _drop_metrics_after(out / "metrics.jsonl", state["step"])
     if accelerator.is_main_process and tc.report_to != ["jsonl"]:
         accelerator.init_trackers("prefopt", config=_flatten(current))
     metrics_file = out / "metrics.jsonl"
@@ -339,16 +374,16 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             bar.update(1)
             bar.set_postfix(loss=f"{reduced['loss']:.4f}", acc=f"{reduced.get('rewards/accuracies', float('nan')):.2f}",
                             margin=f"{reduced.get('rewards/margins', float('nan')):.3f}")
-            if state["bad_steps"] > tc.max_bad_steps:
-                save(state["step"])
-                raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
             if state["step"] % tc.log_every == 0 or state["step"] == total:
                 row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "num_tokens": tokens * world, "padding_fraction": round(padding, 4),
+                       "grad_norm": float(grad_norm), "num_tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item()), "padding_fraction": round(padding, 4),
                        "bad_steps": state["bad_steps"], **reduced}
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:
                     row.update(evaluate(run, model))
                 log_metrics(row)
+            if state["bad_steps"] > tc.max_bad_steps:
+                save(state["step"])
+                raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
             flag = torch.tensor(float(stop.signal is not None), device=accelerator.device)
             if accelerator.reduce(flag, "sum").item() > 0:
                 interrupted = stop.signal or signal.SIGTERM

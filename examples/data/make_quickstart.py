@@ -12,7 +12,9 @@ import json
 import random
 from pathlib import Path
 
-from prefopt.tiny import build_tokenizer
+from transformers import AutoConfig
+
+from prefopt.tiny import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent
 TRAIN_ROWS, EVAL_ROWS, SEED = 1500, 200, 0
@@ -54,7 +56,11 @@ def main() -> None:
     write_jsonl(HERE / "quickstart_eval.jsonl", rows[TRAIN_ROWS:])
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     tokenizer = build_tokenizer(texts, vocab_size=512)
-    tokenizer.save_pretrained(HERE.parent / "tokenizer")
+    # The example model: a config and a tokenizer, no weights, so prefopt initialises it fresh.
+    model_dir = HERE.parent / "tiny-llama"
+    tokenizer.save_pretrained(model_dir)
+    config = model_config("llama", vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_heads=4, max_position=128)
+    AutoConfig.for_model(**config).save_pretrained(model_dir)
     print(f"wrote {TRAIN_ROWS} train and {EVAL_ROWS} eval rows; tokenizer of {len(tokenizer)} tokens")
 
 

@@ -1,0 +1,36 @@
+"""Robust DPO (Chowdhury et al. 2024): DPO made unbiased under a known rate of flipped labels."""
+from __future__ import annotations
+
+from pydantic import Field
+
+import prefopt
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, preference_loss, ref_logps, reward_metrics
+
+
+class RobustDPOConfig(LossConfig):
+    beta: float = Field(0.1, gt=0, description="Inverse temperature, as in DPO.")
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=0.5, description="Assumed fraction eps of flipped preference labels; 0 is plain DPO."
+    )
+
+
+class RobustDPO(Loss):
+    """``((1 - eps) * l(beta h) - eps * l(-beta h)) / (1 - 2 eps)`` with ``l(x) = -logsigmoid(x)``."""
+
+    name = "robust"
+    Config = RobustDPOConfig
+    reference = Reference.LOGPS
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        beta, eps = self.config.beta, self.config.label_smoothing
+        rc, rr = ref_logps(inputs)
+        chosen = beta * (inputs.policy_chosen_logps - rc)
+        rejected = beta * (inputs.policy_rejected_logps - rr)
+        logits = chosen - rejected
+        losses = ((1 - eps) * preference_loss(logits) - eps * preference_loss(-logits)) / (1 - 2 * eps)
+        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+
+@prefopt.hookimpl
+def register_losses() -> list[type]:
+    return [RobustDPO]

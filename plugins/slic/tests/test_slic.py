@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from prefopt import LossInputs, Reference, build_loss
+from prefopt.testing import check_loss, registered
+from prefopt_slic import SLiC
+
+# Published vectors (torchtune's DPO loss tests): h = [0, 10, 20].
+PUBLISHED = LossInputs(
+    policy_chosen_logps=[-0.5, -10.0, -1.0],
+    policy_rejected_logps=[-0.1, -30.0, -21.0],
+    ref_chosen_logps=[-0.5, -10.1, -0.1],
+    ref_rejected_logps=[-0.1, -20.1, -0.1],
+)
+
+
+def test_conformance():
+    check_loss(SLiC)
+
+
+def test_published_hinge_vector():
+    out = SLiC(beta=0.1)(PUBLISHED)
+    torch.testing.assert_close(out.losses, torch.tensor([1.0, 0.0, 0.0]))
+    assert out.loss.item() == pytest.approx(1 / 3)
+    assert out.metrics["rewards/margins"].item() == pytest.approx(1.0)
+
+
+def test_linear_below_the_margin_and_flat_above():
+    # relu(1 - beta * h): h = 5 gives 0.5 with beta 0.1, h = 10 with beta 0.5 gives 0.
+    inputs = LossInputs(
+        policy_chosen_logps=torch.tensor([-5.0, -5.0], requires_grad=True),
+        policy_rejected_logps=[-10.0, -15.0],
+        ref_chosen_logps=[-5.0, -5.0],
+        ref_rejected_logps=[-5.0, -5.0],
+    )
+    out = SLiC(beta=0.1)(inputs)
+    torch.testing.assert_close(out.losses, torch.tensor([0.5, 0.0]))
+    out.loss.backward()
+    torch.testing.assert_close(inputs.policy_chosen_logps.grad, torch.tensor([-0.05, 0.0]))
+
+
+def test_needs_reference_log_probs_and_selectable_by_name():
+    with registered(SLiC):
+        loss = build_loss({"name": "slic", "beta": 0.5})
+    assert isinstance(loss, SLiC) and loss.needs == Reference.LOGPS

@@ -28,7 +28,7 @@ def test_vader_orders_reviews():
     assert good > 0.5 and bad < -0.3
 
 
-def test_sample_logps_match_generate_scores():
+def test_sample_keeps_prompt_ids_and_logps_match_a_full_forward():
     texts = corpus.reviews(200, seed=0)
     tok = lm.build_tokenizer(texts, 800)
     model = lm.build_model(tok, hidden_size=16, num_layers=1, num_heads=2, seed=0)

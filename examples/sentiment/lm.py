@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from prefopt.tiny import build_tokenizer, model_config
 
-__all__ = ["build_tokenizer", "build_model", "encode", "train_sft", "sample", "token_logps"]
+__all__ = ["build_tokenizer", "build_model", "train_sft", "sample", "token_logps"]
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, num_heads: int, seed: int):
@@ -22,13 +22,6 @@ def build_model(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers
     config = model_config("gpt2", vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, max_position=128)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """Token ids of BOS + prompt and of the completion + EOS, as the preference trainer tokenises a pair."""
-    p = tokenizer(prompt)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p, c
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

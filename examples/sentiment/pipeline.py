@@ -139,7 +139,10 @@ def run(scale_name: str, out: Path, seed: int = 0, log=print) -> dict:
 
     tokenizer, reference = AutoTokenizer.from_pretrained(sft_dir), _load(sft_dir)
     prompts = corpus.prompts(scale.eval_prompts, seed + 2)
-    evaluate = lambda model: evaluate_policy(model, reference, tokenizer, prompts, scale.max_new_tokens, 256, seed + 3)
+
+    def evaluate(model) -> dict[str, float]:
+        return evaluate_policy(model, reference, tokenizer, prompts, scale.max_new_tokens, 256, seed + 3)
+
     results = {"sft": evaluate(reference)}
     for name, info in runs.items():
         results[name] = {**evaluate(_load(info["dir"])), "train_seconds": info["train_seconds"]}
@@ -190,11 +193,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"sentiment-{args.scale}"
-    summary = run(args.scale, out, args.seed)
+    run(args.scale, out, args.seed)
     print((out / "results.md").read_text())
     print(f"figure: {out / 'reward_kl.png'}\nper-token rewards: {out / 'token_rewards.html'}")
-    del summary
-
-
-if __name__ == "__main__":
-    main()

@@ -179,7 +179,7 @@ def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, torch.Tensor
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Loss and reward metrics on the held-out pairs (``eval/`` prefixed), averaged over pairs."""
-    if not run.eval_pairs:
+    if len(run.eval_pairs) < run.accelerator.num_processes:  # every process needs a share
         return {}
     model.eval()
     bs, pad = run.config.trainer.batch_size, run.tokenizer.pad_token_id

@@ -85,4 +85,4 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for name in cache_one:
         assert not torch.isnan(cache_two[name]).any()
         torch.testing.assert_close(cache_two[name], cache_one[name], atol=1e-5, rtol=1e-5)
-    assert proc.stderr.count("reference cache (train): wrote") == 1
+    assert stderr.count("reference cache (train): wrote") == 1

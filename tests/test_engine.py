@@ -292,3 +292,24 @@ def test_validate_names_bad_fields_by_path(assets, tmp_path, capsys):
     assert "loss.beta" in err and "trainer.batch_size" in err
     assert main(["validate", str(good), "--set", "loss.label_smoothing=0.7"]) == 2
     assert "loss.label_smoothing" in capsys.readouterr().err
+
+
+def test_precompute_ref_fills_the_cache_that_training_then_reuses(assets, tmp_path, caplog, capsys):
+    import yaml
+
+    from prefopt.cli import main
+
+    raw = make_config(assets, tmp_path, max_steps=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["precompute-ref", str(path)]) == 0
+    cache = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cache) == 1  # train only: this config has no held-out data
+    stamp = cache[0].stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="prefopt"):
+        assert main(["train", str(path)]) == 0
+    assert "reference cache (train): reusing" in caplog.text
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == cache and cache[0].stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(["precompute-ref", str(path), "--set", "loss.reference_free=true"]) == 2
+    assert "only 'cache' has anything to precompute" in capsys.readouterr().err

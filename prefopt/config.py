@@ -61,9 +61,8 @@ class ReferenceConfig(_Section):
 class TrainerConfig(_Section):
     output_dir: str = Field("runs/prefopt", description="Where checkpoints, metrics and the final model go.")
     seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
-    batch_size: int = Field(8, gt=0, description="Pairs per optimiser step per process (before accumulation).")
+    batch_size: int = Field(8, gt=0, description="Pairs per forward pass per process; a step accumulates grad_accum of them.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step; the effective batch is batch_size * grad_accum * processes.")
-    micro_batch_size: int | None = Field(None, gt=0, description="Pairs per forward; defaults to batch_size / grad_accum.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
     lr: float = Field(5e-7, gt=0, description="Peak learning rate of AdamW.")

@@ -85,7 +85,7 @@ def _write_data(d: Path) -> None:
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
 
-    rows = [{"prompt": text(3, 8), "chosen": text(2, 6), "rejected": text(2, 6)} for _ in range(48)]
+    rows = [{"prompt": text(3, 8), "chosen": text(2, 6), "rejected": "not " + text(2, 6)} for _ in range(48)]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], 128)
     tok.save_pretrained(d / "tok")

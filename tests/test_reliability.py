@@ -20,7 +20,8 @@ from prefopt.config import validate
 from prefopt.errors import ConfigError
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
-from prefopt.trainer import TrainingError, _prepare_output, setup, train
+from prefopt.resume import prepare_output as _prepare_output
+from prefopt.trainer import TrainingError, setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat dog sat ran on a mat log good bad happy sad big small red blue green".split()

@@ -1,0 +1,3 @@
+from examples.sentiment.pipeline import main
+
+main()

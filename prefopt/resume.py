@@ -1,0 +1,67 @@
+"""Resuming safely: which config changes a run survives, the output directory, metrics after a crash."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefopt.atomic import atomic_write
+from prefopt.config import RunConfig
+from prefopt.errors import ConfigError
+
+# Fields that may change between a run and its resumption without breaking it.
+RESUMABLE_CHANGES = {
+    "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_every", "trainer.save_every",
+    "trainer.keep_checkpoints", "trainer.report_to", "trainer.max_bad_steps", "trainer.output_dir",
+    "reference.cache_dir", "reference.batch_size", "data.eval", "data.eval_split",
+}
+
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; the loss section and saved configs stay whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "loss" and k != "config":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Fields that differ between two configs and would break a resumed run."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """The output directory, refusing to overwrite a run unless asked to."""
+    out = Path(config.trainer.output_dir)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"trainer.output_dir: {out} is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if overwrite and not resume and out.exists():
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise ConfigError(f"trainer.output_dir: {out} contains the working directory; --overwrite will not delete it")
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metric rows of steps after ``step``: a resumed run logs them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True) if _row_step(line) <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a row cut short by kill -9
+        return math.inf

@@ -1,0 +1,102 @@
+"""Shared helpers for the engine tests: an easy preference data set, a tiny tokenizer, run configs."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star"]
+
+
+def easy_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short pairs where the chosen completion always says "good" and the rejected one "bad"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.sample(WORDS, 2)
+        tail = " ".join(rng.sample(WORDS, rng.randint(1, 3)))  # varying lengths, so batches need padding
+        rows.append({"prompt": f"{a} and {b}?", "chosen": f" good {tail}", "rejected": f" bad {tail}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_assets(root: Path, n_train: int = 160, n_eval: int = 32) -> dict[str, str]:
+    """Train/eval JSONL files and a locally built tokenizer under ``root``; returns their paths."""
+    from prefopt.tiny import build_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    train, held = easy_rows(n_train, seed=1), easy_rows(n_eval, seed=2)
+    texts = [r[k] for r in train + held for k in ("prompt", "chosen", "rejected")]
+    tokenizer = build_tokenizer(texts * 4, vocab_size=128)
+    tokenizer.save_pretrained(root / "tokenizer")
+    return {
+        "train": str(write_jsonl(root / "train.jsonl", train)),
+        "eval": str(write_jsonl(root / "eval.jsonl", held)),
+        "tokenizer": str(root / "tokenizer"),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def make_config(assets: dict[str, Any], out: Path, *, arch: str = "llama", loss: Any = None, **trainer: Any) -> dict[str, Any]:
+    """A raw run-config mapping for a tiny model (hidden 32, 2 layers) on the assets' data.
+
+    ``trainer`` keys override the trainer section; ``reference``/``data``/``model`` keys
+    given as ``section__field`` override those sections.
+    """
+    from prefopt.tiny import model_config
+
+    sections: dict[str, dict[str, Any]] = {"reference": {}, "data": {}, "model": {}}
+    for key in [k for k in trainer if "__" in k]:
+        section, name = key.split("__", 1)
+        sections[section][name] = trainer.pop(key)
+    return {
+        "model": {
+            "config": model_config(arch, vocab_size=assets["vocab_size"], hidden_size=32, num_layers=2, num_heads=4, max_position=64),
+            "tokenizer": assets["tokenizer"],
+            **sections["model"],
+        },
+        "data": {"train": assets["train"], "max_length": 48, **sections["data"]},
+        "loss": loss if loss is not None else {"name": "dpo", "beta": 0.1},
+        "reference": {"cache_dir": str(out / "cache"), **sections["reference"]},
+        "trainer": {
+            "output_dir": str(out / "run"),
+            "seed": 0,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "max_steps": 8,
+            "schedule": "constant",
+            "max_grad_norm": 1.0,
+            **trainer,
+        },
+    }
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Training rows of metrics.jsonl (those with a train ``loss``), in order."""
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def eval_rows(output_dir: str | Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" not in r and any(k.startswith("eval/") for k in r)]
+
+
+def final_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The saved final model's tensors (model.safetensors in the output directory)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(output_dir) / "model.safetensors"))
+
+
+def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny tokenizer trained locally (no downloads)."""
+"""Shared fixtures: a tiny tokenizer trained locally (no downloads), built-in losses only, one torch thread."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from prefopt import plugins
 from prefopt.tiny import build_tokenizer
 
 CORPUS = [
@@ -27,3 +29,21 @@ def tokenizer_dir(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def builtins_only(monkeypatch):
+    """Only the built-in losses, whatever plugin packages the environment has."""
+    monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,12 +10,7 @@ from prefopt.registry import describe
 from prefopt.losses import DPO, IPO, SFT, TDPO
 
 
-@pytest.fixture(autouse=True)
-def builtins_only(monkeypatch):
-    monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
-    plugins.reset()
-    yield
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("builtins_only")
 
 
 def _run(capsys, *argv: str) -> str:

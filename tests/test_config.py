@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from prefopt import plugins
 from prefopt.config import apply_overrides, load_config, parse_yaml, validate
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO, WeightedLoss
 
 
-@pytest.fixture(autouse=True)
-def builtins_only(monkeypatch):
-    monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
-    plugins.reset()
-    yield
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("builtins_only")
 
 
 def _minimal(**extra) -> dict:

@@ -10,13 +10,7 @@ from prefopt.modeling import PreferenceModel
 N, T, H, V = 4, 9, 16, 37
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _labels(gen: torch.Generator) -> torch.Tensor:

@@ -162,18 +162,20 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         if accelerator.is_main_process:
             log.warning("stopped at step %d; checkpoint written to %s; resume with: prefopt train %s --resume",
                         state["step"], ckpt_root, config_path)
-        accelerator.end_training()
-        return summary
-    save(state["step"])
-    summary["after"] = evaluate(run, model)
-    if summary["after"]:
-        log_metrics({"step": state["step"], **summary["after"]})
-    if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model).policy
-        policy.save_pretrained(out, safe_serialization=True)
-        run.tokenizer.save_pretrained(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    else:
+        save(state["step"])
+        summary["after"] = evaluate(run, model)
+        if summary["after"]:
+            log_metrics({"step": state["step"], **summary["after"]})
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).policy.save_pretrained(out, safe_serialization=True)
+            run.tokenizer.save_pretrained(out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
+    # Free the DDP wrapper while every process is still here: freed after end_training()
+    # destroyed the process group, it tears gloo down alone and can wait forever for a peer.
+    model = optimizer = scheduler = None
+    accelerator.free_memory()
     accelerator.end_training()
     return summary
 

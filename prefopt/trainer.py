@@ -116,7 +116,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                 for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
                     sums[key] = sums.get(key, 0) + value.float() / tc.grad_accum
             grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-            reduced = {k: accelerator.reduce(v, "mean").item() for k, v in sums.items()}
+            keys = sorted(sums)  # one collective and one host sync for all metrics
+            reduced = dict(zip(keys, accelerator.reduce(torch.stack([sums[k] for k in keys]), "mean").tolist()))
             finite = math.isfinite(reduced["loss"]) and math.isfinite(float(grad_norm))
             if tc.precision == "fp16":
                 optimizer.step()

@@ -52,11 +52,9 @@ def _build(spec: dict):
 
 def _step(method: str, model, ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     if method == "naive":
-        logits = model(input_ids=ids).logits
-        target = labels[:, 1:]
-        mask = target != -100
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (logp * mask).sum()
+        from prefopt.logprobs import naive_token_logps
+
+        return naive_token_logps(model(input_ids=ids).logits, labels).sum()
     if method == "prefopt":
         from prefopt.logprobs import chunked_token_logps
 

@@ -107,6 +107,12 @@ def ref_logps(inputs: LossInputs, reference_free: bool = False) -> tuple[torch.T
     return tuple(inputs.require("ref_chosen_logps", "ref_rejected_logps"))  # type: ignore[return-value]
 
 
+def log_ratios(inputs: LossInputs, reference_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pc - rc, pr - rr)``: each completion's log-ratio to the reference, its implicit reward over beta."""
+    rc, rr = ref_logps(inputs, reference_free)
+    return inputs.policy_chosen_logps - rc, inputs.policy_rejected_logps - rr
+
+
 def preference_loss(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """``-logsigmoid(logits)``, conservatively smoothed: the Bradley-Terry loss shared by DPO and kin."""
     if label_smoothing == 0.0:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, preference_loss, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
 
 
 class DPOConfig(LossConfig):
@@ -27,8 +27,6 @@ class DPO(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta
-        rc, rr = ref_logps(inputs, self.config.reference_free)
-        chosen = inputs.policy_chosen_logps - rc
-        rejected = inputs.policy_rejected_logps - rr
+        chosen, rejected = log_ratios(inputs, self.config.reference_free)
         losses = preference_loss(beta * (chosen - rejected), self.config.label_smoothing)
         return LossOutput(losses.mean(), losses, reward_metrics(beta * chosen, beta * rejected, inputs))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
 
 
 class IPOConfig(LossConfig):
@@ -23,9 +23,7 @@ class IPO(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         tau = self.config.tau
-        rc, rr = ref_logps(inputs)
-        chosen = inputs.policy_chosen_logps - rc
-        rejected = inputs.policy_rejected_logps - rr
+        chosen, rejected = log_ratios(inputs)
         if self.config.average_log_probs:
             n_chosen, n_rejected = inputs.lengths()
             h = chosen / n_chosen - rejected / n_rejected

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, preference_loss, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
 
 
 class TDPOConfig(LossConfig):
@@ -25,10 +25,8 @@ class TDPO(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta
-        rc, rr = ref_logps(inputs)
+        chosen, rejected = log_ratios(inputs)
         kl_chosen, kl_rejected = inputs.require("chosen_kl", "rejected_kl")
-        chosen = inputs.policy_chosen_logps - rc
-        rejected = inputs.policy_rejected_logps - rr
         if self.config.variant == "tdpo1":
             delta = kl_rejected - kl_chosen
         else:

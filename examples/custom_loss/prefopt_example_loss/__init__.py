@@ -2,7 +2,7 @@
 from pydantic import Field
 
 import prefopt
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, preference_loss, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
 
 
 class MarginConfig(LossConfig):
@@ -19,9 +19,8 @@ class MarginDPO(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta
-        rc, rr = ref_logps(inputs)
-        chosen = beta * (inputs.policy_chosen_logps - rc)
-        rejected = beta * (inputs.policy_rejected_logps - rr)
+        chosen, rejected = log_ratios(inputs)
+        chosen, rejected = beta * chosen, beta * rejected
         losses = preference_loss(chosen - rejected - self.config.margin)
         return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
 

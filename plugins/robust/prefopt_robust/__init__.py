@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 import prefopt
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, preference_loss, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
 
 
 class RobustDPOConfig(LossConfig):
@@ -23,9 +23,8 @@ class RobustDPO(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta, eps = self.config.beta, self.config.label_smoothing
-        rc, rr = ref_logps(inputs)
-        chosen = beta * (inputs.policy_chosen_logps - rc)
-        rejected = beta * (inputs.policy_rejected_logps - rr)
+        chosen, rejected = log_ratios(inputs)
+        chosen, rejected = beta * chosen, beta * rejected
         logits = chosen - rejected
         losses = ((1 - eps) * preference_loss(logits) - eps * preference_loss(-logits)) / (1 - 2 * eps)
         return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))

@@ -5,7 +5,7 @@ import torch
 from pydantic import Field
 
 import prefopt
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, ref_logps, reward_metrics
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
 
 
 class SLiCConfig(LossConfig):
@@ -21,9 +21,8 @@ class SLiC(Loss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta
-        rc, rr = ref_logps(inputs)
-        chosen = beta * (inputs.policy_chosen_logps - rc)
-        rejected = beta * (inputs.policy_rejected_logps - rr)
+        chosen, rejected = log_ratios(inputs)
+        chosen, rejected = beta * chosen, beta * rejected
         losses = torch.relu(1 - (chosen - rejected))
         return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
 

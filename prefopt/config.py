@@ -74,6 +74,13 @@ class TrainerConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through accelerate; fp16 needs CUDA.")
     group_by_length: bool = Field(True, description="Batch pairs of similar length so padding stays small.")
     logprob_chunk_tokens: int = Field(512, gt=0, description="Completion positions projected through the LM head at once.")
+    packing: bool = Field(True, description="Pack each forward's sequences end to end in one row (no padding); false pads them into rows.")
+    max_tokens_per_forward: int | None = Field(
+        None, gt=0, description="Token budget of one forward: a step's pairs are packed into forwards of at most this many tokens "
+        "(the optimiser batch stays batch_size * grad_accum pairs). Null: grad_accum forwards of batch_size pairs.")
+    pad_to_multiple_of: int = Field(64, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes.")
+    attention: Literal["auto", "varlen", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+, else sdpa.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, gt=0, description="Log metrics every N optimiser steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate on the held-out split every N steps (and always at start and end).")

@@ -34,12 +34,15 @@ def _pairs(n: int, vocab: int, seed: int = 0, empty_prompt: bool = False) -> lis
     return out
 
 
-def _model(arch: str, vocab: int = 64, seed: int = 0):
+def _model(arch: str, vocab: int = 64, seed: int = 0, kv_heads: int | None = None):
     from prefopt.config import ModelConfig
     from prefopt.tiny import model_config
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(config=model_config(arch, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_position=64), tokenizer="unused")
+    params = model_config(arch, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_position=64)
+    if kv_heads is not None:
+        params["num_key_value_heads"] = kv_heads
+    cfg = ModelConfig(config=params, tokenizer="unused")
     return load_model(cfg)
 
 
@@ -52,9 +55,10 @@ def _features(model: PreferenceModel, batch: dict, reference: str = "kl") -> tup
 def test_packed_batches_give_the_padded_numbers_and_gradients(arch):
     pairs = _pairs(5, 64, empty_prompt=True)
     idx = list(range(len(pairs)))
-    padded_policy = _model(arch)
-    reference = frozen_copy(_model(arch, seed=1))  # a different reference, so the KL is not zero
-    packed_policy = _model(arch)
+    kv = 2 if arch == "qwen2" else None
+    padded_policy = _model(arch, kv_heads=kv)
+    reference = frozen_copy(_model(arch, seed=1, kv_heads=kv))  # a different reference, so the KL is not zero
+    packed_policy = _model(arch, kv_heads=kv)
     packed_ref = frozen_copy(reference)
     use_packed_attention(packed_policy)
     use_packed_attention(packed_ref)
@@ -196,3 +200,44 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
             optimizer.zero_grad(set_to_none=True)
         assert finite and not stopping
         assert syncs.count == 1, dict(syncs.ops)
+
+
+def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
+    """The CUDA branch, run on CPU against a stand-in with varlen_attn's signature and semantics."""
+    import torch.nn.attention.varlen as varlen
+    import torch.nn.functional as F
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
+        assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+        assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+        calls.append(q.shape)
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                              is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
+    pairs = _pairs(4, 64, seed=7)
+    policy = _model("qwen2", kv_heads=2)  # grouped-query attention: 4 query heads, 2 key/value heads
+    use_packed_attention(policy)
+    batch = pack(pairs, range(4), 2, 32)
+    with torch.no_grad():
+        expected = PreferenceModel(policy, kernel="sdpa")(batch)["logps"]
+        got = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
+    assert len(calls) == policy.config.num_hidden_layers
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_choice_is_explicit():
+    from prefopt.attention import choose_kernel
+    from prefopt.errors import ConfigError
+
+    assert choose_kernel("auto", torch.device("cpu"), True)[0] == "sdpa"
+    assert choose_kernel("auto", torch.device("cpu"), False)[0] == "sdpa"
+    assert choose_kernel("eager", torch.device("cpu"), False)[0] == "eager"
+    with pytest.raises(ConfigError, match="varlen needs CUDA"):
+        choose_kernel("varlen", torch.device("cpu"), True)
+    with pytest.raises(ConfigError, match="eager needs padded"):
+        choose_kernel("eager", torch.device("cpu"), True)

@@ -48,6 +48,12 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows stop the run (raise) or are skipped and counted (skip).")
     on_overlong: Literal["drop", "raise"] = Field("drop", description="Rows that cannot fit max_length are dropped and counted, or stop the run.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of train (for quick runs).")
+    columns: dict[Literal["prompt", "chosen", "rejected"], str] = Field(
+        default_factory=dict, description="The dataset's column names for prompt, chosen and rejected, e.g. {prompt: question}."
+    )
+    text_tokenization: Literal["separate", "trl"] = Field(
+        "separate", description="Plain-text rows: tokenise prompt and completion apart (separate) or joined, as TRL does (trl)."
+    )
 
 
 class ReferenceConfig(_Section):
@@ -81,6 +87,8 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
     max_bad_steps: int = Field(10, ge=0, description="Steps with a non-finite loss or gradient tolerated (each skipped); one more stops the run.")
     report_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="jsonl, and accelerate trackers such as tensorboard.")
+    sample_prompts: int = Field(0, ge=0, description="At each evaluation, write greedy completions of N held-out prompts to samples.jsonl.")
+    sample_max_new_tokens: int = Field(48, gt=0, description="Longest sampled completion, in tokens.")
 
 
 class RunConfig(_Section):

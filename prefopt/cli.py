@@ -54,9 +54,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from prefopt.config import load_config
+    import logging
 
-    return load_config(args.config, args.set)
+    from prefopt.config import describe_paths, load_config
+
+    config = load_config(args.config, args.set)
+    logging.getLogger("prefopt").info("%s", describe_paths(config))
+    return config
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """The run config: one pydantic model, loaded from YAML with safe loading."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -173,8 +174,9 @@ def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> Run
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML run config.
 
-    A relative data or model path that does not exist from the working directory
-    but does beside the YAML file is taken from there.
+    Relative paths resolve by one rule (docs/config.md): those written in the file, and
+    the defaults, are relative to the file's directory; those given with ``--set`` are
+    relative to the working directory.
     """
     path = Path(path)
     try:
@@ -184,15 +186,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     raw = parse_yaml(text, str(path)) or {}
     raw = apply_overrides(raw, overrides or [])
     config = validate(raw, str(path))
-    _resolve_paths(config, path.parent)
+    from_cli = {item.partition("=")[0] for item in overrides or []}
+    _resolve_paths(config, path.parent, from_cli, str(path))
     return config
 
 
-def _resolve_paths(config: RunConfig, base: Path) -> None:
-    for section, key in _PATH_FIELDS:
+def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:
+    for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(getattr(config, section), key, str(base / value))
+        if not value or f"{section}.{key}" in from_cli or Path(value).expanduser().is_absolute():
+            continue
+        beside = Path(os.path.normpath(base / value))
+        if (section, key) in _OUTPUT_FIELDS or beside.exists():
+            setattr(getattr(config, section), key, str(beside))
+        elif Path(value).exists():
+            raise ConfigError(
+                f"{source}: {section}.{key}: {value!r} is not beside the config ({beside} does not exist) but exists in the "
+                f"working directory; a relative path in a config file is relative to the file's directory: write "
+                f"{os.path.relpath(Path(value).resolve(), base.resolve())!r}, an absolute path, or pass it with --set {section}.{key}=..."
+            )
+        elif _looks_local(value):  # a missing local path: the error will name where it was looked for
+            setattr(getattr(config, section), key, str(beside))
+        # else: a Hub name, passed through unchanged
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "~")) or Path(value).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv"}
+
+
+def describe_paths(config: RunConfig) -> str:
+    """The resolved data, model, output and cache locations, for the start-up log."""
+    parts = []
+    for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
+        value = getattr(getattr(config, section), key)
+        if value:
+            shown = str(Path(value).resolve()) if Path(value).exists() or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
+            parts.append(f"{section}.{key} = {shown}")
+    return "paths: " + "; ".join(parts)
 
 
 _PATH_FIELDS = [("data", "train"), ("data", "eval"), ("model", "name_or_path"), ("model", "tokenizer"), ("model", "reference")]
+_OUTPUT_FIELDS = [("trainer", "output_dir"), ("reference", "cache_dir")]

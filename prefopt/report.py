@@ -49,7 +49,10 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the run's curves into a PNG (``RUN_DIR/report.png`` by default); returns its path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("prefopt report: needs matplotlib (pip install 'prefopt[report]')") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -155,7 +155,8 @@ def _trl_tokenise(rows: list[dict], tokenizer) -> list[dict]:
     import datasets
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    assert trl.__version__.startswith("1.")
+    if not trl.__version__.startswith("1."):
+        pytest.skip(f"compares with TRL 1.x's tokenisation; trl {trl.__version__} is installed")
     args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     out = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(rows), tokenizer, args, "train")
     return [{k: out[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(out))]

@@ -195,7 +195,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
-    if before.get("eval/rewards/margins") == 0:
+    if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {summary['steps']} steps in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
     return "\n".join(lines)

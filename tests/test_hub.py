@@ -271,3 +271,22 @@ def test_quickstart_comment_commands_are_valid(tmp_path):
     assert args == readme_recipe()
     config = load_config(ROOT / "examples" / "quickstart.yaml", args[1::2])
     assert config.trainer.lr == 5e-7 and config.data.max_length == 1024
+
+
+def test_samples_with_a_live_reference_come_from_the_reference_model(tmp_path):
+    """TDPO keeps the reference in memory: it is sampled at every evaluation, and at step 0 agrees with the policy."""
+    from engine_helpers import make_config, write_assets
+
+    from prefopt.config import validate
+    from prefopt.trainer import train
+
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
+    cfg = make_config(assets, tmp_path, loss={"name": "tdpo", "variant": "tdpo1"}, max_steps=2, batch_size=4,
+                      sample_prompts=2, sample_max_new_tokens=4, data__eval=assets["eval"])
+    torch.set_num_threads(1)
+    summary = train(validate(cfg))
+    assert summary["reference"] == "live"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2]
+    assert all(r["reference"] is not None for r in rows)
+    assert [r["reference"] for r in rows[:2]] == [r["policy"] for r in rows[:2]] == [r["reference"] for r in rows[2:]]

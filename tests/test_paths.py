@@ -14,8 +14,8 @@ def project(tmp_path, monkeypatch):
     """configs/run.yaml beside configs/data.jsonl; the working directory is elsewhere."""
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "data.jsonl").write_text("")
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     path = tmp_path / "configs" / "run.yaml"
     path.write_text("model: {name_or_path: Qwen/Qwen2.5-0.5B-Instruct}\ndata: {train: data.jsonl}\ntrainer: {output_dir: runs/a}\n")
     return path
@@ -34,16 +34,16 @@ def test_file_paths_and_defaults_are_beside_the_config(project):
 
 
 def test_set_paths_are_from_the_working_directory(project):
-    (project.parent.parent / "work" / "other.jsonl").write_text("")
+    (project.parent.parent / "elsewhere" / "other.jsonl").write_text("")
     config = load_config(project, ["data.train=other.jsonl", "trainer.output_dir=runs/b"])
     assert (config.data.train, config.trainer.output_dir) == ("other.jsonl", "runs/b")
     assert f"trainer.output_dir = {os.path.abspath('runs/b')}" in describe_paths(config)
 
 
 def test_a_path_only_in_the_working_directory_is_a_clear_error(project):
-    (project.parent.parent / "work" / "cwd.jsonl").write_text("")
+    (project.parent.parent / "elsewhere" / "cwd.jsonl").write_text("")
     project.write_text(project.read_text().replace("data.jsonl", "cwd.jsonl"))
-    with pytest.raises(ConfigError, match=r"data.train: 'cwd.jsonl' is not beside the config .* write '../work/cwd.jsonl'"):
+    with pytest.raises(ConfigError, match=r"data.train: 'cwd.jsonl' is not beside the config .* write '../elsewhere/cwd.jsonl'"):
         load_config(project)
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from prefopt import __version__
 from prefopt.errors import PrefoptError
 
 
@@ -54,9 +55,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from prefopt.config import load_config
+    import logging
 
-    return load_config(args.config, args.set)
+    from prefopt.config import describe_paths, load_config
+
+    config = load_config(args.config, args.set)
+    logging.getLogger("prefopt").info("%s", describe_paths(config))
+    return config
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -87,9 +92,22 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from prefopt.report import plot, summary_table
+
+    print(summary_table(args.run_dir))
+    print(f"curves: {plot(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimisation for language models.")
+    parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="plot a run's curves to a PNG and print its before/after table")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trainer.output_dir")
+    p.add_argument("--out", help="where to write the PNG (default: RUN_DIR/report.png)")
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("losses", help="list installed losses and their config fields")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_losses)

@@ -19,9 +19,11 @@ from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tok
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.interrupt import GracefulStop
-from prefopt.resume import config_differences, drop_metrics_after, flatten, prepare_output
+from prefopt.resume import config_differences, drop_metrics_after, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
+from prefopt.samples import make_sampler
 from prefopt.step import evaluate, forward_backward, read_flags
+from prefopt.tracking import tracker_config
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
@@ -69,7 +71,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         if accelerator.is_main_process:
             drop_metrics_after(out / "metrics.jsonl", state["step"])
     if accelerator.is_main_process and tc.report_to != ["jsonl"]:
-        accelerator.init_trackers("prefopt", config=flatten(current))
+        accelerator.init_trackers("prefopt", config=tracker_config(current))
     metrics_file = out / "metrics.jsonl"
 
     def log_metrics(row: dict[str, Any]) -> None:
@@ -79,8 +81,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             if tc.report_to != ["jsonl"]:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
+    sample = make_sampler(run, unwrapped, out)  # trainer.sample_prompts completions at each evaluation
     if state["before"] is None:
         state["before"] = evaluate(run, model)
+        sample(0)
         if state["before"]:
             log_metrics({"step": 0, **state["before"]})
     epoch_cache: dict[int, list[list[int]]] = {}
@@ -160,6 +164,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                                 margin=f"{row.get('rewards/margins', float('nan')):.3f}")
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:
                     row.update(evaluate(run, model))
+                    sample(state["step"])
                 log_metrics(row)
             if state["bad_steps"] > tc.max_bad_steps:
                 save(state["step"])
@@ -182,6 +187,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     else:
         save(state["step"])
         summary["after"] = evaluate(run, model)
+        sample(state["step"])
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})
         if accelerator.is_main_process:
@@ -205,5 +211,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
+    if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
+        lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {summary['steps']} steps in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
     return "\n".join(lines)

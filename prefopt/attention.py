@@ -11,6 +11,8 @@ Mistral, GPT-2, ...) can run packed batches. The kernel is chosen once per run:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +32,23 @@ def register() -> None:
 
         AttentionInterface.register(NAME, packed_attention)
         _registered = True
+
+
+@contextmanager
+def standard(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with transformers' own SDPA attention inside the block (generation, plain forwards).
+
+    A policy set up for packed rows accepts only packed batches; anything else that calls
+    the Hugging Face model directly goes through this.
+    """
+    config = model.config
+    before = config._attn_implementation
+    if before == NAME:
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def varlen_available(device: torch.device) -> bool:
@@ -77,6 +96,9 @@ def packed_attention(
     """Causal attention within each packed sequence; ``query`` is ``(1, heads, L, dim)``."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ConfigError("trainer.packing: this model's attention (soft-capping or sinks) is not supported packed; set trainer.packing: false")
+    if "prefopt_cu_host" not in kwargs:
+        raise RuntimeError("this model is set up for packed batches (prefopt_packed attention); "
+                           "call it on other inputs inside prefopt.attention.standard(model)")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     cu_host: list[int] = kwargs["prefopt_cu_host"]
     if kwargs.get("prefopt_kernel") == "varlen":

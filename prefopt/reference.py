@@ -214,10 +214,12 @@ def compute_ref_logps(
         values = forward(batch).float().cpu()
         cu, index = batch["cu_completion"], batch["index_host"]
         b = len(index)
+        # summed exactly as the engine sums the policy's, so policy == reference gives equal sums
+        chosen, rejected = Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], cu).sum()
+        sums[index, 0], sums[index, 1] = chosen, rejected
         for s in range(2 * b):
             pair, side = index[s % b], s // b
             part = values[cu[s] : cu[s + 1]]
-            sums[pair, side] = part.sum()
             if tokens is not None:
                 start = int(offsets[pair]) + (0 if side == 0 else int(split[pair]))
                 tokens[start : start + part.shape[0]] = part

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from prefopt import attention
 from prefopt.tracking import log_text
 
 log = logging.getLogger("prefopt")
@@ -38,14 +39,15 @@ def greedy(model: torch.nn.Module, prompt_ids: list[int], tokenizer, max_new_tok
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with attention.standard(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)

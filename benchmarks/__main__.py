@@ -37,6 +37,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="override the profile's pairs per step")
     p.add_argument("--profile", action="store_true", help="write torch.profiler's top operators by CPU and CUDA time to OUT/profiles/")
     p.add_argument("--liger", action=argparse.BooleanOptionalAction, help="also run TRL with use_liger_kernel=True (default: on the GPU profiles)")
+    p.add_argument("--prefopt-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override prefopt's run config, e.g. trainer.compile=true (repeatable; measuring an option against TRL)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (data, tokenizer, run outputs)")
     return p.parse_args(argv)
 
@@ -72,6 +74,7 @@ def _spec(run: RunSpec, i: int, profile: dict, shared: dict, workdir: Path) -> d
         "loss": run.settings.get("loss", "dpo"), "beta": 0.1, "seed": 0, "lr": profile["lr"],
         "batch_size": profile["batch_size"], "max_length": profile["max_length"], "steps": profile["steps"],
         "warmup": profile["warmup"], "precision": profile["precision"], "optim": "adamw_torch", "liger": run.settings.get("liger", False),
+        "prefopt_overrides": profile.get("prefopt_overrides", []),
     }
 
 
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         profile["repeats"] = args.repeats
     if args.threads:
         profile["threads"] = args.threads
+    if args.prefopt_set:
+        profile["prefopt_overrides"] = args.prefopt_set
     if args.batch_size:
         profile["batch_size"] = args.batch_size
     out = Path(args.out)

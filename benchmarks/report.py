@@ -102,6 +102,8 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
     }
     if profile["device"] == "cuda":
         doc["targets"] = _targets(agg, ratios, liger)
+        if not peak:
+            doc["notes"].append(f"MFU: n/a, {device.get('gpu')} is not in benchmarks.scenarios.PEAK_BF16_FLOPS.")
     doc["markdown"] = _markdown(doc, peak)
     return doc
 
@@ -162,7 +164,8 @@ def _markdown(doc: dict, peak: float | None) -> str:
         f"Model: {doc['model_config']['model_type']} shape, {doc['parameters'] / 1e6:.1f}M parameters, built from a config; "
         f"{s['precision']}, batch {s['batch_size']} pairs, max length {s['max_length']}, AdamW (torch, lr {s['lr']}), "
         f"{s['steps']} steps of which the first {s['warmup']} are warm-up and not timed; each run repeated {s['repeats']}x. "
-        f"Total wall time {doc['wall_s']:.0f} s.",
+        f"Total wall time {doc['wall_s']:.0f} s."
+        + (f" prefopt config overrides: `{' '.join(s['prefopt_overrides'])}`." if s.get("prefopt_overrides") else ""),
         "",
         f"Tokens/s counts all processed tokens: non-pad tokens of the chosen and rejected sequences (prompt + completion), "
         f"the same rule for both. Memory: {mem} of the run's own process"

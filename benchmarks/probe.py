@@ -106,7 +106,7 @@ class Probe:
         self.cuda = cuda
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
-        self.forwards: list[tuple[float, int, int]] = []
+        self.forwards: list[tuple[float, torch.Tensor, int]] = []
         self.shapes: set[tuple[int, ...]] = set()
         self.sync_window = (1, 1 + sync_steps)  # (starts after step, ends after step)
         self.profile_window = (1 + sync_steps, 1 + sync_steps + profile_steps) if profile_steps else None
@@ -132,7 +132,8 @@ class Probe:
             if ids.dim() == 2:
                 probe.shapes.add(tuple(ids.shape))
                 if torch.is_grad_enabled() and module.weight.requires_grad:
-                    probe.forwards.append((time.perf_counter(), int((ids != probe.pad_id).sum()), ids.numel()))
+                    # kept on the device (read after training), so counting adds no host sync
+                    probe.forwards.append((time.perf_counter(), (ids != probe.pad_id).sum(), ids.numel()))
             return orig(module, ids)
 
         self._orig_embedding_forward = orig
@@ -198,7 +199,7 @@ class Probe:
             raise RuntimeError(f"only {len(ends)} optimiser steps recorded; need more than warmup + 1 = {warmup + 1}")
         start, stop = ends[warmup], ends[-1]
         window = [f for f in self.forwards if start < f[0] <= stop]
-        tokens = sum(f[1] for f in window)
+        tokens = int(sum(int(f[1]) for f in window))
         positions = sum(f[2] for f in window)
         step_times = [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])]
         sync_steps = self.sync_window[1] - self.sync_window[0]

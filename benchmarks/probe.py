@@ -141,6 +141,13 @@ class Probe:
         self._handle = register_optimizer_step_post_hook(self._on_step)
         return self
 
+    def uninstall(self) -> None:
+        """Undo :meth:`install` (the worker's process ends instead; tests call this)."""
+        if self._handle is not None:
+            self._handle.remove()
+            torch.nn.Embedding.forward = self._orig_embedding_forward  # type: ignore[method-assign]
+            self._handle = None
+
     def _on_step(self, *_: object) -> None:
         if self.cuda:
             torch.cuda.synchronize()

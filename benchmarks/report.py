@@ -100,6 +100,11 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
         "command": "python -m benchmarks " + " ".join(argv), "wall_s": wall_s, "aggregates": agg, "ratios": ratios, "ratios_liger": liger, "notes": notes or [],
         "cached_vs_live_step": cache_vs_live, "cached_vs_live_cpu": cache_vs_live_cpu, "large_vocab": vocab, "runs": results, "summary": summary,
     }
+    for r in results:
+        if r["result"].get("compilations"):
+            c = r["result"]["compilations"]
+            doc["notes"].append(f"{r['scenario']} / {r['label']}: torch.compile compiled {c.get('graphs', 0)} graphs, "
+                                f"{c.get('recompiles', 0)} of them recompiles.")
     if profile["device"] == "cuda":
         doc["targets"] = _targets(agg, ratios, liger)
         if not peak:

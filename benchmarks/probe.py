@@ -150,7 +150,10 @@ class Probe:
 
     def _on_step(self, *_: object) -> None:
         if self.cuda:
+            debug = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)  # the probe's own synchronise is not the engine's
             torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode(debug)
         self._windows(len(self.step_ends) + 1)
         self.step_ends.append(time.perf_counter())
         self.step_cpu.append(time.process_time())

@@ -88,6 +88,8 @@ class TrainerConfig(_Section):
     pad_to_multiple_of: int = Field(64, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes.")
     attention: Literal["auto", "varlen", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+, else sdpa.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (regional); compilations are logged. Off until measured on a GPU.")
+    liger: bool = Field(False, description="Liger's RMSNorm, RoPE and SwiGLU kernels on the policy (CUDA, prefopt[liger]). Off until measured on a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, gt=0, description="Log metrics every N optimiser steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate on the held-out split every N steps (and always at start and end).")

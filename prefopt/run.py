@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt import attention
+from prefopt import accelerators, attention
 from prefopt import reference as ref
 from prefopt.batching import collate, completion_tokens, pack, to_device
 from prefopt.config import RunConfig
@@ -169,6 +169,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config.model.lora))
     if config.trainer.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel)
 

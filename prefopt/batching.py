@@ -62,8 +62,19 @@ def completion_tokens(prompt: Sequence[int], completion: Sequence[int]) -> int:
     return max(len(completion) if prompt else len(completion) - 1, 0)
 
 
-def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_of: int = 1) -> dict[str, Any]:
-    """All ``2B`` sequences end to end in one row ``(1, L)``; ``L`` rounded up to ``multiple_of``.
+def row_width(tokens: int, multiple_of: int | None = None) -> int:
+    """``tokens`` rounded up to ``multiple_of``; by default to a step of 1/32 of the next power of two (at least 8).
+
+    The default keeps the rounding under 1/16 of the row (8 tokens for short rows) while
+    allowing at most 32 widths per doubling of length: few distinct shapes, little padding.
+    """
+    if multiple_of is None:
+        multiple_of = max(8, (1 << max(tokens - 1, 1).bit_length()) // 32)
+    return -(-tokens // multiple_of) * multiple_of
+
+
+def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_of: int | None = None) -> dict[str, Any]:
+    """All ``2B`` sequences end to end in one row ``(1, L)``; ``L`` rounded up by :func:`row_width`.
 
     The rounding tail is one extra dummy sequence of padding that no target reads, so the
     number of distinct shapes stays bounded. ``cu_seqlens`` (host list and int32 tensor)
@@ -81,7 +92,7 @@ def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_
         targets += _targets(prompt, completion)
         cu.append(len(ids))
     real = len(ids)
-    width = -(-real // multiple_of) * multiple_of
+    width = row_width(real, multiple_of)
     if width > real:
         ids += [pad_id] * (width - real)
         positions += range(width - real)

@@ -85,7 +85,9 @@ class TrainerConfig(_Section):
     max_tokens_per_forward: int | None = Field(
         None, gt=0, description="Token budget of one forward: a step's pairs are packed into forwards of at most this many tokens "
         "(the optimiser batch stays batch_size * grad_accum pairs). Null: grad_accum forwards of batch_size pairs.")
-    pad_to_multiple_of: int = Field(64, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes.")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes "
+        "(null: a step of 1/32 of the row's power of two, at least 8: under 1/16 of the row is padding).")
     attention: Literal["auto", "varlen", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+, else sdpa.")
     compile: bool = Field(False, description="torch.compile each decoder layer (regional); compilations are logged. Off until measured on a GPU.")

@@ -124,6 +124,16 @@ def test_packed_row_shapes_are_bounded_per_epoch():
     assert len(shapes) < len(padded)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 9, 100, 257, 1000, 6400, 70_000])
+def test_default_row_rounding_is_small_and_coarse(tokens):
+    from prefopt.batching import row_width
+
+    width = row_width(tokens)
+    assert tokens <= width < tokens + max(8, tokens / 16)
+    octave = [row_width(n) for n in range(max(1, tokens // 2), tokens + 1)]
+    assert len(set(octave)) <= 33  # at most 32 widths per doubling (plus the boundary)
+
+
 def test_split_by_tokens_keeps_pairs_whole_and_within_budget():
     tokens = [10, 30, 25, 5, 50, 8]
     groups = split_by_tokens(range(6), tokens, 40)

@@ -32,6 +32,17 @@ def apply(policy: nn.Module, trainer: Any, device: torch.device) -> nn.Module:
     return policy
 
 
+def check(device: torch.device, *, liger: bool) -> None:
+    """Fail before any expensive work when an accelerator the config asks for cannot run here."""
+    if not liger:
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("trainer.liger: needs the liger-kernel package (pip install 'prefopt[liger]')")
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"trainer.liger: Liger's kernels are Triton kernels and need a CUDA device, not {torch.device(device).type}; "
+                          "set trainer.liger: false")
+
+
 def _base(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -78,11 +89,7 @@ def use_liger(model: nn.Module, device: torch.device) -> None:
     Liger patches RoPE in the model's transformers module, so a reference of the same
     architecture in this process uses it too.
     """
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("trainer.liger: needs the liger-kernel package (pip install 'prefopt[liger]')")
-    if torch.device(device).type != "cuda":
-        raise ConfigError(f"trainer.liger: Liger's kernels are Triton kernels and need a CUDA device, not {torch.device(device).type}; "
-                          "set trainer.liger: false")
+    check(device, liger=True)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
     base = _base(model)

@@ -131,6 +131,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     log.info("loss %s reads: %s", getattr(loss, "name", loss), ", ".join(sorted(f.value for f in needs)))
     kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing, config.trainer.precision)
     log.info("attention: %s (%s)", kernel, why)
+    accelerators.check(accelerator.device, liger=config.trainer.liger)
     tokenizer = load_tokenizer(config.model)
     train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed)
     for report in reports:

@@ -18,7 +18,7 @@ import torch
 from prefopt import plugins, registry
 from prefopt.hookspecs import hookimpl
 from prefopt.losscheck import CASES, Case, Synthetic, run_on, shape
-from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, as_needs
+from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -210,3 +210,48 @@ def _check_metrics(where: str, metrics: object, case: str) -> None:
             value = value.item()
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: metric {key!r} must be a number, got {type(value).__name__}")
         _expect(torch.isfinite(torch.tensor(float(value))).item(), f"{where}: metric {key!r} is not finite on {case} inputs: {value}")
+
+
+def trl_dpo_loss(policy: Tokens, ref: Tokens, beta: float, *, logsumsq: Tokens | None = None,
+                 ld_alpha: float | None = None) -> torch.Tensor:
+    """TRL's own ``DPOTrainer`` loss (``loss_type="sigmoid"``) on these per-token log-probs, for parity tests.
+
+    Runs TRL's loss computation with the per-token outputs of its model replaced by
+    ``policy`` (differentiable), ``ref`` and ``logsumsq`` (which turns on TRL's
+    ``use_weighting``, WPO); ``ld_alpha`` is TRL's LD-DPO option. Each completion sits
+    after a one-token prompt, so positions line up as in a real batch. Requires ``trl``.
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    values, mask = policy.padded()
+    rows, width = values.shape
+    completion_mask = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)  # prompt token first
+
+    class Head(torch.nn.Module):  # stands in for a model called with fused_lm_head=True
+        is_gradient_checkpointing = False
+
+        def __init__(self, logps: torch.Tensor) -> None:
+            super().__init__()
+            self.logps = logps
+
+        def forward(self, **_: Any) -> SimpleNamespace:
+            zeros = torch.zeros(rows, width)
+            lss = logsumsq.padded()[0] if logsumsq is not None else zeros
+            return SimpleNamespace(log_probs=self.logps, log_sum_sq_probs=lss, entropy=zeros, mean_logits=zeros,
+                                   is_top1=torch.zeros(rows, width, dtype=torch.bool), aux_loss=None)
+
+    model = Head(values)
+    identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
+    trainer = SimpleNamespace(
+        model=model, ref_model=Head(ref.padded()[0].detach()), accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None), aux_loss_enabled=False, precompute_ref_logps=False,
+        ld_alpha=ld_alpha, use_weighting=logsumsq is not None, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+        loss_weights=[1.0], beta=beta, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = {"input_ids": torch.ones(rows, width + 1, dtype=torch.long), "attention_mask": torch.ones(rows, width + 1, dtype=torch.long),
+              "completion_mask": completion_mask}
+    return DPOTrainer._compute_loss(trainer, model, inputs, False)

@@ -228,6 +228,11 @@ class Loss:
     reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
     sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("features") is not None:  # keep the v1 ``reference`` in step for code that reads it
+            cls.reference = reference_for(as_needs(cls.features))
+
     def __init__(self, config: LossConfig | None = None, **kwargs: object) -> None:
         self.config = config if config is not None else self.Config(**kwargs)
 

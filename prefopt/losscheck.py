@@ -226,3 +226,21 @@ def smoke_test(loss: Any) -> None:
             run_on(term, CASES["ordinary"], needs)
         except AssertionError as exc:
             raise LossCheckError(f"{where} failed on synthetic inputs: {exc}") from None
+
+
+def needs_by_config(cls: type) -> tuple[list[tuple[dict, frozenset[Feature]]], bool]:
+    """``([(config, needs)], depends)``: the needs of the default config (when valid) and of each of
+    ``cls.examples``, and whether the class computes its needs from the config (overrides ``needs``)."""
+    from prefopt.losses.base import Loss
+
+    depends = getattr(cls, "needs", None) is not Loss.needs
+    if not depends:  # declared on the class: the same for every config
+        return [({}, as_needs(Loss.needs.fget(cls.__new__(cls))))], False
+    rows = []
+    for example in (None, *cls.examples):
+        try:
+            loss = cls(cls.Config(**(example or {})))
+            rows.append((dict(example or {}), as_needs(loss.needs)))
+        except Exception:  # noqa: BLE001 - an invalid default (a required field) is simply not shown
+            continue
+    return rows, True

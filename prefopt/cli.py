@@ -46,7 +46,7 @@ def _needs_line(row: dict) -> str:
     for n in row["needs"]:
         label = ", ".join(f"{k}={v!r}" for k, v in n["config"].items()) or "default"
         parts.append(f"{', '.join(n['features'])} ({label})" if row["needs_depend_on_config"] or len(row["needs"]) > 1 else ", ".join(n["features"]))
-    text = "; ".join(parts) or "computed from the config (no valid default)"
+    text = "; ".join(parts) or ("computed from the config (no valid default)" if row["needs_depend_on_config"] else "invalid declaration")
     return text + ("; they depend on the config" if row["needs_depend_on_config"] else "")
 
 

@@ -235,7 +235,10 @@ def needs_by_config(cls: type) -> tuple[list[tuple[dict, frozenset[Feature]]], b
 
     depends = getattr(cls, "needs", None) is not Loss.needs
     if not depends:  # declared on the class: the same for every config
-        return [({}, as_needs(Loss.needs.fget(cls.__new__(cls))))], False
+        try:
+            return [({}, as_needs(Loss.needs.fget(cls.__new__(cls))))], False
+        except (TypeError, ValueError, KeyError):  # an invalid declaration: listed without needs
+            return [], False
     rows = []
     for example in (None, *cls.examples):
         try:

@@ -67,8 +67,11 @@ class Case:
         return Case(self.lengths, self.ref, self.ref, (0.0,) * len(self.kl), self.entropy, self.logsumsq)
 
     def perturbed(self, pair: int) -> "Case":
-        """Every value of pair ``pair`` changed (lengths kept); the other pairs untouched."""
+        """Every value of pair ``pair`` changed, its lengths too; the other pairs untouched."""
         b = self.num_pairs
+        lengths = list(self.lengths)
+        lengths[pair] += 2
+        lengths[b + pair] += 1
 
         def shift(values: tuple[float, ...], dc: float, dr: float) -> tuple[float, ...]:
             out = list(values)
@@ -76,7 +79,7 @@ class Case:
             out[b + pair] += dr
             return tuple(out)
 
-        return Case(self.lengths, shift(self.policy, -1.5, 2.25), shift(self.ref, 0.75, -0.5), shift(self.kl, 0.5, 0.25),
+        return Case(tuple(lengths), shift(self.policy, -1.5, 2.25), shift(self.ref, 0.75, -0.5), shift(self.kl, 0.5, 0.25),
                     shift(self.entropy, 0.3, -0.2), shift(self.logsumsq, -0.25, 0.15))
 
 

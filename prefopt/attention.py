@@ -43,7 +43,7 @@ def varlen_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def choose_kernel(requested: str, device: torch.device, packing: bool) -> tuple[str, str]:
+def choose_kernel(requested: str, device: torch.device, packing: bool, precision: str = "bf16") -> tuple[str, str]:
     """The attention kernel a run uses, and why (logged at start-up)."""
     if not packing:
         if requested not in ("auto", "sdpa", "eager"):
@@ -55,8 +55,11 @@ def choose_kernel(requested: str, device: torch.device, packing: bool) -> tuple[
     has_varlen = varlen_available(device)
     if requested == "varlen" and not has_varlen:
         raise ConfigError("trainer.attention: varlen needs CUDA (sm80+) and torch >= 2.10; use auto or sdpa")
-    if requested == "sdpa" or not has_varlen:
-        why = "set by trainer.attention" if requested == "sdpa" else f"no variable-length kernel on {torch.device(device).type}"
+    if requested == "varlen" and precision == "fp32":
+        raise ConfigError("trainer.attention: varlen (FlashAttention) needs trainer.precision bf16 or fp16")
+    if requested == "sdpa" or not has_varlen or precision == "fp32":
+        why = ("set by trainer.attention" if requested == "sdpa" else f"no variable-length kernel on {torch.device(device).type}"
+               if not has_varlen else "FlashAttention needs bf16 or fp16; trainer.precision is fp32")
         return "sdpa", f"packed rows, one scaled_dot_product_attention call per sequence ({why})"
     return "varlen", "packed rows, one variable-length FlashAttention call per layer (no padding, no per-length plans)"
 
@@ -79,7 +82,7 @@ def packed_attention(
     if kwargs.get("prefopt_kernel") == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (L, heads, dim)
         cu = kwargs["cu_seq_lens_q"]
         out = varlen_attn(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_q"], scale=scaling,
                           window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])

@@ -134,7 +134,7 @@ class _ChunkStats(torch.autograd.Function):
     """Per-token entropy and log(sum_v p_v^2) of the policy for one chunk, with their gradients.
 
     Run only for losses that declare them. Backward uses
-    d H / d z = -p (log p + H) and d log(sum p^2) / d z = p^2 / sum(p^2) - 2 p.
+    d H / d z = -p (log p + H) and d log(sum p^2) / d z = 2 (p^2 / sum(p^2) - p).
     """
 
     @staticmethod
@@ -155,7 +155,7 @@ class _ChunkStats(torch.autograd.Function):
         logp = _head_logits(h, w, bias, dtype).log_softmax(-1)
         p = logp.exp()
         g = (logp + entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
-        g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(2 * p).mul_(grad_logsumsq.unsqueeze(-1)))
+        g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(p).mul_(2 * grad_logsumsq.unsqueeze(-1)))
         del p, logp
         g = g.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):

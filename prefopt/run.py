@@ -129,7 +129,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     mode, why = ref.choose_mode(config.reference.mode, reference_for(needs))
     log.info("reference model: %s (%s)", mode, why)
     log.info("loss %s reads: %s", getattr(loss, "name", loss), ", ".join(sorted(f.value for f in needs)))
-    kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing)
+    kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing, config.trainer.precision)
     log.info("attention: %s (%s)", kernel, why)
     tokenizer = load_tokenizer(config.model)
     train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed)

@@ -3,7 +3,8 @@
 ``registered(MyLoss)`` makes a loss selectable by name for the duration of a
 ``with`` block, without installing anything. ``check_loss(MyLoss)`` runs a loss
 class through the contract every loss must honour, its math included, and raises
-``AssertionError`` with a message per broken rule.
+``AssertionError`` with a message per broken rule. ``trl_dpo_loss`` runs TRL's own
+DPO loss code on given per-token values, for parity tests of TRL-style losses.
 """
 from __future__ import annotations
 

@@ -130,6 +130,8 @@ def test_losses_command_names_the_providing_package(installed, capsys):
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["losses"]}
     assert rows["orpo"]["package"] == "prefopt-orpo" and rows["orpo"]["needs_reference"] == "none"
     assert rows["slic"]["needs_reference"] == "logps"
+    assert rows["wpo"]["needs"] == [{"config": {}, "features": ["policy_logps", "policy_token_logps", "ref_logps", "token_logsumsq"], "reference": "logps"}]
+    assert rows["ld_dpo"]["needs"][0]["features"] == ["policy_logps", "policy_token_logps", "ref_token_logps"]
     assert [f["name"] for f in rows["simpo"]["fields"]] == ["beta", "gamma"]
 
 

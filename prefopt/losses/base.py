@@ -215,8 +215,8 @@ class LossOutput:
 class Loss:
     """Base class of every preference loss, built-in or from a plugin.
 
-    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``reference``,
-    and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
+    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``features`` (or
+    the legacy ``reference``), and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
     both build one; call it on :class:`LossInputs`.
     """
 
@@ -224,6 +224,14 @@ class Loss:
     Config: ClassVar[type[LossConfig]] = LossConfig
     reference: ClassVar[Reference] = Reference.LOGPS
     features: ClassVar[frozenset[Feature] | None] = None  # None: the features ``reference`` implies
+    examples: ClassVar[tuple[dict, ...]] = ()  # configs worth checking beside the default (kit, `prefopt losses`)
+    reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
+    sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("features") is not None:  # keep the v1 ``reference`` in step for code that reads it
+            cls.reference = reference_for(as_needs(cls.features))
 
     def __init__(self, config: LossConfig | None = None, **kwargs: object) -> None:
         self.config = config if config is not None else self.Config(**kwargs)

@@ -20,6 +20,7 @@ class DPO(Loss):
     name = "dpo"
     Config = DPOConfig
     reference = Reference.LOGPS
+    examples = ({"reference_free": True},)
 
     @property
     def needs(self) -> frozenset[Feature]:

@@ -37,6 +37,28 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
+def check_resume(saved: dict[str, Any], facts: dict[str, Any], config: RunConfig) -> None:
+    """Refuse a resume whose training data or schedule length differs from the checkpoint's.
+
+    ``saved`` is the checkpoint's ``state.json``; ``facts`` holds this run's
+    ``data_fingerprint`` (token ids of every training pair) and ``total_steps``.
+    Checkpoints written before these were recorded are not checked.
+    """
+    old_fp = saved.get("data_fingerprint")
+    if old_fp is not None and old_fp != facts["data_fingerprint"]:
+        raise ConfigError(
+            f"--resume: the training data changed since the checkpoint (data.train: {config.data.train}): its pairs no longer "
+            f"tokenise to the ones the run was trained on. Restore the data, or start a new run in another trainer.output_dir"
+        )
+    old_total = saved.get("total_steps")
+    if old_total is not None and old_total != facts["total_steps"] and config.trainer.schedule != "constant":
+        raise ConfigError(
+            f"--resume: trainer.max_steps/trainer.epochs give {facts['total_steps']} steps but the run was started with "
+            f"{old_total}; its {config.trainer.schedule} learning-rate schedule is fixed by that length. Keep the original "
+            f"trainer.max_steps/epochs (schedule: constant allows changing them), or start a new run"
+        )
+
+
 def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     """The output directory, refusing to overwrite a run unless asked to."""
     out = Path(config.trainer.output_dir)

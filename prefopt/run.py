@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from prefopt import health
 from prefopt import reference as ref
 from prefopt.batching import collate
 from prefopt.config import RunConfig
@@ -99,7 +100,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     """Load tokenizer, data, loss and models; choose the reference mode; fill the cache if used."""
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.trainer.seed)
-    loss = config.build_loss()
+    loss = health.CheckedLoss(config.build_loss())
     mode, why = ref.choose_mode(config.reference.mode, loss.needs)
     log.info("reference model: %s (%s)", mode, why)
     tokenizer = load_tokenizer(config.model)
@@ -109,10 +110,13 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     policy = load_model(config.model)
+    health.check_start(policy, train_pairs, tokenizer.pad_token_id, config.trainer.logprob_chunk_tokens, "model")
     reference: torch.nn.Module | str | None = None
     caches: dict[str, torch.Tensor] = {}
     if mode != "none":
         ref_model = load_model(config.model, config.model.reference) if config.model.reference else None
+        if ref_model is not None:
+            health.check_start(ref_model, train_pairs, tokenizer.pad_token_id, config.trainer.logprob_chunk_tokens, "model.reference")
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = ref.weights_fingerprint(source)
@@ -131,6 +135,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         except ImportError:
             raise ConfigError("model.lora: needs the peft package (pip install 'prefopt[peft]')") from None
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config.model.lora))
+        health.check_output_head(policy)
     if config.trainer.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens)

@@ -15,21 +15,20 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
+from prefopt import health
 from prefopt.batching import batch_order, collate, pair_length, padding_fraction
 from prefopt.config import RunConfig
-from prefopt.errors import ConfigError, PrefoptError
+from prefopt.data import fingerprint
+from prefopt.errors import ConfigError
+from prefopt.health import TrainingError
 from prefopt.interrupt import GracefulStop
-from prefopt.resume import config_differences, drop_metrics_after, flatten, prepare_output
+from prefopt.resume import check_resume, config_differences, drop_metrics_after, flatten, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
 from prefopt.step import compute_loss, evaluate
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
 log = logging.getLogger("prefopt")
-
-
-class TrainingError(PrefoptError):
-    """Training cannot go on (e.g. too many non-finite steps)."""
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml") -> dict[str, Any]:
@@ -51,6 +50,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
+    run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": total}
     ckpt_root = out / "checkpoints"
     state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
     current = config.model_dump(mode="json")
@@ -62,6 +64,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         diffs = config_differences(saved["config"], current)
         if diffs:
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
+        check_resume(saved, run_facts, config)
         state = ckpt.load_checkpoint(path, unwrapped, optimizer, scheduler)
         log.info("resuming from %s (step %d)", path, state["step"])
         if accelerator.is_main_process:
@@ -93,7 +96,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, "config": current}, tc.keep_checkpoints)
+            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, **run_facts, "config": current}, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=state["step"], desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -128,6 +131,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             elif finite:
                 optimizer.step()
                 scheduler.step()
+                health.check_step(named, step + 1, reduce_sum)
             else:
                 state["bad_steps"] += 1
                 log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped (%d so far)",
@@ -156,7 +160,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                 save(state["step"])
     bar.close()
     summary = {"output_dir": str(out), "steps": state["step"], "bad_steps": state["bad_steps"], "reference": run.mode,
-               "seconds": round(time.time() - started, 2), "before": state["before"]}
+               "seconds": round(time.time() - started, 2), "before": state["before"],
+               **health.step_summary(state["step"], state["bad_steps"], state["overflow_steps"])}
     if interrupted:
         summary["interrupted"] = True
         summary["resume"] = f"prefopt train {config_path} --resume"
@@ -165,6 +170,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                         state["step"], ckpt_root, config_path)
     else:
         save(state["step"])
+        health.check_final(unwrapped, state["step"], state["bad_steps"] + state["overflow_steps"], reduce_sum)
         summary["after"] = evaluate(run, model)
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})
@@ -184,10 +190,13 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
 def format_summary(summary: dict[str, Any]) -> str:
     """The before/after table on the held-out split printed at the end of training."""
     before, after = summary.get("before") or {}, summary.get("after") or {}
+    steps = f"{summary['steps']} steps"
+    if "steps_skipped" in summary:
+        steps += f" ({summary['steps_applied']} applied, {summary['steps_skipped']} skipped)"
     if not after:
-        return f"trained {summary['steps']} steps in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
+        return f"trained {steps} in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
-    lines.append(f"trained {summary['steps']} steps in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
+    lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
     return "\n".join(lines)

@@ -41,9 +41,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     reg = get_registry()
     rows = []
     for p in plugins():
-        names = sorted(e.name for e in reg.losses.values() if e.dist == p.dist)
-        names += sorted(n for n, entries in reg.conflicts.items() if any(e.dist == p.dist for e in entries))
-        rows.append({"plugin": p.name, "package": p.dist, "version": p.version, "losses": names, "error": p.error})
+        # a plugin's own losses: another entry point of the same distribution may be the one providing them
+        error = p.error or next((b.error for b in reg.broken if b.name == p.name and b.dist == p.dist), None)
+        mine = lambda e, p=p: e.dist == p.dist and e.plugin in ("", p.name)  # noqa: E731
+        names = [] if error else sorted(e.name for e in reg.losses.values() if mine(e))
+        names += [] if error else sorted(n for n, entries in reg.conflicts.items() if any(mine(e) for e in entries))
+        rows.append({"plugin": p.name, "package": p.dist, "version": p.version, "losses": names, "error": error})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -60,7 +63,13 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from prefopt.preflight import preflight
+
     config = _load(args)
+    try:
+        preflight(config)
+    except PrefoptError as exc:
+        raise type(exc)(f"{args.config}: {exc}") from None
     print(f"{args.config}: valid (loss: {config.build_loss()!r})")
     return 0
 
@@ -72,7 +81,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # the resume command printed on interruption repeats the --set overrides
     command = shlex.join([args.config, *(x for item in args.set for x in ("--set", item))])
-    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=command)
+    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=command, config_file=args.config)
     if summary.get("interrupted"):
         return 130
     print(format_summary(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from prefopt.data import fingerprint
 from prefopt.errors import ConfigError
 from prefopt.health import TrainingError
 from prefopt.interrupt import GracefulStop
+from prefopt.lock import DirectoryLock
 from prefopt.resume import check_resume, config_differences, drop_metrics_after, flatten, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
 from prefopt.step import compute_loss, evaluate
@@ -31,10 +33,24 @@ __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "
 log = logging.getLogger("prefopt")
 
 
-def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml") -> dict[str, Any]:
-    """Train the policy as the config says; returns a summary (metrics before/after, paths, counts)."""
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml",
+          config_file: str | None = None) -> dict[str, Any]:
+    """Train the policy as the config says; returns a summary (metrics before/after, paths, counts).
+
+    The config is checked first (as ``prefopt validate`` does); the main process holds a
+    lock on ``trainer.output_dir`` for the whole run; ``config_file`` is never moved by ``--overwrite``.
+    """
+    from prefopt.preflight import preflight
+
+    preflight(config)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with DirectoryLock(config.trainer.output_dir) if main else nullcontext():
+        return _train(config, resume, overwrite, config_path, [config_file] if config_file else [])
+
+
+def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, protect: list[str]) -> dict[str, Any]:
     accelerator = make_accelerator(config)
-    out = prepare_output(config, resume, overwrite) if accelerator.is_main_process else Path(config.trainer.output_dir)
+    out = prepare_output(config, resume, overwrite, protect) if accelerator.is_main_process else Path(config.trainer.output_dir)
     accelerator.wait_for_everyone()
     run = setup(config, accelerator)
     tc = config.trainer

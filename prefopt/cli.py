@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. trainer.lr=1e-6")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
-            p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+            p.add_argument("--overwrite", action="store_true", help="start again in a non-empty output_dir, moving its contents aside to OUTPUT_DIR.old-TIMESTAMP")
         p.set_defaults(func=func)
     return parser
 

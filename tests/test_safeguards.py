@@ -393,6 +393,11 @@ def test_unreachable_hub_names_fail_fast_with_one_line(tok, tmp_path, monkeypatc
     line = str(err.value).splitlines()[1].strip()
     assert line.startswith("data.train: cannot reach the Hugging Face Hub for dataset 'someone/some-dataset' (Failed to resolve 'huggingface.co')")
     assert "point data.train at a local copy" in line and "HF_HUB_OFFLINE=1" in line
+    from prefopt.trainer import train
+
+    with pytest.raises(ConfigError, match=r"data.train: cannot reach the Hugging Face Hub"):
+        train(cfg)  # before any work: no output directory is left behind
+    assert not (tmp_path / "run").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"data.train: someone/some-dataset is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         pf.preflight(cfg)

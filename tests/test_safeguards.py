@@ -231,6 +231,22 @@ def test_overwrite_never_moves_a_directory_holding_config_data_cache_or_model(to
     assert sorted(p.name for p in proj.iterdir()) == ["cache", "data", "model", "run.yaml"]  # nothing moved or deleted
 
 
+def test_train_overwrite_on_the_project_directory_touches_nothing(tok, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from prefopt.cli import main
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    _write(proj / "data" / "train.jsonl", _rows(0))
+    raw = raw_config(tok, tmp_path, **{"data.train": "data/train.jsonl", "trainer.output_dir": "proj"})
+    (proj / "run.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "proj/run.yaml", "--overwrite"]) == 2
+    assert "trainer.output_dir: proj contains " in capsys.readouterr().err
+    assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == ["data", "data/train.jsonl", "run.yaml"]
+
+
 def test_overwrite_moves_the_old_output_aside(tok, tmp_path):
     cfg = config(tok, tmp_path)
     out = Path(cfg.trainer.output_dir)

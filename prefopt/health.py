@@ -114,8 +114,8 @@ def check_step(named: list[tuple[str, torch.Tensor]], step: int, reduce: Callabl
         )
 
 
-def check_final(model: nn.Module, steps: int, skipped: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Refuse a run whose weights are not finite, or that skipped most of its steps."""
+def check_final_weights(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Before the last checkpoint and the final model are written: refuse weights that are not finite."""
     bad = nonfinite_parameters(model.named_parameters())
     count = torch.tensor(float(len(bad)))
     if reduce is not None:
@@ -123,13 +123,18 @@ def check_final(model: nn.Module, steps: int, skipped: int, reduce: Callable[[to
     if float(count) > 0:
         example = f", e.g. {bad[0]}" if bad else ""
         raise TrainingError(
-            f"the trained weights are not finite ({int(count)} tensors{example}); the final model was not saved. "
-            f"Lower trainer.lr or set trainer.max_grad_norm"
+            f"the trained weights are not finite ({int(count)} tensors{example}); the final model was not saved "
+            f"(earlier checkpoints are intact). Lower trainer.lr or set trainer.max_grad_norm"
         )
+
+
+def check_skipped(steps: int, skipped: int) -> None:
+    """After the last checkpoint is written: refuse a run that skipped most of its steps."""
     if steps and skipped * 2 > steps:
         raise TrainingError(
             f"{skipped} of {steps} steps were skipped (non-finite loss or gradient), so the model barely trained; "
-            f"the final model was not saved. Lower trainer.lr or the loss's scale (e.g. loss.beta), or check the data"
+            f"the final model was not saved (the last checkpoint was). Lower trainer.lr or the loss's scale "
+            f"(e.g. loss.beta), or check the data"
         )
 
 
@@ -205,5 +210,5 @@ def _describe(value: Any) -> str:
     return f"of type {type(value).__name__}"
 
 
-__all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final", "check_step", "check_output_head", "check_start",
+__all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final_weights", "check_skipped", "check_step", "check_output_head", "check_start",
            "compare_logps", "model_token_logps", "nonfinite_parameters", "step_summary"]

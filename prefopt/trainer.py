@@ -185,8 +185,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
             log.warning("stopped at step %d; checkpoint written to %s; resume with: prefopt train %s --resume",
                         state["step"], ckpt_root, config_path)
     else:
+        health.check_final_weights(unwrapped, reduce_sum)
         save(state["step"])
-        health.check_final(unwrapped, state["step"], state["bad_steps"] + state["overflow_steps"], reduce_sum)
+        health.check_skipped(state["step"], state["bad_steps"] + state["overflow_steps"])
         summary["after"] = evaluate(run, model)
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})

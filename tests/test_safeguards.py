@@ -127,6 +127,17 @@ def test_step_that_makes_weights_nonfinite_stops_the_run(tok, tmp_path):
     assert not (Path(cfg.trainer.output_dir) / "model.safetensors").exists()
 
 
+def test_final_weights_are_checked_by_value():
+    from prefopt.health import check_final_weights
+
+    layer = torch.nn.Linear(2, 2)
+    check_final_weights(layer)
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(TrainingError, match=r"the trained weights are not finite \(1 tensors, e.g. bias\)"):
+        check_final_weights(layer)
+
+
 def test_summary_counts_applied_and_skipped_steps(tok, tmp_path, monkeypatch):
     from prefopt.trainer import format_summary, train
 

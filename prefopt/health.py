@@ -31,7 +31,7 @@ def model_token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return logp * mask
 
 
-def compare_logps(engine: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, tol: float = LOGPROB_TOLERANCE) -> float:
+def compare_logps(engine: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> float:
     """The largest per-token difference between two (N, T-1) log-prob tensors over completion positions."""
     mask = labels[:, 1:] != -100
     if engine.shape != reference.shape:
@@ -45,7 +45,7 @@ def check_engine_logps(engine: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     """Refuse a model whose log-probs under the engine differ from its own forward's on ``batch``."""
     with torch.no_grad():
         a, b = engine(batch), own(batch)
-    worst = compare_logps(a, b, batch["labels"], tol)
+    worst = compare_logps(a, b, batch["labels"])
     if not worst <= tol:  # NaN fails too
         raise ConfigError(
             f"{what}: the engine's per-token log-probs differ from the model's own forward by up to {worst:.4g} "
@@ -83,7 +83,9 @@ def check_start(policy: nn.Module, pairs: list, pad_token_id: int, chunk_tokens:
     was_training = policy.training
     policy.eval()
     try:
-        return check_engine_logps(lambda b: engine(b)["logps"], lambda b: model_token_logps(policy, b), batch, what)
+        worst = check_engine_logps(lambda b: engine(b)["logps"], lambda b: model_token_logps(policy, b), batch, what)
+        log.info("%s: the engine's log-probs match the model's own forward (largest difference %.2g)", what, worst)
+        return worst
     finally:
         policy.train(was_training)
 

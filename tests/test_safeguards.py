@@ -374,7 +374,6 @@ def test_validate_refuses_what_train_would_fail_on(tok, tmp_path, overrides, mes
 
 
 def test_validate_checks_paths_devices_weights_and_writability(tok, tmp_path, monkeypatch):
-    from prefopt.config import load_config
     from prefopt.preflight import preflight
     from prefopt.trainer import train
 

@@ -91,7 +91,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from prefopt.trainer import precompute_reference
 
-    for name, what in precompute_reference(_load(args)).items():
+    from prefopt.preflight import preflight
+
+    config = _load(args)
+    preflight(config)
+    for name, what in precompute_reference(config).items():
         print(f"reference cache ({name}): {what}")
     return 0
 

@@ -7,7 +7,7 @@ all positions of the padded batches they were in. The same embedding hook record
 the distinct ``input_ids`` shapes of every forward (policy and reference).
 
 Two short windows inside the untimed warm-up steps measure what would disturb the
-timing: host syncs per step (a dispatch mode, see :class:`HostReads`) and, where
+timing: host syncs per step (a dispatch mode, see :class:`SyncCounter`) and, where
 asked (always on CUDA), ``torch.profiler`` for the GPU-busy share and the top
 operators. Window transitions happen before a step's end is recorded, so their
 cost falls into untimed steps.
@@ -22,11 +22,9 @@ from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from prefopt.syncs import SYNC_OPS
+from prefopt.syncs import SyncCounter
 
-_to_copy = torch.ops.aten._to_copy.default
 
 
 def rss_bytes() -> int:
@@ -40,48 +38,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class HostReads(TorchDispatchMode):
-    """Counts host reads of tensor data (the ops of :data:`prefopt.syncs.SYNC_OPS`, copies to the host, ``tolist``).
-
-    ``device_only``: count only reads of non-CPU tensors (on CUDA, the ones that make the
-    host wait for the GPU). Without it (CPU runs) every read counts, data preparation included.
-    """
-
-    def __init__(self, device_only: bool) -> None:
-        super().__init__()
-        self.device_only = device_only
-        self.ops: Counter[str] = Counter()
-        self._tolist: Any = None
-
-    def _counts(self, tensors: Any) -> bool:
-        if not self.device_only:
-            return True
-        return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors)
-
-    def __enter__(self) -> "HostReads":
-        self._tolist = original = torch.Tensor.tolist
-        mode = self
-
-        def tolist(t: torch.Tensor) -> Any:  # reads memory without dispatching an op
-            if mode._counts([t]):
-                mode.ops["tolist"] += 1
-            with torch.utils._python_dispatch._disable_current_modes():
-                return original(t)
-
-        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in SYNC_OPS and self._counts(args):
-            self.ops[func.overloadpacket.__name__] += 1
-        elif func is _to_copy and kwargs and kwargs.get("device") is not None:
-            if args[0].device.type != "cpu" and torch.device(kwargs["device"]).type == "cpu":
-                self.ops["to_host"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
@@ -97,7 +53,7 @@ def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
 class Probe:
     """Records optimiser-step end times and, per policy forward, (time, non-pad tokens, positions).
 
-    ``sync_steps``: steps 2 to ``1 + sync_steps`` run under :class:`HostReads`;
+    ``sync_steps``: steps 2 to ``1 + sync_steps`` run under :class:`SyncCounter`;
     ``profile_steps``: the steps after them run under ``torch.profiler`` (0: none).
     """
 
@@ -110,7 +66,7 @@ class Probe:
         self.shapes: set[tuple[int, ...]] = set()
         self.sync_window = (1, 1 + sync_steps)  # (starts after step, ends after step)
         self.profile_window = (1 + sync_steps, 1 + sync_steps + profile_steps) if profile_steps else None
-        self.reads: HostReads | None = None
+        self.reads: SyncCounter | None = None
         self.sync_warnings: int | None = None
         self.profiler: Any = None
         self.profile_wall: float = 0.0
@@ -172,7 +128,7 @@ class Probe:
                 self._warned = self._caught.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode(1)
-            self.reads = HostReads(device_only=self.cuda).__enter__()
+            self.reads = SyncCounter(device_only=self.cuda).__enter__()
         if self.profile_window and done == self.profile_window[1] and self.profiler is not None:
             self.profile_wall += time.perf_counter()
             self.profiler.stop()

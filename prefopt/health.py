@@ -123,32 +123,26 @@ def weights_finite(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.float() for n in torch._foreach_norm(local, float("inf"))]).isfinite().all()
 
 
-def check_step(named: list[tuple[str, torch.Tensor]], step: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """After an applied optimiser step: stop if it made any weight non-finite (``reduce`` sums a count across processes)."""
+def _refuse_nonfinite(named: Iterable[tuple[str, torch.Tensor]], reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+                      what: str, consequence: str) -> None:
     bad = nonfinite_parameters(named)
     count = torch.tensor(float(len(bad)))
     if reduce is not None:
         count = reduce(count)
     if float(count) > 0:
         example = f", e.g. {bad[0]}" if bad else ""
-        raise TrainingError(
-            f"step {step} made the weights non-finite ({int(count)} tensors{example}) although its loss and gradient were finite; "
-            f"stopping without saving them (earlier checkpoints are intact). Lower trainer.lr or set trainer.max_grad_norm"
-        )
+        raise TrainingError(f"{what} ({int(count)} tensors{example}); {consequence} (earlier checkpoints are intact). "
+                            f"Lower trainer.lr or set trainer.max_grad_norm")
+
+
+def check_step(named: list[tuple[str, torch.Tensor]], step: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """After an applied optimiser step: stop if it made any weight non-finite (``reduce`` sums a count across processes)."""
+    _refuse_nonfinite(named, reduce, f"step {step} made the weights non-finite", "stopping without saving them")
 
 
 def check_final_weights(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Before the last checkpoint and the final model are written: refuse weights that are not finite."""
-    bad = nonfinite_parameters(model.named_parameters())
-    count = torch.tensor(float(len(bad)))
-    if reduce is not None:
-        count = reduce(count)
-    if float(count) > 0:
-        example = f", e.g. {bad[0]}" if bad else ""
-        raise TrainingError(
-            f"the trained weights are not finite ({int(count)} tensors{example}); the final model was not saved "
-            f"(earlier checkpoints are intact). Lower trainer.lr or set trainer.max_grad_norm"
-        )
+    _refuse_nonfinite(model.named_parameters(), reduce, "the trained weights are not finite", "the final model was not saved")
 
 
 def check_skipped(steps: int, skipped: int) -> None:

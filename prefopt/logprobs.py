@@ -46,6 +46,16 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
 
 
+def _head_grads(ctx, g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of hidden, weight and bias from the logits' gradient ``g`` (only those autograd asks for)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return gh, gw, gb
+
+
 class _ChunkLogps(torch.autograd.Function):
     """Log-probs of the targets under the LM head, for one chunk of positions.
 
@@ -73,10 +83,7 @@ class _ChunkLogps(torch.autograd.Function):
         g = _head_logits(h, w, bias, dtype).sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
         g.scatter_add_(-1, target.unsqueeze(-1), grad.unsqueeze(-1).to(g.dtype))
         g = g.to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gh, gw, gb = _head_grads(ctx, g, h, w, hidden, weight, bias)
         return gh, gw, gb, None
 
 
@@ -123,10 +130,7 @@ class _ChunkLogpsKL(torch.autograd.Function):
         del q
         g.scatter_add_(-1, target.unsqueeze(-1), grad_logp.unsqueeze(-1).to(g.dtype))
         g = g.to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gh, gw, gb = _head_grads(ctx, g, h, w, hidden, weight, bias)
         return gh, gw, gb, None, None, None, None
 
 
@@ -158,10 +162,7 @@ class _ChunkStats(torch.autograd.Function):
         g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(p).mul_(2 * grad_logsumsq.unsqueeze(-1)))
         del p, logp
         g = g.to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gh, gw, gb = _head_grads(ctx, g, h, w, hidden, weight, bias)
         return gh, gw, gb
 
 

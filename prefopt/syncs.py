@@ -27,12 +27,21 @@ SYNC_OPS = {
 
 
 class SyncCounter(TorchDispatchMode):
-    """``with SyncCounter() as c: ...`` then ``c.count`` (``c.ops`` says which); ``.tolist()`` counts once."""
+    """``with SyncCounter() as c: ...`` then ``c.count`` (``c.ops`` says which); ``.tolist()`` counts once.
 
-    def __init__(self) -> None:
+    ``device_only``: count only reads of non-CPU tensors (on CUDA, the ones that make the
+    host wait for the GPU). Without it every read counts, which is how a CPU run stands in
+    for a GPU one.
+    """
+
+    def __init__(self, device_only: bool = False) -> None:
         super().__init__()
+        self.device_only = device_only
         self.ops: Counter[str] = Counter()
         self._tolist: Any = None
+
+    def _counts(self, tensors: Any) -> bool:
+        return not self.device_only or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors)
 
     def __enter__(self) -> "SyncCounter":
         # tolist() reads a CPU tensor's memory without dispatching an op: count it here
@@ -40,7 +49,8 @@ class SyncCounter(TorchDispatchMode):
         counter = self
 
         def tolist(t: torch.Tensor) -> Any:
-            counter.ops["tolist"] += 1
+            if counter._counts([t]):
+                counter.ops["tolist"] += 1
             with torch.utils._python_dispatch._disable_current_modes():
                 return original(t)
 
@@ -56,7 +66,7 @@ class SyncCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in SYNC_OPS:
+        if func in SYNC_OPS and self._counts(args):
             self.ops[str(func.overloadpacket.__name__)] += 1
         if func is _aten._to_copy.default and kwargs and kwargs.get("device") is not None:
             src = args[0].device

@@ -38,8 +38,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-
-
 def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
     """Share of ``wall`` covered by the union of ``(start, end)`` intervals (same unit)."""
     covered, end = 0.0, float("-inf")

@@ -79,7 +79,7 @@ def choose_kernel(requested: str, device: torch.device, packing: bool, precision
     if requested == "sdpa" or not has_varlen or precision == "fp32":
         why = ("set by trainer.attention" if requested == "sdpa" else f"no variable-length kernel on {torch.device(device).type}"
                if not has_varlen else "FlashAttention needs bf16 or fp16; trainer.precision is fp32")
-        return "sdpa", f"packed rows, one scaled_dot_product_attention call per sequence ({why})"
+        return "sdpa", f"packed rows, one scaled_dot_product_attention call per sequence; {why}"
     return "varlen", "packed rows, one variable-length FlashAttention call per layer (no padding, no per-length plans)"
 
 

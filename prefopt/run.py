@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from prefopt import reference as ref
 from prefopt.batching import collate
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
+from prefopt.distributed import accelerator_options, check_launch
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
@@ -53,11 +53,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # accelerate keeps its state per process and refuses a second Accelerator with another
     # precision; forget it so train() can run again in one process (the process group stays).
     AcceleratorState._reset_state()
-    # Started as one of several processes (torchrun) on a machine without CUDA: accelerate
-    # joins them only when told to use the CPU; otherwise each would train alone.
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    check_launch()
     return Accelerator(
-        cpu=several and not torch.cuda.is_available(),
+        **accelerator_options(),
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         log_with=trackers or None,
         project_dir=config.trainer.output_dir,
@@ -73,7 +71,12 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
     cached = ref.load_cache(path, key, len(pairs), parts)
-    if cached is not None:
+    # Every process must take the same branch (computing is collective): on machines that do
+    # not share the cache directory, one that lacks the file makes all of them compute it.
+    missing = cached is None
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
+    if not missing:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
     module = PreferenceModel(ref_model, chunk_tokens=run_cfg.trainer.logprob_chunk_tokens).to(accelerator.device).eval()
@@ -88,9 +91,10 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
 
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process)
     values = accelerator.reduce(torch.nan_to_num(local, nan=0.0).to(accelerator.device), "sum").cpu()
-    if accelerator.is_main_process:
+    if accelerator.is_local_main_process:  # one writer per machine (atomic, so a shared directory is safe)
         ref.save_cache(path, key, values, parts)
-        log.info("reference cache (%s): wrote %s", name, path)
+        if accelerator.is_main_process:
+            log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()
     return values
 

@@ -54,12 +54,15 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # precision; forget it so train() can run again in one process (the process group stays).
     AcceleratorState._reset_state()
     check_launch()
-    return Accelerator(
+    accelerator = Accelerator(
         **accelerator_options(),
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         log_with=trackers or None,
         project_dir=config.trainer.output_dir,
     )
+    if accelerator.num_processes > 1:
+        log.info("%d processes (%s on %s)", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device.type)
+    return accelerator
 
 
 def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str, weights_fp: str) -> torch.Tensor:

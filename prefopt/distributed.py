@@ -42,13 +42,26 @@ def local_world_size() -> int:
 
 def use_cpu() -> bool:
     """Train on CPU: asked for (``accelerate launch --cpu``), or no CUDA device is visible."""
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return _flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def check_launch() -> None:
     """Refuse launches that would otherwise train wrongly or crash on one rank, with a message saying what to do."""
     several = world_size() > 1
-    if not several and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR"):
+    if _flag("ACCELERATE_USE_FSDP"):
+        # accelerate shards only on accelerators: on CPU it quietly trains with DDP instead, and
+        # prefopt's checkpoints and final save gather unsharded weights only.
+        raise ConfigError(
+            "FSDP (an accelerate config with distributed_type: FSDP) is not supported by this version of prefopt: "
+            "its checkpoints and final model are written from unsharded weights, and on CPU accelerate would train "
+            "with DDP instead. Use DDP (examples/accelerate/ddp.yaml), or a cached reference "
+            "(reference.mode: cache), which holds no reference weights during training."
+        )
+    if not several and _flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR"):
         # `accelerate launch --cpu --num_processes N` (N > 1) without --mpirun_hostfile starts a single
         # process and gives it a rendezvous address but no rank: it would train alone and say nothing.
         raise ConfigError(

@@ -13,7 +13,8 @@ from prefopt import distributed
 from prefopt.errors import ConfigError
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
-                "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "ACCELERATE_USE_FSDP")
 
 
 @pytest.fixture
@@ -100,3 +101,10 @@ def test_accelerate_launch_multi_gpu_on_cpu_trains_two_processes_together(tmp_pa
     assert proc.stdout.count("held-out pairs") == 1 and proc.stdout.count("saved to") == 1, proc.stdout
     rows = read_metrics(raw["trainer"]["output_dir"])
     assert [r["step"] for r in rows] == [1, 2]  # one writer
+
+
+def test_fsdp_launch_is_refused_rather_than_trained_as_ddp(env):
+    env.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="FSDP .* not supported"):
+        distributed.check_launch()

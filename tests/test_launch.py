@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from dist_helpers import cpu_env, free_port, launch
+from dist_helpers import ROOT, cpu_env, free_port, launch
 from engine_helpers import make_config, read_metrics, write_assets
 from prefopt import distributed
 from prefopt.errors import ConfigError
@@ -90,12 +90,14 @@ def test_accelerate_launch_cpu_with_several_processes_refuses_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_multi_gpu_on_cpu_trains_two_processes_together(tmp_path):
+def test_accelerate_launch_with_the_ddp_config_on_cpu_trains_two_processes_together(tmp_path):
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
     raw = make_config(assets, tmp_path / "out", batch_size=2, max_steps=2, group_by_length=False, data__eval=assets["eval"])
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = launch(_accelerate("--multi_gpu", "--num_processes", "2", "-m", "prefopt", "train", str(config)), cpu_env(), timeout=180)
+    # the shipped DDP config, with as many processes as this test can afford; no CUDA device is visible
+    ddp = str(ROOT / "examples" / "accelerate" / "ddp.yaml")
+    proc = launch(_accelerate("--config_file", ddp, "--num_processes", "2", "-m", "prefopt", "train", str(config)), cpu_env(), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count("[prefopt] 2 processes (MULTI_CPU on cpu)") == 1
     assert proc.stdout.count("held-out pairs") == 1 and proc.stdout.count("saved to") == 1, proc.stdout

@@ -1,12 +1,15 @@
 """How this process was launched (torchrun, accelerate launch, plain python) and the Accelerator options that follow."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 
 from prefopt.errors import ConfigError
+
+log = logging.getLogger("prefopt")
 
 # Variables a launcher sets for each of several processes: torch.distributed.run / accelerate, and MPI.
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -88,3 +91,13 @@ def accelerator_options() -> dict[str, Any]:
         # prepared scheduler once per process per step (N times too fast under N processes)
         "step_scheduler_with_optimizer": False,
     }
+
+
+def describe(accelerator: Any) -> None:
+    """Log how many processes train together and on what; warn that DeepSpeed is passed through untested."""
+    kind = accelerator.distributed_type.value
+    if accelerator.num_processes > 1:
+        log.info("%d processes (%s on %s)", accelerator.num_processes, kind, accelerator.device.type)
+    if kind == "DEEPSPEED":
+        log.warning("DeepSpeed is passed through to accelerate untested: prefopt's gradient clipping, "
+                    "checkpoints and final save assume DDP; check the run's results")

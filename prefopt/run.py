@@ -15,7 +15,7 @@ from prefopt import reference as ref
 from prefopt.batching import collate
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
-from prefopt.distributed import accelerator_options, check_launch
+from prefopt.distributed import accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
@@ -60,8 +60,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         log_with=trackers or None,
         project_dir=config.trainer.output_dir,
     )
-    if accelerator.num_processes > 1:
-        log.info("%d processes (%s on %s)", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device.type)
+    describe(accelerator)
     return accelerator
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,18 +54,26 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
+def fsdp_requested() -> bool:
+    """An accelerate config with ``distributed_type: FSDP`` launched this process."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def _check_fsdp_options() -> None:
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    if version != "2":
+        raise ConfigError(f"FSDP: fsdp_version {version} in the accelerate config; prefopt shards with FSDP2 only (set fsdp_config.fsdp_version: 2)")
+    for name, why in (("FSDP_OFFLOAD_PARAMS", "CPU offload is not supported"),
+                      ("FSDP_ACTIVATION_CHECKPOINTING", "use trainer.gradient_checkpointing instead")):
+        if _flag(name):
+            raise ConfigError(f"FSDP: {name.lower()} is set in the accelerate config; {why}")
+
+
 def check_launch() -> None:
     """Refuse launches that would otherwise train wrongly or crash on one rank, with a message saying what to do."""
     several = world_size() > 1
-    if _flag("ACCELERATE_USE_FSDP"):
-        # accelerate shards only on accelerators: on CPU it quietly trains with DDP instead, and
-        # prefopt's checkpoints and final save gather unsharded weights only.
-        raise ConfigError(
-            "FSDP (an accelerate config with distributed_type: FSDP) is not supported by this version of prefopt: "
-            "its checkpoints and final model are written from unsharded weights, and on CPU accelerate would train "
-            "with DDP instead. Use DDP (examples/accelerate/ddp.yaml), or a cached reference "
-            "(reference.mode: cache), which holds no reference weights during training."
-        )
+    if fsdp_requested():
+        _check_fsdp_options()
     if not several and _flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR"):
         # `accelerate launch --cpu --num_processes N` (N > 1) without --mpirun_hostfile starts a single
         # process and gives it a rendezvous address but no rank: it would train alone and say nothing.
@@ -95,9 +105,74 @@ def accelerator_options() -> dict[str, Any]:
 
 def describe(accelerator: Any) -> None:
     """Log how many processes train together and on what; warn that DeepSpeed is passed through untested."""
-    kind = accelerator.distributed_type.value
+    kind = "FSDP2" if sharded(accelerator) else accelerator.distributed_type.value
     if accelerator.num_processes > 1:
         log.info("%d processes (%s on %s)", accelerator.num_processes, kind, accelerator.device.type)
     if kind == "DEEPSPEED":
         log.warning("DeepSpeed is passed through to accelerate untested: prefopt's gradient clipping, "
                     "checkpoints and final save assume DDP; check the run's results")
+
+
+@contextmanager
+def accelerate_without_fsdp() -> Iterator[None]:
+    """Hide an FSDP launch from accelerate while it builds its state: prefopt shards the model itself
+    (:func:`shard`), the same way on CPU (where accelerate would silently fall back to DDP) and on GPUs."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def sharded(accelerator: Any) -> bool:
+    """This run shards its model with FSDP2."""
+    return fsdp_requested() and accelerator.num_processes > 1
+
+
+def _check_eval_balanced(n_eval: int, batch_size: int, world: int) -> None:
+    # every process must run as many forwards as the others: each one gathers shards from all
+    if n_eval < world:
+        return  # evaluation is skipped on every process
+    batches = {-(-len(range(r, n_eval, world)) // batch_size) for r in range(world)}
+    if len(batches) > 1:
+        raise ConfigError(f"FSDP: the {n_eval} held-out pairs give some processes more eval batches than others "
+                          f"(batch_size {batch_size} x {world} processes); use a multiple of {batch_size * world} held-out pairs")
+
+
+def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """Shard a :class:`prefopt.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
+    and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if getattr(model.policy, "peft_config", None) is not None:
+        raise ConfigError("FSDP with model.lora is not supported; LoRA needs little memory: train it with DDP")
+    model.to(accelerator.device)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() not in ("0", "false", "no")
+    for sub in (model.policy, model.reference):
+        if sub is None:
+            continue
+        names = set(getattr(sub, "_no_split_modules", None) or [])
+        layers = [m for m in sub.modules() if type(m).__name__ in names]
+        if not layers:
+            raise ConfigError(f"FSDP: cannot find the decoder layers of {type(sub).__name__} (no _no_split_modules)")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    return model
+
+
+def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> tuple[torch.nn.Module, Any, list[torch.nn.Parameter]]:
+    """The run's model and optimiser ready to train (DDP through accelerate, or sharded with FSDP2),
+    and the trainable parameters to clip."""
+    accelerator = run.accelerator
+    if not sharded(accelerator):
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        model, optimizer = accelerator.prepare(run.model, make_optimizer(params))
+        return model, optimizer, params
+    _check_eval_balanced(len(run.eval_pairs), run.config.trainer.batch_size, accelerator.num_processes)
+    model = shard(run.model, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects
+    return model, accelerator.prepare(make_optimizer(params)), params

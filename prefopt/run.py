@@ -15,7 +15,7 @@ from prefopt import reference as ref
 from prefopt.batching import collate
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
-from prefopt.distributed import accelerator_options, check_launch, describe
+from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
@@ -54,12 +54,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # precision; forget it so train() can run again in one process (the process group stays).
     AcceleratorState._reset_state()
     check_launch()
-    accelerator = Accelerator(
-        **accelerator_options(),
-        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-        log_with=trackers or None,
-        project_dir=config.trainer.output_dir,
-    )
+    with accelerate_without_fsdp():
+        accelerator = Accelerator(
+            **accelerator_options(),
+            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+            log_with=trackers or None,
+            project_dir=config.trainer.output_dir,
+        )
     describe(accelerator)
     return accelerator
 

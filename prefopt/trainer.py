@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
+from prefopt import distributed
 from prefopt.batching import batch_order, collate, pair_length, padding_fraction
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
@@ -39,9 +40,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     accelerator.wait_for_everyone()
     run = setup(config, accelerator)
     tc = config.trainer
-    model = run.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    model, optimizer, params = distributed.prepare(
+        run, lambda ps: torch.optim.AdamW(ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay))
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = [pair_length(p) for p in run.train_pairs]
     micro_per_epoch = len(batch_order(lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
@@ -49,7 +49,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ckpt_root = out / "checkpoints"
     state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
@@ -92,8 +91,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         return epoch_cache[epoch][j]
 
     def save(step: int) -> None:
+        gathered = ckpt.gather(unwrapped, optimizer)  # every process, under FSDP
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, "config": current}, tc.keep_checkpoints)
+            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, "config": current}, tc.keep_checkpoints, gathered)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=state["step"], desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -168,8 +168,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         summary["after"] = evaluate(run, model)
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})
+        policy_state = ckpt.full_state(unwrapped.policy)  # every process, under FSDP; None otherwise
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).policy.save_pretrained(out, safe_serialization=True)
+            unwrapped.policy.save_pretrained(out, safe_serialization=True, state_dict=policy_state)
             run.tokenizer.save_pretrained(out)
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()

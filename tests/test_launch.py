@@ -105,8 +105,25 @@ def test_accelerate_launch_with_the_ddp_config_on_cpu_trains_two_processes_toget
     assert [r["step"] for r in rows] == [1, 2]  # one writer
 
 
-def test_fsdp_launch_is_refused_rather_than_trained_as_ddp(env):
+def test_fsdp_options_prefopt_cannot_honour_are_refused(env):
     env.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
     env.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="FSDP .* not supported"):
+    with pytest.raises(ConfigError, match="fsdp_version 1 .* FSDP2 only"):
+        distributed.check_launch()  # accelerate's default version
+    env.setenv("FSDP_VERSION", "2")
+    distributed.check_launch()
+    env.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params .* not supported"):
         distributed.check_launch()
+    env.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing"):
+        distributed.check_launch()
+
+
+def test_fsdp_refuses_held_out_data_that_would_give_processes_unequal_eval_batches():
+    distributed._check_eval_balanced(8, 2, 2)  # 4 pairs each: 2 batches each
+    distributed._check_eval_balanced(7, 2, 2)  # 4 and 3 pairs: 2 batches each
+    distributed._check_eval_balanced(1, 2, 2)  # fewer pairs than processes: no process evaluates
+    with pytest.raises(ConfigError, match="9 held-out pairs .* use a multiple of 4 held-out pairs"):
+        distributed._check_eval_balanced(9, 2, 2)  # 5 and 4 pairs: 3 batches and 2

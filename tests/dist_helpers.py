@@ -34,13 +34,33 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "prefopt", *args]
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of its own,
+    so killing the launcher's process group alone would leave the workers running."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in children:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def launch(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group, so a timeout kills the workers too, not only the launcher."""
+    """Run ``cmd`` in its own process group; on timeout the launcher and all its workers are killed."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -148,7 +148,7 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
 
     if getattr(model.policy, "peft_config", None) is not None:
         raise ConfigError("FSDP with model.lora is not supported; LoRA needs little memory: train it with DDP")
-    model.to(accelerator.device)
+    # no model.to(device) first: fully_shard moves each shard (not the whole model) to the mesh's device
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() not in ("0", "false", "no")
     for sub in (model.policy, model.reference):

@@ -123,6 +123,7 @@ def measure_run(config_path: str) -> dict[str, Any]:
     optimiser step on its trainable weights, and return this process's measured and estimated model-state bytes."""
     import gc
 
+    from prefopt import distributed
     from prefopt.config import load_config
     from prefopt.run import make_accelerator, setup
 
@@ -132,15 +133,15 @@ def measure_run(config_path: str) -> dict[str, Any]:
     accelerator = make_accelerator(config)
     run = setup(config, accelerator)
     n_params = sum(p.numel() for p in run.model.policy.parameters())
-    optimizer = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=config.trainer.lr)
-    model, optimizer = accelerator.prepare(run.model, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    accelerator.backward(sum((p.float() ** 2).sum() for p in trainable))  # every gradient, no activations to speak of
+    model, optimizer, trainable = distributed.prepare(run, lambda ps: torch.optim.AdamW(ps, lr=config.trainer.lr))
+    # every gradient, without activations to speak of (a sharded model's forward would gather its shards)
+    accelerator.backward(sum((p.float() ** 2).sum() for p in trainable))
     optimizer.step()
     gc.collect()
     measured = measure(model, optimizer)
-    est = estimate(n_params, processes=accelerator.num_processes, sharded=False, live_reference=run.mode == "live")
+    est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator), live_reference=run.mode == "live")
     result = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "reference": run.mode,
+              "sharded": distributed.sharded(accelerator),
               "parameters": n_params, "measured": measured, "estimate": est.__dict__ | {"total": est.total},
               "rss_growth": _rss() - rss_before}
     accelerator.wait_for_everyone()
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes < 1:
         parser.error("--processes must be at least 1")
     if args.measure:
-        print(json.dumps(measure_run(args.measure)), flush=True)
+        import sys
+
+        sys.stdout.write(json.dumps(measure_run(args.measure)) + "\n")  # one write: processes share the pipe
+        sys.stdout.flush()
         return 0
     print(table(args.processes))
     return 0

@@ -53,14 +53,18 @@ def test_one_process_holds_what_the_estimate_says(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_each_of_two_ddp_processes_holds_what_the_estimate_says(tmp_path):
+def test_two_fsdp_processes_each_hold_half_of_every_state_reference_included(tmp_path):
     paths = _configs(tmp_path)
+    whole = memory.measure_run(paths["live"])["measured"]
     cmd = torchrun(2, "--measure", paths["live"])
     cmd[cmd.index("prefopt")] = "prefopt.memory"
-    proc = launch(cmd, cpu_env(), timeout=180)
+    proc = launch(cmd, cpu_env(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2"), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
-        assert r["processes"] == 2 and r["estimate"]["buckets"] == r["estimate"]["weights"]
-        _check(r)
+        assert r["sharded"] and r["processes"] == 2 and r["estimate"]["buckets"] == 0
+        for key in ("weights", "gradients", "optimizer", "reference"):
+            # each shard is half of every tensor, rounded up to whole rows
+            assert r["measured"][key] == pytest.approx(whole[key] / 2, rel=0.02), key
+            assert r["measured"][key] == pytest.approx(r["estimate"][key], rel=0.02), key

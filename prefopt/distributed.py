@@ -1,4 +1,5 @@
-"""How this process was launched (torchrun, accelerate launch, plain python) and the Accelerator options that follow."""
+"""Several processes: how this one was launched (torchrun, accelerate launch, plain python), the launches
+refused, the Accelerator options that follow, and how the model is spread over processes (DDP or FSDP2)."""
 from __future__ import annotations
 
 import logging
@@ -110,7 +111,7 @@ def describe(accelerator: Any) -> None:
         log.info("%d processes (%s on %s)", accelerator.num_processes, kind, accelerator.device.type)
     if kind == "DEEPSPEED":
         log.warning("DeepSpeed is passed through to accelerate untested: prefopt's gradient clipping, "
-                    "checkpoints and final save assume DDP; check the run's results")
+                    "checkpoints and final save assume DDP or FSDP; check the run's results")
 
 
 @contextmanager
@@ -169,9 +170,13 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
     and the trainable parameters to clip."""
     accelerator = run.accelerator
     if not sharded(accelerator):
+        if fsdp_requested():
+            log.info("FSDP with one process: nothing to shard; training unsharded")
         params = [p for p in run.model.parameters() if p.requires_grad]
         model, optimizer = accelerator.prepare(run.model, make_optimizer(params))
         return model, optimizer, params
+    if run.config.trainer.precision == "fp16":
+        raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
     _check_eval_balanced(len(run.eval_pairs), run.config.trainer.batch_size, accelerator.num_processes)
     model = shard(run.model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects

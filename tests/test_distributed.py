@@ -71,3 +71,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert stderr.count("reference cache (train): wrote") == 1
     # the before/after table and the "saved" line come from the main process only
     assert stdout.count("held-out pairs") == 1 and stdout.count("saved to") == 1, stdout
+
+
+SCRIPT = """
+import os, sys, torch
+from prefopt.config import load_config
+from prefopt.run import setup
+run = setup(load_config(sys.argv[1] + f"/cfg-{os.environ['RANK']}.yaml", []))
+torch.save(run.caches["train"], sys.argv[1] + f"/values-{os.environ['RANK']}.pt")
+run.accelerator.end_training()
+"""
+
+
+def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
+    # machines with their own cache directories: the first has the file, the second not. Reusing it
+    # on one and computing it (a collective) on the other would hang; all of them must compute it.
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
+    for rank in (0, 1):
+        raw = make_config(assets, tmp_path / f"node{rank}", batch_size=2, reference__mode="cache")
+        (tmp_path / f"cfg-{rank}.yaml").write_text(yaml.safe_dump(raw))
+    from prefopt.trainer import precompute_reference
+
+    precompute_reference(validate(yaml.safe_load((tmp_path / "cfg-0.yaml").read_text())))
+    (seeded,) = _cache(tmp_path / "node0").values()
+    (tmp_path / "run.py").write_text(SCRIPT)
+    cmd = torchrun(2, "x")
+    cmd[cmd.index("prefopt") - 1:] = [str(tmp_path / "run.py"), str(tmp_path)]  # the script instead of -m prefopt
+    proc = launch(cmd, cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reference log-probs: 100%" in proc.stderr  # the first process, which had the file, computed too
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"values-{rank}.pt"), seeded, atol=1e-5, rtol=1e-5)

@@ -124,6 +124,9 @@ def accelerate_without_fsdp() -> Iterator[None]:
     finally:
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved
+            # Every process loads the whole model: transformers' "CPU-RAM-efficient loading" would leave
+            # it empty outside the first process and count on FSDP to broadcast weights, which prefopt does not.
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def sharded(accelerator: Any) -> bool:

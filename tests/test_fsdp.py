@@ -29,6 +29,15 @@ def _fsdp(config: Path, *args: str) -> list[str]:
             "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", "train", str(config), *args]
 
 
+def _pretrained(config: dict, path: Path) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(config)
+    torch.manual_seed(123)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(params.pop("model_type"), **params)).save_pretrained(path)
+    return str(path)
+
+
 def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
     assets = write_assets(tmp_path / "assets", n_train=64, n_eval=8)
     # a live reference, so the frozen copy is sharded too; warm-up, cosine decay, two micro-batches per step
@@ -36,6 +45,10 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
                   data__eval=assets["eval"], reference__mode="live")
     single = make_config(assets, tmp_path / "single", batch_size=4, **common)
     fsdp = make_config(assets, tmp_path / "fsdp", batch_size=2, **common)  # 2 per process x 2 processes
+    # pretrained weights, loaded with from_pretrained in every process (as a real model would be)
+    pretrained = _pretrained(single["model"]["config"], tmp_path / "pretrained")
+    for raw in (single, fsdp):
+        raw["model"] = {"name_or_path": pretrained, "tokenizer": assets["tokenizer"]}
     config = tmp_path / "fsdp.yaml"
     config.write_text(yaml.safe_dump(fsdp))
     out = Path(fsdp["trainer"]["output_dir"])

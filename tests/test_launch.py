@@ -1,6 +1,7 @@
 """Launchers: what each one starts, and the launches prefopt refuses instead of training wrongly."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ from prefopt.errors import ConfigError
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
                 "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                "ACCELERATE_USE_FSDP")
+                "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
 
 
 @pytest.fixture
@@ -127,3 +128,12 @@ def test_fsdp_refuses_held_out_data_that_would_give_processes_unequal_eval_batch
     distributed._check_eval_balanced(1, 2, 2)  # fewer pairs than processes: no process evaluates
     with pytest.raises(ConfigError, match="9 held-out pairs .* use a multiple of 4 held-out pairs"):
         distributed._check_eval_balanced(9, 2, 2)  # 5 and 4 pairs: 3 batches and 2
+
+
+def test_accelerate_builds_its_state_without_fsdp_and_every_process_loads_the_whole_model(env):
+    env.setenv("ACCELERATE_USE_FSDP", "true")
+    env.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # accelerate's default for an FSDP config
+    with distributed.accelerate_without_fsdp():
+        assert "ACCELERATE_USE_FSDP" not in os.environ  # accelerate would fall back to DDP on CPU
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true" and distributed.fsdp_requested()
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"

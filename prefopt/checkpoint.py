@@ -27,8 +27,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """The model's parameters are FSDP2 shards (DTensors): its state must be gathered by every process."""
-    from torch.distributed.tensor import DTensor
-
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no FSDP2 either
+        return False
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 

@@ -147,8 +147,11 @@ def _check_eval_balanced(n_eval: int, batch_size: int, world: int) -> None:
 def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """Shard a :class:`prefopt.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
     and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"FSDP: needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}") from None
 
     if getattr(model.policy, "peft_config", None) is not None:
         raise ConfigError("FSDP with model.lora is not supported; LoRA needs little memory: train it with DDP")

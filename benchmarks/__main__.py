@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --gpu]``: prefopt and TRL's DPOTrainer side by side.
+"""``python -m benchmarks [--quick | --gpu | --gpu-llama]``: prefopt and TRL's DPOTrainer side by side.
 
 Every measured run is a fresh process (so peak memory is per run), prefopt and
 TRL runs alternate, and both get the same model config, data, tokenizer, batch
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks import fixtures, report
-from benchmarks.scenarios import PROFILES, RunSpec, training_runs, vocab_runs
+from benchmarks.scenarios import PROFILES, WINDOWS, RunSpec, training_runs, vocab_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,12 +27,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small models, two CPU cores, a few minutes")
-    mode.add_argument("--gpu", action="store_true", help="Qwen2-0.5B shape in bf16 on the CUDA device, with MFU")
+    mode.add_argument("--gpu", action="store_true", help="Qwen2-0.5B shape in bf16 on the CUDA device, with MFU; TRL also with Liger")
+    mode.add_argument("--gpu-llama", action="store_true", help="the same with the Llama-3.2-1B shape (vocabulary 128,256)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
     p.add_argument("--only", nargs="*", metavar="SCENARIO", help="run only these scenarios (1 2 3 4 5)")
     p.add_argument("--steps", type=int, help="override the profile's number of optimiser steps")
     p.add_argument("--repeats", type=int, help="override how many times each training run is repeated")
     p.add_argument("--threads", type=int, help="intra-op threads per run (CPU profiles default to 1: stable on a shared machine)")
+    p.add_argument("--batch-size", type=int, help="override the profile's pairs per step")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler's top operators by CPU and CUDA time to OUT/profiles/")
+    p.add_argument("--liger", action=argparse.BooleanOptionalAction, help="also run TRL with use_liger_kernel=True (default: on the GPU profiles)")
+    p.add_argument("--prefopt-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override prefopt's run config, e.g. trainer.compile=true (repeatable; measuring an option against TRL)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (data, tokenizer, run outputs)")
     return p.parse_args(argv)
 
@@ -56,7 +62,8 @@ def _prepare(workdir: Path, profile: dict) -> dict:
 
 
 def _spec(run: RunSpec, i: int, profile: dict, shared: dict, workdir: Path) -> dict:
-    common = {"side": run.side, "device": profile["device"], "threads": profile["threads"], "run_id": i, "workdir": str(workdir)}
+    common = {"side": run.side, "device": profile["device"], "threads": profile["threads"], "run_id": i, "workdir": str(workdir),
+              "scenario": run.scenario, "label": run.label, **WINDOWS[profile["device"]], "profile_dir": profile.get("profile_dir")}
     if run.side == "logits":
         return {**common, **run.settings, "batch": profile["vocab_batch"], "hidden_size": profile["vocab_hidden"],
                 "seq_len": profile["vocab_seq"], "chunk_tokens": 512}
@@ -66,7 +73,8 @@ def _spec(run: RunSpec, i: int, profile: dict, shared: dict, workdir: Path) -> d
         "data": shared["data"][run.settings["data"]], "reference": run.settings["reference"],
         "loss": run.settings.get("loss", "dpo"), "beta": 0.1, "seed": 0, "lr": profile["lr"],
         "batch_size": profile["batch_size"], "max_length": profile["max_length"], "steps": profile["steps"],
-        "warmup": profile["warmup"], "precision": profile["precision"], "optim": "adamw_torch",
+        "warmup": profile["warmup"], "precision": profile["precision"], "optim": "adamw_torch", "liger": run.settings.get("liger", False),
+        "prefopt_overrides": profile.get("prefopt_overrides", []),
     }
 
 
@@ -109,9 +117,25 @@ def _device_info(profile: dict) -> dict:
     return info
 
 
+def _liger_side(profile: dict, wanted: bool | None, notes: list[str]) -> bool:
+    """Whether TRL also runs with ``use_liger_kernel=True``; when it cannot, a note says why."""
+    if not (profile.get("liger", False) if wanted is None else wanted):
+        return False
+    import importlib.util
+
+    import torch
+
+    why = ("liger-kernel is not installed (pip install liger-kernel)" if importlib.util.find_spec("liger_kernel") is None
+           else "Liger's Triton kernels need a CUDA device" if not (profile["device"] == "cuda" and torch.cuda.is_available()) else None)
+    if why:
+        notes.append(f"TRL with use_liger_kernel=True: skipped, {why}.")
+        print(notes[-1], file=sys.stderr)
+    return why is None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    name = "gpu" if args.gpu else "quick" if args.quick else "full"
+    name = "gpu" if args.gpu else "gpu-llama" if args.gpu_llama else "quick" if args.quick else "full"
     profile = dict(PROFILES[name])
     if args.steps:
         profile["steps"] = args.steps
@@ -119,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         profile["repeats"] = args.repeats
     if args.threads:
         profile["threads"] = args.threads
+    if args.prefopt_set:
+        profile["prefopt_overrides"] = args.prefopt_set
+    if args.batch_size:
+        profile["batch_size"] = args.batch_size
+    out = Path(args.out)
+    if args.profile:
+        profile["profile_dir"] = str((out / "profiles").resolve())
     if profile["device"] == "cuda":
         import torch
 
@@ -126,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             print("--gpu needs a CUDA device; none is visible", file=sys.stderr)
             return 2
     only = set(args.only or ["1", "2", "3", "4", "5"])
-    runs = [r for r in training_runs(profile["repeats"]) if r.scenario[0] in only]
+    notes: list[str] = []
+    liger = _liger_side(profile, args.liger, notes)
+    runs = [r for r in training_runs(profile["repeats"], liger) if r.scenario[0] in only]
     runs += [r for r in vocab_runs(profile["vocab_sizes"]) if r.scenario[0] in only]
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     started = time.perf_counter()
@@ -145,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"working directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    doc = report.build(name, profile, shared["model_config"], _device_info(profile), results, time.perf_counter() - started, argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
+    doc = report.build(name, profile, shared["model_config"], _device_info(profile), results, time.perf_counter() - started,
+                       argv if argv is not None else sys.argv[1:], notes)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     (out / f"{name}.md").write_text(doc["markdown"])

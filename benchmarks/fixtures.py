@@ -66,8 +66,8 @@ def build_tokenizer(directory: Path, data: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(directory))
 
 
-# Model shapes. "tiny"/"small" are Llama-shaped for CPU runs; "qwen2-0.5b" is the Qwen2-0.5B
-# architecture (random weights, built from this config) for GPU runs.
+# Model shapes. "tiny"/"small" are Llama-shaped for CPU runs; "qwen2-0.5b" and "llama-3.2-1b"
+# are those architectures (random weights, built from these configs) for GPU runs.
 MODELS: dict[str, dict] = {
     "tiny": dict(
         model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -81,6 +81,12 @@ MODELS: dict[str, dict] = {
         model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, vocab_size=128256, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
     ),
 }
 

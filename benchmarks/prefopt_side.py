@@ -47,4 +47,7 @@ def run(spec: dict) -> None:
     from prefopt.trainer import train
 
     logging.getLogger("prefopt").setLevel(logging.WARNING)
-    train(validate(config_dict(spec), "benchmark"), overwrite=True)
+    from prefopt.config import apply_overrides
+
+    raw = apply_overrides(config_dict(spec), spec.get("prefopt_overrides") or [])
+    train(validate(raw, "benchmark"), overwrite=True)

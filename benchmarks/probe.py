@@ -3,15 +3,30 @@
 Step ends come from a global optimiser-step hook; processed tokens from the input
 embedding of every forward that builds a graph (the policy's), so prefopt and TRL
 are counted by one rule: non-pad tokens of the chosen and rejected sequences, and
-all positions of the padded batches they were in.
+all positions of the padded batches they were in. The same embedding hook records
+the distinct ``input_ids`` shapes of every forward (policy and reference).
+
+Two short windows inside the untimed warm-up steps measure what would disturb the
+timing: host syncs per step (a dispatch mode, see :class:`HostReads`) and, where
+asked (always on CUDA), ``torch.profiler`` for the GPU-busy share and the top
+operators. Window transitions happen before a step's end is recorded, so their
+cost falls into untimed steps.
 """
 from __future__ import annotations
 
 import resource
 import time
+import warnings
+from collections import Counter
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from prefopt.syncs import SYNC_OPS
+
+_to_copy = torch.ops.aten._to_copy.default
 
 
 def rss_bytes() -> int:
@@ -25,25 +40,100 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class Probe:
-    """Records optimiser-step end times and, per policy forward, (time, non-pad tokens, positions)."""
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor data (the ops of :data:`prefopt.syncs.SYNC_OPS`, copies to the host, ``tolist``).
 
-    def __init__(self, pad_id: int, cuda: bool) -> None:
+    ``device_only``: count only reads of non-CPU tensors (on CUDA, the ones that make the
+    host wait for the GPU). Without it (CPU runs) every read counts, data preparation included.
+    """
+
+    def __init__(self, device_only: bool) -> None:
+        super().__init__()
+        self.device_only = device_only
+        self.ops: Counter[str] = Counter()
+        self._tolist: Any = None
+
+    def _counts(self, tensors: Any) -> bool:
+        if not self.device_only:
+            return True
+        return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors)
+
+    def __enter__(self) -> "HostReads":
+        self._tolist = original = torch.Tensor.tolist
+        mode = self
+
+        def tolist(t: torch.Tensor) -> Any:  # reads memory without dispatching an op
+            if mode._counts([t]):
+                mode.ops["tolist"] += 1
+            with torch.utils._python_dispatch._disable_current_modes():
+                return original(t)
+
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in SYNC_OPS and self._counts(args):
+            self.ops[func.overloadpacket.__name__] += 1
+        elif func is _to_copy and kwargs and kwargs.get("device") is not None:
+            if args[0].device.type != "cpu" and torch.device(kwargs["device"]).type == "cpu":
+                self.ops["to_host"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
+    """Share of ``wall`` covered by the union of ``(start, end)`` intervals (same unit)."""
+    covered, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            covered += e - max(s, end)
+            end = e
+    return covered / wall if wall > 0 else 0.0
+
+
+class Probe:
+    """Records optimiser-step end times and, per policy forward, (time, non-pad tokens, positions).
+
+    ``sync_steps``: steps 2 to ``1 + sync_steps`` run under :class:`HostReads`;
+    ``profile_steps``: the steps after them run under ``torch.profiler`` (0: none).
+    """
+
+    def __init__(self, pad_id: int, cuda: bool, sync_steps: int = 1, profile_steps: int = 0) -> None:
         self.pad_id = pad_id
         self.cuda = cuda
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
-        self.forwards: list[tuple[float, int, int]] = []
+        self.forwards: list[tuple[float, torch.Tensor, int]] = []
+        self.shapes: set[tuple[int, ...]] = set()
+        self.sync_window = (1, 1 + sync_steps)  # (starts after step, ends after step)
+        self.profile_window = (1 + sync_steps, 1 + sync_steps + profile_steps) if profile_steps else None
+        self.reads: HostReads | None = None
+        self.sync_warnings: int | None = None
+        self.profiler: Any = None
+        self.profile_wall: float = 0.0
+        self._caught: Any = None
+        self._warned: list = []
         self._handle = None
         self._orig_embedding_forward = None
+
+    @property
+    def untimed_steps_needed(self) -> int:
+        """The warm-up (untimed steps before the timed window) the windows need."""
+        return (self.profile_window or self.sync_window)[1] - 1
 
     def install(self) -> "Probe":
         probe = self
         orig = torch.nn.Embedding.forward
 
         def forward(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and module.weight.requires_grad and ids.dim() == 2:
-                probe.forwards.append((time.perf_counter(), int((ids != probe.pad_id).sum()), ids.numel()))
+            if ids.dim() == 2:
+                probe.shapes.add(tuple(ids.shape))
+                if torch.is_grad_enabled() and module.weight.requires_grad:
+                    # kept on the device (read after training), so counting adds no host sync
+                    probe.forwards.append((time.perf_counter(), (ids != probe.pad_id).sum(), ids.numel()))
             return orig(module, ids)
 
         self._orig_embedding_forward = orig
@@ -51,11 +141,66 @@ class Probe:
         self._handle = register_optimizer_step_post_hook(self._on_step)
         return self
 
+    def uninstall(self) -> None:
+        """Undo :meth:`install` (the worker's process ends instead; tests call this)."""
+        if self._handle is not None:
+            self._handle.remove()
+            torch.nn.Embedding.forward = self._orig_embedding_forward  # type: ignore[method-assign]
+            self._handle = None
+
     def _on_step(self, *_: object) -> None:
         if self.cuda:
+            debug = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)  # the probe's own synchronise is not the engine's
             torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode(debug)
+        self._windows(len(self.step_ends) + 1)
         self.step_ends.append(time.perf_counter())
         self.step_cpu.append(time.process_time())
+
+    def _windows(self, done: int) -> None:
+        """Open and close the measurement windows after step ``done`` (1-based)."""
+        if done == self.sync_window[1] and self.reads is not None:
+            self.reads.__exit__(None, None, None)
+            if self.cuda:
+                torch.cuda.set_sync_debug_mode(0)
+                self._caught.__exit__(None, None, None)
+                self.sync_warnings = sum("synchroniz" in str(w.message) for w in self._warned)
+        if done == self.sync_window[0]:
+            if self.cuda:  # CUDA's own count, beside the dispatch-mode one
+                self._caught = warnings.catch_warnings(record=True)
+                self._warned = self._caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode(1)
+            self.reads = HostReads(device_only=self.cuda).__enter__()
+        if self.profile_window and done == self.profile_window[1] and self.profiler is not None:
+            self.profile_wall += time.perf_counter()
+            self.profiler.stop()
+        if self.profile_window and done == self.profile_window[0]:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.profiler = profile(activities=acts)
+            self.profiler.start()
+            self.profile_wall = -time.perf_counter()
+
+    def profile_report(self, rows: int = 30) -> dict:
+        """GPU-busy share of the profiled steps (None without CUDA kernels) and top-operator tables."""
+        if self.profiler is None:
+            return {"gpu_busy": None}
+        events = self.profiler.events()
+        kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        averages = self.profiler.key_averages()
+        out = {
+            "gpu_busy": busy_fraction(kernels, self.profile_wall * 1e6) if kernels else None,
+            "profiled_steps": self.profile_window[1] - self.profile_window[0],
+            "profiled_wall_s": self.profile_wall,
+            "kernel_s": sum(e - s for s, e in kernels) / 1e6,
+            "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+        }
+        if self.cuda:
+            out["top_cuda"] = averages.table(sort_by="self_device_time_total", row_limit=rows)
+        return out
 
     def summary(self, warmup: int) -> dict:
         """Timing over the steps after ``warmup``: step times, tokens and positions in that window."""
@@ -64,9 +209,10 @@ class Probe:
             raise RuntimeError(f"only {len(ends)} optimiser steps recorded; need more than warmup + 1 = {warmup + 1}")
         start, stop = ends[warmup], ends[-1]
         window = [f for f in self.forwards if start < f[0] <= stop]
-        tokens = sum(f[1] for f in window)
+        tokens = int(sum(int(f[1]) for f in window))
         positions = sum(f[2] for f in window)
         step_times = [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])]
+        sync_steps = self.sync_window[1] - self.sync_window[0]
         return {
             "steps": len(ends),
             "timed_steps": len(step_times),
@@ -77,4 +223,8 @@ class Probe:
             "positions": positions,
             "tokens_per_s": tokens / (stop - start),
             "pad_fraction": 1 - tokens / positions if positions else 0.0,
+            "input_shapes": len(self.shapes),
+            "host_syncs_per_step": sum(self.reads.ops.values()) / sync_steps if self.reads else None,
+            "host_sync_ops": dict(self.reads.ops) if self.reads else {},
+            "cuda_sync_warnings_per_step": self.sync_warnings / sync_steps if self.sync_warnings is not None else None,
         }

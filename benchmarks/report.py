@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 
-from benchmarks.scenarios import PEAK_BF16_FLOPS
+from benchmarks.scenarios import peak_flops
 
 MiB = 2**20
 SIDE_BY_SIDE = ("1-live-reference", "2-cached-reference", "4-long-tail")
@@ -35,23 +36,29 @@ def _aggregate(runs: list[dict]) -> dict | None:
         "pad_fraction": statistics.mean(r["pad_fraction"] for r in ok),
         "tokens_per_step": statistics.mean(r["tokens"] / r["timed_steps"] for r in ok),
         "memory_kind": ok[0]["memory_kind"],
+        "input_shapes": max(r.get("input_shapes", 0) for r in ok),
+        "host_syncs_per_step": _median([r.get("host_syncs_per_step") for r in ok]),
+        "cuda_sync_warnings_per_step": _median([r.get("cuda_sync_warnings_per_step") for r in ok]),
+        "gpu_busy": _median([r.get("gpu_busy") for r in ok]),
     }
 
 
-def _peak_flops(gpu: str | None) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
+def _median(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
-def build(name: str, profile: dict, model_config: dict, device: dict, results: list[dict], wall_s: float, argv: list[str]) -> dict:
+def build(name: str, profile: dict, model_config: dict, device: dict, results: list[dict], wall_s: float, argv: list[str],
+          notes: list[str] | None = None) -> dict:
     """The JSON document of a benchmark run, with its Markdown report and summary line."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["scenario"], r["label"])].append(r)
     agg = {f"{s} / {label}": _aggregate(rs) for (s, label), rs in groups.items() if s != "3-large-vocab"}
     params = _params(model_config)
-    peak = _peak_flops(device.get("gpu"))
+    peak = peak_flops(device.get("gpu"))
     for key, a in agg.items():
-        if a and peak:
+        if a and peak:  # 6N FLOPs per trained token, 2N more per token through a live reference
             live = "2-cached-reference" not in key
             a["mfu"] = (6 + 2 * live) * params * a["tokens_per_s"] / peak
 
@@ -69,6 +76,11 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
                 "peak_memory": p["peak_memory"] / t["peak_memory"],
                 "peak_above_imports": p["peak_above_imports"] / t["peak_above_imports"],
             }
+    liger: dict[str, dict] = {}
+    for s in SIDE_BY_SIDE:
+        p, t = get(s, "prefopt"), get(s, "TRL+Liger")
+        if p and t:
+            liger[s] = {"throughput": p["tokens_per_s"] / t["tokens_per_s"], "peak_memory": p["peak_memory"] / t["peak_memory"]}
     live, cached = get("1-live-reference", "prefopt"), get("2-cached-reference", "prefopt")
     cache_vs_live = cached["step_s"] / live["step_s"] if live and cached else None
     cache_vs_live_cpu = live["tokens_per_cpu_s"] / cached["tokens_per_cpu_s"] if live and cached else None
@@ -85,11 +97,62 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
         summary = "prefopt/TRL throughput ratio: n/a (scenario: none ran side by side)"
     doc = {
         "profile": name, "settings": profile, "model_config": model_config, "parameters": params, "device": device,
-        "command": "python -m benchmarks " + " ".join(argv), "wall_s": wall_s, "aggregates": agg, "ratios": ratios,
+        "command": "python -m benchmarks " + " ".join(argv), "wall_s": wall_s, "aggregates": agg, "ratios": ratios, "ratios_liger": liger, "notes": notes or [],
         "cached_vs_live_step": cache_vs_live, "cached_vs_live_cpu": cache_vs_live_cpu, "large_vocab": vocab, "runs": results, "summary": summary,
     }
+    for r in results:
+        if r["result"].get("compilations"):
+            c = r["result"]["compilations"]
+            doc["notes"].append(f"{r['scenario']} / {r['label']}: torch.compile compiled {c.get('graphs', 0)} graphs, "
+                                f"{c.get('recompiles', 0)} of them recompiles.")
+    if profile["device"] == "cuda":
+        doc["targets"] = _targets(agg, ratios, liger)
+        if not peak:
+            doc["notes"].append(f"MFU: n/a, {device.get('gpu')} is not in benchmarks.scenarios.PEAK_BF16_FLOPS.")
     doc["markdown"] = _markdown(doc, peak)
     return doc
+
+
+def _targets(agg: dict, ratios: dict, liger: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 10's GPU targets: (target, measured, met); met is None where a figure is missing."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def add(target: str, values: dict[str, float], ok: Callable[[float], bool], fmt: str = "{:.2f}") -> None:
+        shown = ", ".join(f"{fmt.format(v)} ({k.split('-')[0]})" for k, v in values.items()) or "not measured"
+        rows.append((target, shown, all(ok(v) for v in values.values()) if values else None))
+
+    add(">= 1.5x TRL as shipped", {s: r["throughput"] for s, r in ratios.items()}, lambda v: v >= 1.5)
+    add(">= 1.2x TRL with Liger", {s: r["throughput"] for s, r in liger.items()}, lambda v: v >= 1.2)
+    mfu = {s: agg[f"{s} / prefopt"].get("mfu") for s in SIDE_BY_SIDE if agg.get(f"{s} / prefopt")}
+    add("MFU >= 40% with a cached reference", {s: v for s, v in mfu.items() if v is not None and s.startswith("2")}, lambda v: v >= 0.40, "{:.1%}")
+    add("MFU >= 35% with a live reference", {s: v for s, v in mfu.items() if v is not None and not s.startswith("2")}, lambda v: v >= 0.35, "{:.1%}")
+    add("peak memory <= TRL's", {s: r["peak_memory"] for s, r in ratios.items()}, lambda v: v <= 1.0)
+    uni, tail = agg.get("1-live-reference / prefopt"), agg.get("4-long-tail / prefopt")
+    add("long-tail tokens/s within 20% of uniform", {"4/1": tail["tokens_per_s"] / uni["tokens_per_s"]} if uni and tail else {}, lambda v: v >= 0.8)
+    return rows
+
+
+def _per_run(doc: dict, peak: float | None) -> list[str]:
+    """One row per (scenario, side): the figures issue 10 asks for."""
+    mem = "CUDA MiB" if doc["settings"]["device"] == "cuda" else "RSS MiB"
+    lines = ["Per run: distinct `input_ids` shapes over the whole run (policy and reference forwards); host syncs per step "
+             "counted in warm-up steps " + ("(reads of CUDA tensors; in brackets CUDA's sync-debug warnings)" if doc["settings"]["device"] == "cuda"
+                                            else "(every host read of tensor data, CPU tensors included)")
+             + "; GPU busy: share of the wall time of profiled warm-up steps covered by CUDA kernels (under the profiler).", "",
+             f"| Scenario | side | tok/s | MFU | step ms | peak {mem} | padded | input shapes | host syncs / step | GPU busy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, a in doc["aggregates"].items():
+        if not a:
+            continue
+        sc, side = key.split(" / ", 1)
+        mfu = f"{a['mfu']:.1%}" if a.get("mfu") is not None else "n/a"
+        syncs = "n/a" if a["host_syncs_per_step"] is None else f"{a['host_syncs_per_step']:.1f}"
+        if a.get("cuda_sync_warnings_per_step") is not None:
+            syncs += f" ({a['cuda_sync_warnings_per_step']:.1f})"
+        busy = "n/a" if a["gpu_busy"] is None else f"{a['gpu_busy']:.0%}"
+        lines.append(f"| {sc} | {side} | {a['tokens_per_s']:,.0f} | {mfu} | {a['step_s'] * 1e3:.1f} | {_mib(a['peak_memory'])} | "
+                     f"{a['pad_fraction']:.1%} | {a['input_shapes']} | {syncs} | {busy} |")
+    return lines + [""]
 
 
 def _mib(x: float) -> str:
@@ -106,7 +169,8 @@ def _markdown(doc: dict, peak: float | None) -> str:
         f"Model: {doc['model_config']['model_type']} shape, {doc['parameters'] / 1e6:.1f}M parameters, built from a config; "
         f"{s['precision']}, batch {s['batch_size']} pairs, max length {s['max_length']}, AdamW (torch, lr {s['lr']}), "
         f"{s['steps']} steps of which the first {s['warmup']} are warm-up and not timed; each run repeated {s['repeats']}x. "
-        f"Total wall time {doc['wall_s']:.0f} s.",
+        f"Total wall time {doc['wall_s']:.0f} s."
+        + (f" prefopt config overrides: `{' '.join(s['prefopt_overrides'])}`." if s.get("prefopt_overrides") else ""),
         "",
         f"Tokens/s counts all processed tokens: non-pad tokens of the chosen and rejected sequences (prompt + completion), "
         f"the same rule for both. Memory: {mem} of the run's own process"
@@ -135,8 +199,20 @@ def _markdown(doc: dict, peak: float | None) -> str:
             row += f" {p['mfu']:.1%} | {t['mfu']:.1%} |"
         row += f" {p['pad_fraction']:.1%} / {t['pad_fraction']:.1%} |"
         lines.append(row)
+    lines += ["", *_per_run(doc, peak)]
+    if doc["ratios_liger"]:
+        lines += ["prefopt against TRL with `use_liger_kernel=True`:", "",
+                  "| Scenario | prefopt tok/s | TRL+Liger tok/s | **ratio** | memory ratio |", "|---|---:|---:|---:|---:|"]
+        for sc, r in doc["ratios_liger"].items():
+            p, t = agg[f"{sc} / prefopt"], agg[f"{sc} / TRL+Liger"]
+            lines.append(f"| {sc} | {p['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | **{r['throughput']:.2f}** | {r['peak_memory']:.2f} |")
+        lines.append("")
+    if doc.get("targets"):
+        lines += ["Targets (issue 10, one GPU):", "", "| Target | Measured | Met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["targets"]]
+        lines.append("")
+    lines += [f"Note: {n}" for n in doc["notes"]] + ([""] if doc["notes"] else [])
     failed = [r for r in doc["runs"] if not r["result"].get("ok")]
-    lines.append("")
     if doc["cached_vs_live_step"] is not None:
         line = f"prefopt step time, cached reference / live reference: **{doc['cached_vs_live_step']:.2f}**"
         if s["device"] == "cpu":

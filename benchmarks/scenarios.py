@@ -3,8 +3,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Dense bf16 peak of the card, for model FLOPs utilisation.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak of the card (vendor data sheets, without sparsity), for model FLOPs
+# utilisation; the first name contained in torch.cuda.get_device_name() wins.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+]
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """The dense bf16 peak of a CUDA device by name; None when the card is not in the table."""
+    return next((v for k, v in PEAK_BF16_FLOPS if device_name and k in device_name), None)
+
 
 PROFILES: dict[str, dict] = {
     # Two CPU cores, a few minutes.
@@ -17,12 +32,20 @@ PROFILES: dict[str, dict] = {
         model="small", device="cpu", threads=1, precision="fp32", max_length=512, batch_size=8, steps=20, warmup=3, repeats=2,
         tokenizer_vocab=4096, lr=1e-5, vocab_sizes=[128256, 151936], vocab_batch=2, vocab_hidden=64, vocab_seq=1024,
     ),
-    # One CUDA GPU: the Qwen2-0.5B shape in bf16.
+    # One CUDA GPU: the Qwen2-0.5B shape in bf16; TRL also with Liger kernels.
     "gpu": dict(
         model="qwen2-0.5b", device="cuda", threads=None, precision="bf16", max_length=1024, batch_size=8, steps=30, warmup=5, repeats=1,
-        tokenizer_vocab=4096, lr=1e-6, vocab_sizes=[128256, 151936], vocab_batch=8, vocab_hidden=896, vocab_seq=1024,
+        tokenizer_vocab=4096, lr=1e-6, vocab_sizes=[128256, 151936], vocab_batch=8, vocab_hidden=896, vocab_seq=1024, liger=True,
+    ),
+    # One CUDA GPU: the Llama-3.2-1B shape (vocabulary 128,256) in bf16.
+    "gpu-llama": dict(
+        model="llama-3.2-1b", device="cuda", threads=None, precision="bf16", max_length=1024, batch_size=4, steps=30, warmup=5, repeats=1,
+        tokenizer_vocab=4096, lr=1e-6, vocab_sizes=[128256], vocab_batch=4, vocab_hidden=2048, vocab_seq=1024, liger=True,
     ),
 }
+# Measurement windows inside the warm-up (see benchmarks.probe): steps under the host-sync
+# counter, then steps under torch.profiler (always on CUDA; on the CPU with --profile).
+WINDOWS = {"cpu": dict(sync_steps=1, profile_steps=2), "cuda": dict(sync_steps=2, profile_steps=3)}
 
 
 @dataclass
@@ -35,15 +58,19 @@ class RunSpec:
     settings: dict = field(default_factory=dict)
 
 
-def training_runs(repeats: int) -> list[RunSpec]:
-    """Training runs in order; prefopt and TRL alternate, and swap who goes first on each repeat."""
+def training_runs(repeats: int, liger: bool = False) -> list[RunSpec]:
+    """Training runs in order; prefopt and TRL alternate, and swap who goes first on each repeat.
+
+    ``liger``: TRL also runs with ``use_liger_kernel=True`` (label ``TRL+Liger``) after them.
+    """
     runs: list[RunSpec] = []
     for r in range(repeats):
 
         def pair(scenario: str, settings: dict) -> list[RunSpec]:
             p = RunSpec(scenario, "prefopt", "prefopt", settings)
             t = RunSpec(scenario, "trl", "TRL", settings)
-            return [p, t] if r % 2 == 0 else [t, p]
+            extra = [RunSpec(scenario, "trl", "TRL+Liger", {**settings, "liger": True})] if liger else []
+            return ([p, t] if r % 2 == 0 else [t, p]) + extra
 
         runs += pair("1-live-reference", {"reference": "live", "data": "uniform"})
         cached = {"reference": "cache", "data": "uniform"}

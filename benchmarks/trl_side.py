@@ -55,6 +55,7 @@ def run(spec: dict) -> None:
         dataloader_num_workers=0,
         seed=spec["seed"],
         use_cpu=spec["device"] == "cpu",
+        use_liger_kernel=spec.get("liger", False),  # RMSNorm, RoPE, SwiGLU kernels (TRL turns off their fused LM head)
     )
     data = datasets.load_dataset("json", data_files=spec["data"], split="train")
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -22,13 +23,21 @@ def _measure_training(spec: dict) -> dict:
     side.preload()
     cuda = spec["device"] == "cuda"
     base_rss = rss_bytes()  # after importing torch, transformers and the side's library
-    probe = Probe(spec["pad_id"], cuda).install()
+    profile_steps = spec.get("profile_steps", 0) if (cuda or spec.get("profile_dir")) else 0
+    probe = Probe(spec["pad_id"], cuda, spec.get("sync_steps", 1), profile_steps)
+    if spec["warmup"] < probe.untimed_steps_needed:
+        raise ValueError(f"warm-up of {spec['warmup']} steps is shorter than the measurement windows ({probe.untimed_steps_needed})")
+    probe.install()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     side.run(spec)
     result = {"wall_s": time.perf_counter() - t0, "rss_after_imports": base_rss}
     result.update(probe.summary(spec["warmup"]))
+    result.update(_profile(probe, spec))
+    accel = sys.modules.get("prefopt.accelerators")
+    if spec["side"] == "prefopt" and accel is not None and accel.COMPILES:
+        result["compilations"] = dict(accel.COMPILES)  # with trainer.compile: graphs compiled, recompiles
     if cuda:
         result["peak_memory"] = torch.cuda.max_memory_allocated()
         result["memory_kind"] = "cuda max_memory_allocated"
@@ -36,6 +45,23 @@ def _measure_training(spec: dict) -> dict:
         result["peak_memory"] = peak_rss_bytes()
         result["memory_kind"] = "peak RSS"
     return result
+
+
+def _profile(probe: Probe, spec: dict) -> dict:
+    """The GPU-busy share; with ``--profile``, the top-operator tables written beside the results."""
+    report = probe.profile_report()
+    tables = {k: report.pop(k) for k in ("top_cpu", "top_cuda") if k in report}
+    if spec.get("profile_dir") and tables:
+        out = Path(spec["profile_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{spec['scenario']}-{spec['label']}".replace("/", "-").replace("+", "-")
+        report["profile_files"] = []
+        for k, table in tables.items():
+            path = out / f"{stem}-{k.removeprefix('top_')}.txt"
+            head = f"{spec['label']}, scenario {spec['scenario']}: torch.profiler over {report.get('profiled_steps')} optimiser steps\n"
+            path.write_text(head + table)
+            report["profile_files"].append(str(path))
+    return report
 
 
 def main(argv: list[str]) -> int:

@@ -6,17 +6,23 @@ import json
 import sys
 from collections.abc import Sequence
 
+from prefopt import __version__
 from prefopt.errors import PrefoptError
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
+    from prefopt.losscheck import needs_by_config
+    from prefopt.losses.base import reference_for
     from prefopt.registry import describe, get_registry
 
     reg = get_registry()
-    rows = [
-        {"name": e.name, "package": e.dist, "version": e.version, "needs_reference": e.cls.reference.name.lower(), "fields": describe(e.cls)}
-        for e in sorted(reg.losses.values(), key=lambda e: e.name)
-    ]
+    rows = []
+    for e in sorted(reg.losses.values(), key=lambda e: e.name):
+        by_config, depends = needs_by_config(e.cls)
+        reference = reference_for(by_config[0][1]) if by_config else e.cls.reference
+        needs = [{"config": c, "features": sorted(f.value for f in n), "reference": reference_for(n).name.lower()} for c, n in by_config]
+        rows.append({"name": e.name, "package": e.dist, "version": e.version, "needs_reference": reference.name.lower(),
+                     "needs": needs, "needs_depend_on_config": depends, "fields": describe(e.cls)})
     conflicts = {name: [f"{e.dist} {e.version}" for e in entries] for name, entries in reg.conflicts.items()}
     broken = [{"plugin": p.name, "package": p.dist, "version": p.version, "error": p.error} for p in reg.broken]
     if args.json:
@@ -24,6 +30,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         print(f"{row['name']}  ({row['package']} {row['version']}; reference: {row['needs_reference']})")
+        print(f"    needs: {_needs_line(row)}")
         for f in row["fields"]:
             default = "required" if f["required"] else f"default {f['default']!r}"
             print(f"    {f['name']}: {f['type']}, {default}. {f['description']}")
@@ -32,6 +39,16 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     for b in broken:
         print(f"BROKEN {b['plugin']} ({b['package']} {b['version']}): {b['error']}")
     return 0
+
+
+def _needs_line(row: dict) -> str:
+    """The features each listed config needs, e.g. ``policy_logps, ref_logps (default); policy_logps (reference_free=True)``."""
+    parts = []
+    for n in row["needs"]:
+        label = ", ".join(f"{k}={v!r}" for k, v in n["config"].items()) or "default"
+        parts.append(f"{', '.join(n['features'])} ({label})" if row["needs_depend_on_config"] or len(row["needs"]) > 1 else ", ".join(n["features"]))
+    text = "; ".join(parts) or ("computed from the config (no valid default)" if row["needs_depend_on_config"] else "invalid declaration")
+    return text + ("; they depend on the config" if row["needs_depend_on_config"] else "")
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -54,14 +71,22 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from prefopt.config import load_config
+    import logging
 
-    return load_config(args.config, args.set)
+    from prefopt.config import describe_paths, load_config
+
+    config = load_config(args.config, args.set)
+    logging.getLogger("prefopt").info("%s", describe_paths(config))
+    return config
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from prefopt.losscheck import smoke_test
+
     config = _load(args)
-    print(f"{args.config}: valid (loss: {config.build_loss()!r})")
+    loss = config.build_loss()
+    smoke_test(loss)  # the loss runs on inputs of exactly its declared features, before any model is loaded
+    print(f"{args.config}: valid (loss: {loss!r})")
     return 0
 
 
@@ -73,7 +98,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # the resume command printed on interruption repeats the --set overrides
     command = shlex.join([args.config, *(x for item in args.set for x in ("--set", item))])
-    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite, config_path=command)
+    from prefopt.losscheck import smoke_test
+
+    config = _load(args)
+    smoke_test(config.build_loss())  # seconds, before any model is loaded
+    summary = train(config, resume=args.resume, overwrite=args.overwrite, config_path=command)
     if summary.get("interrupted"):
         return 130
     if is_main_process():  # several processes return the same summary; one prints it
@@ -91,9 +120,22 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from prefopt.report import plot, summary_table
+
+    print(summary_table(args.run_dir))
+    print(f"curves: {plot(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimisation for language models.")
+    parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="plot a run's curves to a PNG and print its before/after table")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trainer.output_dir")
+    p.add_argument("--out", help="where to write the PNG (default: RUN_DIR/report.png)")
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("losses", help="list installed losses and their config fields")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_losses)

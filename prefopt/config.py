@@ -1,6 +1,7 @@
 """The run config: one pydantic model, loaded from YAML with safe loading."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,12 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows stop the run (raise) or are skipped and counted (skip).")
     on_overlong: Literal["drop", "raise"] = Field("drop", description="Rows that cannot fit max_length are dropped and counted, or stop the run.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of train (for quick runs).")
+    columns: dict[Literal["prompt", "chosen", "rejected"], str] = Field(
+        default_factory=dict, description="The dataset's column names for prompt, chosen and rejected, e.g. {prompt: question}."
+    )
+    text_tokenization: Literal["separate", "trl"] = Field(
+        "separate", description="Plain-text rows: tokenise prompt and completion apart (separate) or joined, as TRL does (trl)."
+    )
 
 
 class ReferenceConfig(_Section):
@@ -74,6 +81,17 @@ class TrainerConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through accelerate; fp16 needs CUDA.")
     group_by_length: bool = Field(True, description="Batch pairs of similar length so padding stays small.")
     logprob_chunk_tokens: int = Field(512, gt=0, description="Completion positions projected through the LM head at once.")
+    packing: bool = Field(True, description="Pack each forward's sequences end to end in one row (no padding); false pads them into rows.")
+    max_tokens_per_forward: int | None = Field(
+        None, gt=0, description="Token budget of one forward: a step's pairs are packed into forwards of at most this many tokens "
+        "(the optimiser batch stays batch_size * grad_accum pairs). Null: grad_accum forwards of batch_size pairs.")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes "
+        "(null: a step of 1/32 of the row's power of two, at least 8: under 1/16 of the row is padding).")
+    attention: Literal["auto", "varlen", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+, else sdpa.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (regional); compilations are logged. Off until measured on a GPU.")
+    liger: bool = Field(False, description="Liger's RMSNorm, RoPE and SwiGLU kernels on the policy (CUDA, prefopt[liger]). Off until measured on a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, gt=0, description="Log metrics every N optimiser steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate on the held-out split every N steps (and always at start and end).")
@@ -81,6 +99,8 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
     max_bad_steps: int = Field(10, ge=0, description="Steps with a non-finite loss or gradient tolerated (each skipped); one more stops the run.")
     report_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="jsonl, and accelerate trackers such as tensorboard.")
+    sample_prompts: int = Field(0, ge=0, description="At each evaluation, write greedy completions of N held-out prompts to samples.jsonl.")
+    sample_max_new_tokens: int = Field(48, gt=0, description="Longest sampled completion, in tokens.")
 
 
 class RunConfig(_Section):
@@ -165,8 +185,9 @@ def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> Run
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML run config.
 
-    A relative data or model path that does not exist from the working directory
-    but does beside the YAML file is taken from there.
+    Relative paths resolve by one rule (docs/config.md): those written in the file, and
+    the defaults, are relative to the file's directory; those given with ``--set`` are
+    relative to the working directory.
     """
     path = Path(path)
     try:
@@ -176,15 +197,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     raw = parse_yaml(text, str(path)) or {}
     raw = apply_overrides(raw, overrides or [])
     config = validate(raw, str(path))
-    _resolve_paths(config, path.parent)
+    from_cli = {item.partition("=")[0] for item in overrides or []}
+    _resolve_paths(config, path.parent, from_cli, str(path))
     return config
 
 
-def _resolve_paths(config: RunConfig, base: Path) -> None:
-    for section, key in _PATH_FIELDS:
+def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:
+    for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(getattr(config, section), key, str(base / value))
+        if not value or f"{section}.{key}" in from_cli or Path(value).expanduser().is_absolute():
+            continue
+        beside = Path(os.path.normpath(base / value))
+        if (section, key) in _OUTPUT_FIELDS or beside.exists():
+            setattr(getattr(config, section), key, str(beside))
+        elif Path(value).exists():
+            raise ConfigError(
+                f"{source}: {section}.{key}: {value!r} is not beside the config ({beside} does not exist) but exists in the "
+                f"working directory; a relative path in a config file is relative to the file's directory: write "
+                f"{os.path.relpath(Path(value).resolve(), base.resolve())!r}, an absolute path, or pass it with --set {section}.{key}=..."
+            )
+        elif _looks_local(value):  # a missing local path: the error will name where it was looked for
+            setattr(getattr(config, section), key, str(beside))
+        # else: a Hub name, passed through unchanged
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "~")) or Path(value).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv"}
+
+
+def describe_paths(config: RunConfig) -> str:
+    """The resolved data, model, output and cache locations, for the start-up log."""
+    parts = []
+    for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
+        value = getattr(getattr(config, section), key)
+        if value:
+            shown = str(Path(value).resolve()) if Path(value).exists() or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
+            parts.append(f"{section}.{key} = {shown}")
+    return "paths: " + "; ".join(parts)
 
 
 _PATH_FIELDS = [("data", "train"), ("data", "eval"), ("model", "name_or_path"), ("model", "tokenizer"), ("model", "reference")]
+_OUTPUT_FIELDS = [("trainer", "output_dir"), ("reference", "cache_dir")]

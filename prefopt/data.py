@@ -12,7 +12,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.data_sources import BAD_UTF8, MALFORMED, Record, kind_name, read_records
+from prefopt.data_sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
 from prefopt.errors import DataError
 
 MISSING = "missing field"
@@ -97,12 +97,20 @@ def load_pairs(
     on_error: str = "raise",
     on_overlong: str = "drop",
     max_rows: int | None = None,
+    columns: dict[str, str] | None = None,
+    text_tokenization: str = "separate",
 ) -> tuple[list[Pair], DataReport]:
     """Read, check and tokenise one source.
 
-    ``split`` applies to Hub datasets only (a local file is one split). Row numbers in
-    messages are 1-based line numbers for JSON lines and 0-based row indices otherwise.
+    ``split`` applies to Hub datasets and to local directories laid out in splits like a
+    Hub download (a single file is one split). Row numbers in messages are 1-based line
+    numbers for JSON lines and 0-based row indices otherwise. ``columns`` maps ``prompt``,
+    ``chosen``, ``rejected`` to the dataset's own column names. ``text_tokenization`` is
+    ``"separate"`` (prompt and completion tokenised apart) or ``"trl"`` (TRL's rule for
+    plain text, see docs/data.md); conversational rows always follow TRL.
     """
+    if text_tokenization not in ("separate", "trl"):
+        raise ValueError(f"text_tokenization must be 'separate' or 'trl', not {text_tokenization!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if on_overlong not in ("drop", "raise"):
@@ -110,9 +118,10 @@ def load_pairs(
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; completions need one appended")
 
+    names = _column_names(columns)
     detected: list[_Format] = []  # JSON rows are checked before datasets reads them
-    records = read_records(source, split, max_rows, check=lambda recs: detected.append(_check_all(recs)))
-    fmt = detected[0] if detected else _check_all(records)
+    records = read_records(source, split, max_rows, check=lambda recs: detected.append(_check_all(recs, names)), columns=names)
+    fmt = detected[0] if detected else _check_all(records, names)
     if fmt.messages and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source}: conversational data needs a tokenizer with a chat_template")
     report = DataReport(source=source, rows=len(records), kept=0, format=str(fmt))
@@ -122,9 +131,9 @@ def load_pairs(
             report.add(*rec.problem)
             continue
         try:
-            pairs.append(_to_pair(rec, fmt, tokenizer, max_length, max_prompt_length))
+            pairs.append(_to_pair(rec, fmt, tokenizer, max_length, max_prompt_length, text_tokenization))
         except _RowError as err:
-            report.add(err.reason, _locate(rec, err))
+            report.add(err.reason, _locate(rec, err, names))
     report.kept = len(pairs)
     _raise_if_needed(report, on_error, on_overlong)
     return pairs, report
@@ -142,6 +151,8 @@ def load_data(cfg, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[D
         max_prompt_length=cfg.max_prompt_length,
         on_error=cfg.on_error,
         on_overlong=cfg.on_overlong,
+        columns=cfg.columns,
+        text_tokenization=cfg.text_tokenization,
     )
     train, report = load_pairs(cfg.train, split=cfg.split, max_rows=cfg.max_rows, **opts)
     reports = [report]
@@ -173,7 +184,18 @@ def fingerprint(pairs: list[Pair]) -> str:
 # --- checking rows -------------------------------------------------------------------
 
 
-def _check_all(records: list[Record]) -> _Format:
+def _column_names(columns: dict[str, str] | None) -> dict[str, str]:
+    """prefopt field -> dataset column, every field named (unmapped ones keep their name)."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(FIELDS))
+    if unknown:
+        raise DataError(f"data.columns: unknown field {', '.join(map(repr, unknown))}; map prompt, chosen or rejected to a column name")
+    if len(set(columns.values())) < len(columns):
+        raise DataError(f"data.columns: two fields map to one column ({columns})")
+    return {f: columns.get(f, f) for f in FIELDS}
+
+
+def _check_all(records: list[Record], names: dict[str, str]) -> _Format:
     """Detect the dataset's format (by majority of rows) and mark rows that do not fit it."""
     values = [r.value for r in records if r.value is not None]
     with_prompt = sum("prompt" in v for v in values)
@@ -187,12 +209,17 @@ def _check_all(records: list[Record]) -> _Format:
             _check_row(rec.value, fmt)
         except _RowError as err:
             rec.value = None
-            rec.problem = (err.reason, _locate(rec, err))
+            rec.problem = (err.reason, _locate(rec, err, names))
     return fmt
 
 
-def _locate(rec: Record, err: _RowError) -> str:
-    return f"{rec.where}, field '{err.field}': {err.message}" if err.field else f"{rec.where}: {err.message}"
+def _locate(rec: Record, err: _RowError, names: dict[str, str]) -> str:
+    """The message with its place; a field is named by the dataset's own column name."""
+    if not err.field:
+        return f"{rec.where}: {err.message}"
+    column = names.get(err.field, err.field)
+    shown = f"'{column}'" if column == err.field else f"'{column}' ({err.field})"
+    return f"{rec.where}, field {shown}: {err.message}"
 
 
 def _check_row(value: dict[str, Any], fmt: _Format) -> None:
@@ -265,7 +292,8 @@ def _split(value: dict[str, Any], fmt: _Format) -> tuple[Any, Any, Any]:
     return prompt, chosen, rejected
 
 
-def _render(tokenizer, prompt: list, completion: list, name: str) -> tuple[str, str]:
+def _check_template(tokenizer, prompt: list, completion: list, name: str) -> None:
+    """A completion can be separated only if the rendered prompt starts the rendered conversation."""
     try:
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -278,20 +306,62 @@ def _render(tokenizer, prompt: list, completion: list, name: str) -> tuple[str, 
             "the chat template's rendering of prompt + completion does not start with its rendering of the "
             "prompt with add_generation_prompt=True, so the completion cannot be separated",
         )
-    return head, full[len(head) :]
 
 
-def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None) -> Pair:
-    prompt, chosen, rejected = _split(rec.value, fmt)
+def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_ids(prompt_ids: list[int], full: tuple[list[int], list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """TRL's boundary: the completion starts where the prompt's tokens and prompt + completion's diverge."""
+    n = min(_common_prefix(prompt_ids, full[0]), _common_prefix(prompt_ids, full[1]))
+    return prompt_ids[:n], full[0][n:], full[1][n:]
+
+
+def _tokenise(prompt: Any, chosen: Any, rejected: Any, fmt: _Format, tokenizer, text_tokenization: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids before truncation."""
     if fmt.messages:
-        prompt_text, chosen_text = _render(tokenizer, prompt, chosen, "chosen")
-        _, rejected_text = _render(tokenizer, prompt, rejected, "rejected")
-    else:
-        prompt_text, chosen_text, rejected_text = prompt, chosen, rejected
-    # A chat template may write the BOS itself; then do not add a second one.
+        # As TRL's DPOTrainer: the template's own tokens only (BOS and end of turn as it writes them).
+        _check_template(tokenizer, prompt, chosen, "chosen")
+        _check_template(tokenizer, prompt, rejected, "rejected")
+        full = (_chat_ids(tokenizer, prompt + chosen), _chat_ids(tokenizer, prompt + rejected))
+        return _split_ids(_chat_ids(tokenizer, prompt, generation_prompt=True), full)
+    eos_text = tokenizer.eos_token
+    if text_tokenization == "trl":
+        # As TRL's DPOTrainer: EOS text appended, prompt + completion tokenised as one string.
+        texts = [c if c.endswith(eos_text) else c + eos_text for c in (chosen, rejected)]
+        full = tuple(list(tokenizer(prompt + t)["input_ids"]) for t in texts)
+        return _split_ids(list(tokenizer(prompt)["input_ids"]), full)
+    # A text that already holds the BOS text gets no second one.
     bos = tokenizer.bos_token
-    add_special = not (bos and prompt_text.startswith(bos))
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"])
+    add_special = not (bos and prompt.startswith(bos))
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+    eos = tokenizer.eos_token_id
+    completions = []
+    for text in (chosen, rejected):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids or ids[-1] != eos:
+            ids.append(eos)
+        completions.append(ids)
+    return prompt_ids, completions[0], completions[1]
+
+
+def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Pair:
+    prompt, chosen, rejected = _split(rec.value, fmt)
+    prompt_ids, chosen_ids, rejected_ids = _tokenise(prompt, chosen, rejected, fmt, tokenizer, text_tokenization)
+    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        if not ids:
+            raise _RowError(EMPTY, name, "no completion tokens after the prompt's")
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
     if not prompt_ids:
@@ -299,14 +369,7 @@ def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_l
     room = max_length - len(prompt_ids)
     if room <= 0:
         raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
-    eos = tokenizer.eos_token_id
-    completions = []
-    for text in (chosen_text, rejected_text):
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids or ids[-1] != eos:
-            ids.append(eos)
-        completions.append(ids[:room])
-    return Pair(prompt_ids, completions[0], completions[1], rec.row)
+    return Pair(prompt_ids, chosen_ids[:room], rejected_ids[:room], rec.row)
 
 
 def _raise_if_needed(report: DataReport, on_error: str, on_overlong: str) -> None:

@@ -32,9 +32,37 @@ class Record:
     problem: tuple[str, str] | None = None  # (reason, located message) when value is None
 
 
-def local_files(source: str) -> list[Path] | None:
-    """The data files of a local source, or None when ``source`` is not a local path."""
+def dataset_splits(path: Path) -> dict[str, list[Path]] | None:
+    """The splits of a directory laid out like a Hub dataset (``data/train-00000-of-00001.parquet``...),
+    found by the file-name rules of ``datasets``; None for a directory of files without split names."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+    except Exception:  # no data files at all: the caller says so
+        return None
+    if list(patterns.values()) == [["**"]]:
+        return None
+    found = DataFilesDict.from_patterns(patterns, str(path))
+    splits = {str(k): sorted(Path(f) for f in v if Path(f).suffix.lower() in BUILDERS) for k, v in found.items()}
+    return {k: v for k, v in splits.items() if v} or None
+
+
+def local_files(source: str, split: str | None = None) -> list[Path] | None:
+    """The data files of a local source, or None when ``source`` is not a local path.
+
+    A directory laid out in splits gives the files of ``split``; any other directory
+    gives all its data files (it is one split).
+    """
     path = Path(source).expanduser()
+    splits = dataset_splits(path) if path.is_dir() and split is not None else None
+    if splits is not None:
+        if split not in splits:
+            raise DataError(f"{source}: no split {split!r} in this dataset directory (splits: {', '.join(sorted(splits))})")
+        files = splits[split]
+        if len({BUILDERS[p.suffix.lower()] for p in files}) > 1:
+            raise DataError(f"{source}: split {split!r} mixes file types; use one type")
+        return files
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
         if not files:
@@ -53,20 +81,28 @@ def local_files(source: str) -> list[Path] | None:
 
 
 def read_records(
-    source: str, split: str, max_rows: int | None, check: Callable[[list[Record]], None]
+    source: str,
+    split: str,
+    max_rows: int | None,
+    check: Callable[[list[Record]], None],
+    columns: dict[str, str] | None = None,
 ) -> list[Record]:
     """All rows of ``source`` (at most ``max_rows``).
 
     ``check`` marks rows that must not reach ``datasets`` (wrong types would break its
-    schema inference); it runs on scanned JSON rows before they are loaded.
+    schema inference); it runs on scanned JSON rows before they are loaded. ``columns``
+    maps ``prompt``/``chosen``/``rejected`` to the source's column names; the rows come
+    back under the standard names.
     """
-    files = local_files(source)
-    if files is None:
+    files = local_files(source, split)
+    if files is None or (files[0].suffix.lower() not in JSON_EXTS and dataset_splits(Path(source).expanduser())):
+        # A Hub name, or a local directory laid out like one: the same load_dataset call.
         slice_ = f"{split}[:{max_rows}]" if max_rows else split
-        ds = _load(source, f"Hub dataset {source}", split=slice_)
-        return [Record(i, f"{source} [{split}] row {i} (0-based)", dict(r)) for i, r in enumerate(ds)]
+        label = f"Hub dataset {source}" if files is None else source
+        ds = _load(str(Path(source).expanduser()) if files else source, label, split=slice_)
+        return _renamed([Record(i, f"{source} [{split}] row {i} (0-based)", dict(r)) for i, r in enumerate(ds)], columns)
     if files[0].suffix.lower() in JSON_EXTS:
-        records = _scan_json(files, max_rows)
+        records = _renamed(_scan_json(files, max_rows), columns)
         check(records)
         return _through_datasets(records, source)
     records = []
@@ -76,8 +112,19 @@ def read_records(
         ds = _load(BUILDERS[path.suffix.lower()], str(path), data_files=str(path), split="train")
         for i, r in enumerate(ds):
             if max_rows is not None and len(records) >= max_rows:
-                return records
+                return _renamed(records, columns)
             records.append(Record(len(records), f"{path} row {i} (0-based)", dict(r)))
+    return _renamed(records, columns)
+
+
+def _renamed(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
+    """Rows with the source's column names replaced by the standard field names."""
+    renames = {col: name for name, col in (columns or {}).items() if col != name}
+    if not renames:
+        return records
+    for rec in records:
+        if rec.value is not None:
+            rec.value = {renames.get(k, k): v for k, v in rec.value.items() if k in renames or k not in renames.values()}
     return records
 
 

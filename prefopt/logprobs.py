@@ -130,6 +130,78 @@ class _ChunkLogpsKL(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
+class _ChunkStats(torch.autograd.Function):
+    """Per-token entropy and log(sum_v p_v^2) of the policy for one chunk, with their gradients.
+
+    Run only for losses that declare them. Backward uses
+    d H / d z = -p (log p + H) and d log(sum p^2) / d z = 2 (p^2 / sum(p^2) - p).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):  # type: ignore[override]
+        dtype = _matmul_dtype(hidden)
+        logp = _head_logits(hidden, weight, bias, dtype).log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        logsumsq = (2 * logp).logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, entropy, logsumsq)
+        ctx.dtype = dtype
+        return entropy, logsumsq
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_logsumsq):  # type: ignore[override]
+        hidden, weight, bias, entropy, logsumsq = ctx.saved_tensors
+        dtype = ctx.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logp = _head_logits(h, w, bias, dtype).log_softmax(-1)
+        p = logp.exp()
+        g = (logp + entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
+        g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(p).mul_(2 * grad_logsumsq.unsqueeze(-1)))
+        del p, logp
+        g = g.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            gh = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            gw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb
+
+
+def token_features(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    target: torch.Tensor,
+    chunk_tokens: int = 512,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_head: torch.nn.Linear | None = None,
+    stats: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token quantities of flat completion positions: ``hidden (N, H)`` predicting ``target (N,)``.
+
+    Always ``logps`` ``(N,)``. With ``ref_hidden``/``ref_head`` also ``kl`` (KL(ref || policy)
+    over the vocabulary) and ``ref_logps``; with ``stats`` also ``entropy`` and ``logsumsq``
+    (log of the summed squared probabilities). One pass over chunks of ``chunk_tokens``
+    positions; no chunk's logits outlive it.
+    """
+    outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": [], "entropy": [], "logsumsq": []}
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        if ref_hidden is None:
+            outs["logps"].append(_logps_chunk(hidden[sl], head.weight, head.bias, target[sl]))
+        else:
+            assert ref_head is not None
+            lp, kl, rlp = _ChunkLogpsKL.apply(hidden[sl], head.weight, head.bias, ref_hidden[sl], ref_head.weight, ref_head.bias, target[sl])
+            outs["logps"].append(lp)
+            outs["kl"].append(kl)
+            outs["ref_logps"].append(rlp)
+        if stats:
+            ent, lss = _ChunkStats.apply(hidden[sl], head.weight, head.bias)
+            outs["entropy"].append(ent)
+            outs["logsumsq"].append(lss)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    wanted = {"logps"} | ({"kl", "ref_logps"} if ref_hidden is not None else set()) | ({"entropy", "logsumsq"} if stats else set())
+    return {k: torch.cat(v) if v else empty for k, v in outs.items() if k in wanted}
+
+
 def chunked_token_logps(
     hidden: torch.Tensor,
     head: torch.nn.Linear,
@@ -138,34 +210,17 @@ def chunked_token_logps(
     ref_hidden: torch.Tensor | None = None,
     ref_head: torch.nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token log-probs of the labels from final hidden states ``(N, T, H)``.
+    """Per-token log-probs of padded ``labels`` from final hidden states ``(N, T, H)``, as dense ``(N, T-1)``.
 
-    Returns ``logps`` ``(N, T-1)`` (zero where masked). With ``ref_hidden`` and
-    ``ref_head`` (the reference model's) it also returns ``kl``, per-token
-    KL(ref || policy) over the vocabulary, and the reference's ``ref_logps``.
+    A dense wrapper of :func:`token_features` (zero where masked). With ``ref_hidden`` and
+    ``ref_head`` it also returns ``kl`` and ``ref_logps``.
     """
     target, mask = shift_labels(labels)
     pos = mask.nonzero(as_tuple=True)
-    h = hidden[:, :-1][pos]
-    t = target[pos]
     ref_h = ref_hidden[:, :-1][pos] if ref_hidden is not None else None
-    outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": []}
-    for start in range(0, h.shape[0], chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        if ref_h is None:
-            outs["logps"].append(_logps_chunk(h[sl], head.weight, head.bias, t[sl]))
-        else:
-            assert ref_head is not None
-            rh = ref_h[sl]
-            lp, kl, rlp = _ChunkLogpsKL.apply(h[sl], head.weight, head.bias, rh, ref_head.weight, ref_head.bias, t[sl])
-            outs["logps"].append(lp)
-            outs["kl"].append(kl)
-            outs["ref_logps"].append(rlp)
+    flat = token_features(hidden[:, :-1][pos], head, target[pos], chunk_tokens, ref_hidden=ref_h, ref_head=ref_head)
     result = {}
-    for key, parts in outs.items():
-        if not parts and (key == "logps" or ref_hidden is not None):
-            parts = [h.new_zeros(0, dtype=torch.float32)]
-        if parts:
-            dense = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-            result[key] = dense.index_put(pos, torch.cat(parts))
+    for key, values in flat.items():
+        dense = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        result[key] = dense.index_put(pos, values)
     return result

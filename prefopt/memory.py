@@ -3,9 +3,10 @@
 ``python -m prefopt.memory`` prints the table in docs/engine.md. Activations and the logit
 buffer depend on batch size and sequence length and are not counted; neither is the CUDA context.
 
-Every tensor prefopt trains with is fp32 (``trainer.precision`` only sets autocast), so per
-parameter a process holds 4 bytes of weights, 4 of gradient and 8 of AdamW moments for the
-policy, 4 bytes of DDP gradient buckets, and 4 bytes of weights for a live reference.
+The policy trains in fp32 (``trainer.precision`` only sets autocast), so per parameter a process
+holds 4 bytes of weights, 4 of gradient and 8 of AdamW moments for the policy, 4 bytes of DDP
+gradient buckets, and, for a live reference, its weights in the training precision (4 bytes in
+fp32, 2 in bf16 or fp16).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.buckets + self.reference
 
 
-def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_reference: bool = True) -> Estimate:
+def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_reference: bool = True, reference_bytes: int = FP32) -> Estimate:
     """Model-state bytes per process for full fine-tuning of ``n_params`` parameters.
 
     ``sharded`` (FSDP): every state is split over ``processes`` and there are no DDP buckets.
@@ -73,7 +74,7 @@ def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_r
         gradients=part(FP32),
         optimizer=part(2 * FP32),  # AdamW exp_avg and exp_avg_sq
         buckets=n_params * FP32 if processes > 1 and not sharded else 0,
-        reference=part(FP32) if live_reference else 0,
+        reference=part(reference_bytes) if live_reference else 0,
     )
 
 
@@ -139,7 +140,8 @@ def measure_run(config_path: str) -> dict[str, Any]:
     optimizer.step()
     gc.collect()
     measured = measure(model, optimizer)
-    est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator), live_reference=run.mode == "live")
+    est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator),
+                   live_reference=run.mode == "live", reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") else FP32)
     result = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "reference": run.mode,
               "sharded": distributed.sharded(accelerator),
               "parameters": n_params, "measured": measured, "estimate": est.__dict__ | {"total": est.total},

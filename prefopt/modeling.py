@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
-from prefopt.logprobs import chunked_token_logps
+from prefopt.logprobs import token_features
 
 log = logging.getLogger("prefopt")
 
@@ -55,9 +55,12 @@ def _has_weights(source: str) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json"))
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen, eval-mode copy of ``model``, optionally cast to ``dtype``."""
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
+    if dtype is not None:
+        ref.to(dtype)
     return ref.eval()
 
 
@@ -71,18 +74,22 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 
 class PreferenceModel(nn.Module):
-    """Policy (and, for a live reference, the reference) computing per-token log-probs of completions.
+    """Policy (and, for a live reference, the reference) computing per-token quantities of completions.
 
     ``reference`` is a frozen model, the string ``"adapter"`` for a peft policy whose
-    reference is the base model with the adapter disabled, or ``None``.
+    reference is the base model with the adapter disabled, or ``None``. Batches come from
+    :mod:`prefopt.batching` (packed or padded); outputs are flat over the batch's
+    completion tokens, in the layout of :class:`prefopt.losses.base.Tokens`.
     """
 
-    def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None, chunk_tokens: int = 512) -> None:
+    def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None, chunk_tokens: int = 512,
+                 kernel: str = "sdpa") -> None:
         super().__init__()
         self.policy = policy
         self.reference = reference if isinstance(reference, nn.Module) else None
         self.ref_is_adapter = reference == "adapter"
         self.chunk_tokens = chunk_tokens
+        self.kernel = kernel
 
     def train(self, mode: bool = True) -> "PreferenceModel":
         super().train(mode)
@@ -90,27 +97,41 @@ class PreferenceModel(nn.Module):
             self.reference.eval()
         return self
 
-    @staticmethod
-    def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
+    def _hidden(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Linear]:
+        """Final hidden states at the completion-predicting positions ``(N, H)``, and the LM head."""
         backbone, head = _backbone_and_head(model)
-        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return out.last_hidden_state, head
+        if "cu_seqlens" in batch:
+            out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                           max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                           prefopt_cu_host=batch["cu_host"], prefopt_kernel=self.kernel)
+        else:
+            out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = out.last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]), head
 
-    def _ref_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
+    def _ref_hidden(self, batch: dict) -> tuple[torch.Tensor, nn.Linear]:
         ctx = self.policy.disable_adapter() if self.ref_is_adapter else nullcontext()
-        with torch.no_grad(), ctx:
-            return self._hidden(self.reference if self.reference is not None else self.policy, batch)
+        with torch.inference_mode(), ctx:
+            hidden, head = self._hidden(self.reference if self.reference is not None else self.policy, batch)
+        return hidden, head
 
-    def forward(self, batch: dict[str, torch.Tensor], reference: str = "none") -> dict[str, torch.Tensor]:
-        """Per-token ``logps`` of the policy; ``reference="logps"`` adds ``ref_logps``, ``"kl"`` also ``kl``."""
+    def forward(self, batch: dict, reference: str = "none", stats: bool = False) -> dict[str, torch.Tensor]:
+        """Flat per-token ``logps`` of the policy; ``reference="logps"`` adds ``ref_logps``,
+        ``"kl"`` adds ``ref_logps`` and ``kl``; ``stats`` adds ``entropy`` and ``logsumsq``."""
+        index = batch["token_index"]
+        target = batch["targets"].reshape(-1).index_select(0, index)
         hidden, head = self._hidden(self.policy, batch)
-        labels = batch["labels"]
-        if reference == "kl":
-            ref_hidden, ref_head = self._ref_hidden(batch)
-            return chunked_token_logps(hidden, head, labels, self.chunk_tokens, ref_hidden, ref_head)
-        out = chunked_token_logps(hidden, head, labels, self.chunk_tokens)
-        if reference == "logps":
-            ref_hidden, ref_head = self._ref_hidden(batch)
-            with torch.no_grad():
-                out["ref_logps"] = chunked_token_logps(ref_hidden, ref_head, labels, self.chunk_tokens)["logps"]
-        return out
+        hidden = hidden.index_select(0, index)
+        ref_out: dict[str, torch.Tensor] = {}
+        ref_hidden = ref_head = None
+        if reference in ("kl", "logps"):
+            full, ref_head = self._ref_hidden(batch)
+            if reference == "logps":
+                with torch.inference_mode():
+                    ref_out["ref_logps"] = token_features(full.index_select(0, index), ref_head, target, self.chunk_tokens)["logps"]
+                ref_out["ref_logps"] = ref_out["ref_logps"].clone()  # a normal tensor again
+            else:
+                ref_hidden = full.index_select(0, index)  # outside inference mode: a normal tensor autograd can save
+        out = token_features(hidden, head, target, self.chunk_tokens, ref_hidden=ref_hidden, ref_head=ref_head, stats=stats)
+        return {**out, **ref_out}

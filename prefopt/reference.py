@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from prefopt.atomic import atomic_write
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Reference
+from prefopt.losses.base import Reference, Tokens
 
 log = logging.getLogger("prefopt")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def choose_mode(requested: str, needs: Reference) -> tuple[str, str]:
@@ -98,12 +98,54 @@ def cache_key(weights: str, tokenizer: str, data: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _checksum(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def load_cache(path: Path, key: str, n: int, parts: dict | None = None) -> torch.Tensor | None:
-    """The cached ``(n, 2)`` reference log-probs, or ``None`` (logging why) if absent, stale or corrupted.
+class RefCache:
+    """Cached reference log-probs of a data split: per-pair sums, and per-token values when a loss reads them.
+
+    ``sums`` is ``(n, 2)`` (chosen, rejected). Per-token values of pair ``i`` are
+    ``tokens[offsets[i]:offsets[i + 1]]``, its chosen completion's first, ``split[i]`` of them.
+    """
+
+    def __init__(self, sums: torch.Tensor, tokens: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                 split: torch.Tensor | None = None) -> None:
+        self.sums, self.tokens, self.offsets, self.split = sums, tokens, offsets, split
+        self._offsets_host = offsets.tolist() if offsets is not None else None
+        self._split_host = split.tolist() if split is not None else None
+
+    @property
+    def per_token(self) -> bool:
+        return self.tokens is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"ref_logps": self.sums}
+        if self.per_token:
+            out.update(ref_token_logps=self.tokens, ref_token_offsets=self.offsets, ref_token_split=self.split)
+        return out
+
+    def pair_sums(self, index: list[int]) -> torch.Tensor:
+        return self.sums[index]
+
+    def batch_tokens(self, index: list[int], like: dict) -> Tokens:
+        """Per-token values of a batch's completions (chosen of each pair, then rejected), on the host."""
+        assert self._offsets_host is not None and self._split_host is not None
+        parts = []
+        for side in (0, 1):
+            for i in index:
+                start, end, k = self._offsets_host[i], self._offsets_host[i + 1], self._split_host[i]
+                parts.append(torch.arange(start, start + k) if side == 0 else torch.arange(start + k, end))
+        values = self.tokens[torch.cat(parts)] if parts else self.tokens[:0]
+        return Tokens(values, like["token_seq"], like["token_position"], like["completion_lengths"], like["cu_completion"])
+
+
+def load_cache(path: Path, key: str, n: int, parts: dict | None = None, per_token: bool = False) -> RefCache | None:
+    """The cached reference log-probs of ``n`` pairs, or ``None`` (logging why) if absent, stale or corrupted.
 
     With ``parts`` (see :func:`cache_parts`), a missing cache is explained by what differs
     from the closest other cache in the same directory (weights, tokenizer, data, settings).
@@ -117,41 +159,68 @@ def load_cache(path: Path, key: str, n: int, parts: dict | None = None) -> torch
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        tensor = load_file(str(path))["ref_logps"]
+        tensors = load_file(str(path))
+        sums = tensors["ref_logps"]
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
         log.warning("reference cache %s is unreadable (%s); recomputing it", path, exc)
         return None
-    if meta.get("key") != key or tensor.shape != (n, 2):
+    has_tokens = "ref_token_logps" in tensors
+    if meta.get("key") != key or sums.shape != (n, 2) or has_tokens != per_token:
         log.warning("reference cache %s is stale (fingerprint or size differs); recomputing it", path)
         return None
-    if meta.get("sha256") != _checksum(tensor):
+    if meta.get("sha256") != _checksum(tensors):
         log.warning("reference cache %s fails its checksum (corrupted); recomputing it", path)
         return None
-    return tensor
+    if not per_token:
+        return RefCache(sums)
+    offsets = tensors["ref_token_offsets"]
+    if offsets.shape != (n + 1,) or int(offsets[-1]) != tensors["ref_token_logps"].shape[0]:
+        log.warning("reference cache %s has inconsistent per-token offsets; recomputing it", path)
+        return None
+    return RefCache(sums, tensors["ref_token_logps"], offsets, tensors["ref_token_split"])
 
 
-def save_cache(path: Path, key: str, ref_logps: torch.Tensor, parts: dict | None = None) -> None:
-    meta = {"key": key, "sha256": _checksum(ref_logps), "format": str(CACHE_FORMAT)}
+def save_cache(path: Path, key: str, cache: RefCache | torch.Tensor, parts: dict | None = None) -> None:
+    if isinstance(cache, torch.Tensor):
+        cache = RefCache(cache)
+    tensors = {k: v.contiguous() for k, v in cache.tensors().items()}
+    meta = {"key": key, "sha256": _checksum(tensors), "format": str(CACHE_FORMAT)}
     if parts is not None:
         meta["parts"] = json.dumps(parts, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file({"ref_logps": ref_logps.contiguous()}, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 @torch.no_grad()
 def compute_ref_logps(
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    batches: Sequence[dict[str, torch.Tensor]],
+    forward: Callable[[dict], torch.Tensor],
+    batches: Sequence[dict],
     n: int,
     show_progress: bool = True,
-) -> torch.Tensor:
-    """Summed reference log-probs ``(n, 2)`` (chosen, rejected) for every pair index in ``batches``.
+    token_counts: Sequence[tuple[int, int]] | None = None,
+) -> RefCache:
+    """Reference log-probs of every pair index in ``batches``: sums ``(n, 2)``, NaN for pairs not in them.
 
-    ``forward(batch)`` returns per-token log-probs of the batch's chosen-then-rejected rows.
+    ``forward(batch)`` returns flat per-token log-probs in the batch's layout. With
+    ``token_counts`` (completion tokens of each pair's chosen and rejected) per-token values
+    are kept too, zero for pairs not in ``batches`` (so shares of several processes add up).
     """
-    out = torch.full((n, 2), float("nan"))
+    sums = torch.full((n, 2), float("nan"))
+    tokens = offsets = split = None
+    if token_counts is not None:
+        offsets = torch.tensor([0] + [c + r for c, r in token_counts]).cumsum(0)
+        split = torch.tensor([c for c, _ in token_counts])
+        tokens = torch.zeros(int(offsets[-1]))
     for batch in tqdm(batches, desc="reference log-probs", disable=not show_progress):
-        sums = forward(batch).sum(-1).float().cpu()
-        half = sums.shape[0] // 2
-        out[batch["index"], 0] = sums[:half]
-        out[batch["index"], 1] = sums[half:]
-    return out
+        values = forward(batch).float().cpu()
+        cu, index = batch["cu_completion"], batch["index_host"]
+        b = len(index)
+        # summed exactly as the engine sums the policy's, so policy == reference gives equal sums
+        chosen, rejected = Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], cu).sum()
+        sums[index, 0], sums[index, 1] = chosen, rejected
+        for s in range(2 * b):
+            pair, side = index[s % b], s // b
+            part = values[cu[s] : cu[s + 1]]
+            if tokens is not None:
+                start = int(offsets[pair]) + (0 if side == 0 else int(split[pair]))
+                tokens[start : start + part.shape[0]] = part
+    return RefCache(sums, tokens, offsets, split)

@@ -14,7 +14,10 @@ from prefopt.losses.combined import WeightedLoss
 
 # Losses shipped as first-party packages in plugins/<dir>: loss name -> distribution.
 # Named (and suggested) in the error when a config selects one that is not installed.
-FIRST_PARTY = {"simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust"}
+FIRST_PARTY = {
+    "simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust",
+    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo",
+}
 
 
 def first_party_hint(name: str) -> str:

@@ -11,13 +11,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from prefopt import accelerators, attention
 from prefopt import reference as ref
-from prefopt.batching import collate
+from prefopt.batching import collate, completion_tokens, pack, to_device
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
 from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Reference
+from prefopt.losses.base import Feature, Tokens, needs_of, reference_for
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
 
 log = logging.getLogger("prefopt")
@@ -35,13 +36,34 @@ class Run:
     mode: str
     train_pairs: list
     eval_pairs: list
-    caches: dict[str, torch.Tensor] = field(default_factory=dict)
+    caches: dict[str, ref.RefCache] = field(default_factory=dict)
+    kernel: str = "sdpa"
 
-    @property
-    def ref_kind(self) -> str:
-        if self.mode == "live":
-            return "kl" if self.loss.needs == Reference.TOKEN_KL else "logps"
-        return "none"
+    def make_batch(self, pairs: list, indices: Any) -> dict[str, Any]:
+        """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded)."""
+        return make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices)
+
+    def cached_reference(self, split: str, batch: dict[str, Any], needs: frozenset[Feature]) -> Tokens | torch.Tensor:
+        """A batch's reference log-probs from the cache: per-token if the loss reads them, else ``(B, 2)`` sums."""
+        cache, device = self.caches[split], self.accelerator.device
+        if Feature.REF_TOKEN_LOGPS in needs:
+            host = cache.batch_tokens(batch["index_host"], batch)
+            return host.like(host.values.to(device, non_blocking=True))
+        return cache.pair_sums(batch["index_host"]).to(device, non_blocking=True)
+
+
+def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any) -> dict[str, Any]:
+    """Pack (or, with ``trainer.packing: false``, pad) the given pairs."""
+    chosen = [pairs[i] for i in indices]
+    if config.trainer.packing:
+        return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of)
+    return collate(chosen, indices, pad_id)
+
+
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Route the model's attention layers through :func:`prefopt.attention.packed_attention`."""
+    attention.register()
+    model.config._attn_implementation = attention.NAME
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -65,15 +87,16 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
-def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str, weights_fp: str) -> torch.Tensor:
+def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str,
+               weights_fp: str, per_token: bool = False, kernel: str = "sdpa") -> ref.RefCache:
     """Reference log-probs of ``pairs`` from the disk cache, computing (once, across processes) and saving them if needed."""
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
-                "max_prompt_length": run_cfg.data.max_prompt_length}
+                "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
-    cached = ref.load_cache(path, key, len(pairs), parts)
+    cached = ref.load_cache(path, key, len(pairs), parts, per_token)
     # Every process must take the same branch (computing is collective): on machines that do
     # not share the cache directory, one that lacks the file makes all of them compute it.
     missing = cached is None
@@ -82,18 +105,20 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     if not missing:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
-    module = PreferenceModel(ref_model, chunk_tokens=run_cfg.trainer.logprob_chunk_tokens).to(accelerator.device).eval()
+    module = PreferenceModel(ref_model, chunk_tokens=run_cfg.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     idx = list(range(len(pairs)))
     mine = [idx[s : s + bs] for s in range(0, len(idx), bs)][accelerator.process_index :: accelerator.num_processes]
-    batches = [collate([pairs[i] for i in b], b, tokenizer.pad_token_id) for b in mine]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, b) for b in mine]
 
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with accelerator.autocast():
-            return module({k: v.to(accelerator.device) for k, v in batch.items()})["logps"]
+    def forward(batch: dict[str, Any]) -> torch.Tensor:
+        with accelerator.autocast(), torch.inference_mode():
+            return module(to_device(batch, accelerator.device))["logps"]
 
-    local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process)
-    values = accelerator.reduce(torch.nan_to_num(local, nan=0.0).to(accelerator.device), "sum").cpu()
+    counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs] if per_token else None
+    local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
+    reduce = lambda t: accelerator.reduce(torch.nan_to_num(t, nan=0.0).to(accelerator.device), "sum").cpu()  # noqa: E731
+    values = ref.RefCache(reduce(local.sums), reduce(local.tokens) if per_token else None, local.offsets, local.split)
     if accelerator.is_local_main_process:  # one writer per machine (atomic, so a shared directory is safe)
         ref.save_cache(path, key, values, parts)
         if accelerator.is_main_process:
@@ -107,8 +132,13 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.trainer.seed)
     loss = config.build_loss()
-    mode, why = ref.choose_mode(config.reference.mode, loss.needs)
+    needs = needs_of(loss)
+    mode, why = ref.choose_mode(config.reference.mode, reference_for(needs))
     log.info("reference model: %s (%s)", mode, why)
+    log.info("loss %s reads: %s", getattr(loss, "name", loss), ", ".join(sorted(f.value for f in needs)))
+    kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing, config.trainer.precision)
+    log.info("attention: %s (%s)", kernel, why)
+    accelerators.check(accelerator.device, liger=config.trainer.liger)
     tokenizer = load_tokenizer(config.model)
     train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed)
     for report in reports:
@@ -116,20 +146,27 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     policy = load_model(config.model)
+    if config.trainer.packing:
+        use_packed_attention(policy)
+    elif kernel == "eager":
+        policy.config._attn_implementation = "eager"
     reference: torch.nn.Module | str | None = None
-    caches: dict[str, torch.Tensor] = {}
+    caches: dict[str, ref.RefCache] = {}
     if mode != "none":
         ref_model = load_model(config.model, config.model.reference) if config.model.reference else None
+        if ref_model is not None:
+            ref_model.config._attn_implementation = policy.config._attn_implementation
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = ref.weights_fingerprint(source)
+            per_token = Feature.REF_TOKEN_LOGPS in needs
             for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
                 if pairs:
-                    caches[name] = fill_cache(config, accelerator, source, tokenizer, pairs, name, weights_fp)
+                    caches[name] = fill_cache(config, accelerator, source, tokenizer, pairs, name, weights_fp, per_token, kernel)
         elif ref_model is not None:
-            reference = frozen_copy(ref_model)
+            reference = frozen_copy(ref_model, _precision_dtype(config))
         elif config.model.lora is None:
-            reference = frozen_copy(policy)
+            reference = frozen_copy(policy, _precision_dtype(config))
         else:
             reference = "adapter"
     if config.model.lora is not None:
@@ -140,8 +177,14 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config.model.lora))
     if config.trainer.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens)
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches)
+    policy = accelerators.apply(policy, config.trainer, accelerator.device)
+    model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel)
+
+
+def _precision_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype a frozen reference is held in: the training precision (no per-forward casts, half the memory)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.trainer.precision]
 
 
 def precompute_reference(config: RunConfig) -> dict[str, str]:
@@ -149,6 +192,6 @@ def precompute_reference(config: RunConfig) -> dict[str, str]:
     run = setup(config)
     if run.mode != "cache":
         raise ConfigError(f"reference.mode: the run uses mode {run.mode!r}; only 'cache' has anything to precompute")
-    return {name: f"{len(t)} pairs" for name, t in run.caches.items()}
+    return {name: f"{len(t.sums)} pairs" for name, t in run.caches.items()}
 
 

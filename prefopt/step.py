@@ -1,33 +1,133 @@
-"""One forward of a batch through the policy, the reference and the loss plugin; evaluation."""
+"""One forward through the loss plugin, one optimiser step, and evaluation.
+
+The engine computes exactly the features the loss declares (see
+:class:`prefopt.losses.base.Feature`) and hands them over in the batch's own token
+layout. :func:`optimizer_step` is the hot path: it queues the forwards, backwards and
+clipping of one optimiser step and reads one small flag tensor back to the host.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from prefopt.batching import collate
-from prefopt.losses.base import LossInputs, LossOutput
+from prefopt.batching import to_device
+from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens, needs_of
 from prefopt.run import Run
 
 
-def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, torch.Tensor], split: str) -> tuple[LossOutput, int]:
-    """One forward on a collated batch through the loss plugin; returns its output and token count."""
-    device = run.accelerator.device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with run.accelerator.autocast():
-        out = model(batch, reference=run.ref_kind)
-    tokens = (batch["labels"][:, 1:] != -100).sum(-1)
-    half = tokens.shape[0] // 2
-    sums = out["logps"].sum(-1)
-    inputs = LossInputs(sums[:half], sums[half:], tokens[:half], tokens[half:])
-    if run.mode == "cache":
-        cached = run.caches[split][batch["index"].cpu()].to(device)
-        inputs.ref_chosen_logps, inputs.ref_rejected_logps = cached[:, 0], cached[:, 1]
-    elif "ref_logps" in out:
-        ref_sums = out["ref_logps"].sum(-1)
-        inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref_sums[:half], ref_sums[half:]
+@dataclass(frozen=True)
+class Plan:
+    """What the model must compute for a set of declared features."""
+
+    reference: str  # "none", "logps" or "kl" (live reference only)
+    stats: bool  # entropy and log-sum-of-squares of the policy
+
+    @classmethod
+    def of(cls, needs: frozenset[Feature], mode: str) -> "Plan":
+        if mode != "live":
+            ref = "none"
+        elif needs & {Feature.KL, Feature.TOKEN_KL}:
+            ref = "kl"
+        else:
+            ref = "logps" if needs & {Feature.REF_LOGPS, Feature.REF_TOKEN_LOGPS} else "none"
+        return cls(ref, bool(needs & {Feature.TOKEN_ENTROPY, Feature.TOKEN_LOGSUMSQ}))
+
+
+def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature],
+                cached: Tokens | torch.Tensor | None = None) -> LossInputs:
+    """The declared features of one batch, from the model's flat outputs (and a cached reference)."""
+    def tokens(values: torch.Tensor) -> Tokens:
+        return Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
+
+    policy = tokens(out["logps"])
+    pc, pr = policy.sum()
+    inputs = LossInputs(pc, pr)
+    if Feature.LENGTHS in needs:
+        n = batch["completion_lengths"]
+        inputs.chosen_tokens, inputs.rejected_tokens = n[: policy.num_pairs], n[policy.num_pairs :]
+    if Feature.POLICY_TOKEN_LOGPS in needs:
+        inputs.policy_token_logps = policy
+    ref = tokens(out["ref_logps"]) if "ref_logps" in out else None
+    if isinstance(cached, Tokens):
+        ref = cached
+    if Feature.REF_LOGPS in needs:
+        if ref is not None:
+            inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref.sum()
+        elif cached is not None:
+            inputs.ref_chosen_logps, inputs.ref_rejected_logps = cached[:, 0], cached[:, 1]
+    if Feature.REF_TOKEN_LOGPS in needs:
+        inputs.ref_token_logps = ref
     if "kl" in out:
-        kl = out["kl"].sum(-1)
-        inputs.chosen_kl, inputs.rejected_kl = kl[:half], kl[half:]
-    return run.loss(inputs), int(batch["attention_mask"].sum())
+        kl = tokens(out["kl"])
+        if Feature.KL in needs:
+            inputs.chosen_kl, inputs.rejected_kl = kl.sum()
+        if Feature.TOKEN_KL in needs:
+            inputs.token_kl = kl
+    if Feature.TOKEN_ENTROPY in needs:
+        inputs.token_entropy = tokens(out["entropy"])
+    if Feature.TOKEN_LOGSUMSQ in needs:
+        inputs.token_logsumsq = tokens(out["logsumsq"])
+    return inputs
+
+
+def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any], split: str) -> LossOutput:
+    """One forward of a batch through the model and the loss plugin."""
+    device = run.accelerator.device
+    batch = to_device(batch, device)
+    needs = needs_of(run.loss)
+    plan = Plan.of(needs, run.mode)
+    with run.accelerator.autocast():
+        out = model(batch, reference=plan.reference, stats=plan.stats)
+    cached = run.cached_reference(split, batch, needs) if run.mode == "cache" else None
+    return run.loss(loss_inputs(out, batch, needs, cached))
+
+
+@dataclass
+class StepResult:
+    """Device tensors of one optimiser step; nothing here has been read back to the host."""
+
+    metrics: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+
+
+def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[str, Any]], weights: Sequence[float],
+                     params: list[torch.nn.Parameter]) -> StepResult:
+    """Forwards and backwards of one optimiser step, then gradient clipping; no host reads.
+
+    Forward ``i`` carries ``weights[i]`` of the step's pairs, so the summed gradient is that
+    of the mean loss over all of them (the loss being the mean of its per-pair values).
+    Only the last backward synchronises gradients across processes.
+    """
+    acc = run.accelerator
+    sums: dict[str, torch.Tensor] = {}
+    for i, (batch, weight) in enumerate(zip(forwards, weights)):
+        last = i == len(forwards) - 1
+        with acc.no_sync(model) if not last and acc.num_processes > 1 else nullcontext():
+            output = compute_loss(run, model, batch, "train")
+            acc.backward(output.loss * weight)
+        for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
+            sums[key] = sums.get(key, 0) + value.float() * weight
+    grad_norm = acc.clip_grad_norm_(params, run.config.trainer.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over all shards, as a plain tensor
+        grad_norm = grad_norm.full_tensor()
+    if not isinstance(grad_norm, torch.Tensor):
+        grad_norm = torch.tensor(float(grad_norm), device=acc.device)
+    finite = torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
+    return StepResult(sums, grad_norm.detach().float(), finite)
+
+
+def read_flags(run: Run, result: StepResult, stop: bool) -> tuple[bool, bool]:
+    """``(finite on every process, some process asked to stop)``: the step's one host read."""
+    flags = torch.stack([(~result.finite).float(), torch.tensor(float(stop), device=result.finite.device)])
+    if run.accelerator.num_processes > 1:
+        flags = run.accelerator.reduce(flags, "sum")
+    bad, stopping = flags.tolist()
+    return bad == 0, stopping > 0
 
 
 @torch.no_grad()
@@ -36,16 +136,19 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     if len(run.eval_pairs) < run.accelerator.num_processes:  # every process needs a share
         return {}
     model.eval()
-    bs, pad = run.config.trainer.batch_size, run.tokenizer.pad_token_id
+    bs = run.config.trainer.batch_size
     idx = list(range(len(run.eval_pairs)))[run.accelerator.process_index :: run.accelerator.num_processes]
     totals: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=run.accelerator.device)
     for s in range(0, len(idx), bs):
         b = idx[s : s + bs]
-        out, _ = compute_loss(run, model, collate([run.eval_pairs[i] for i in b], b, pad), "eval")
+        out = compute_loss(run, model, run.make_batch(run.eval_pairs, b), "eval")
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
             totals[key] = totals.get(key, 0) + value.float() * len(b)
         count += len(b)
     model.train()
-    count = run.accelerator.reduce(count, "sum")
-    return {f"eval/{k}": (run.accelerator.reduce(v, "sum") / count).item() for k, v in sorted(totals.items())}
+    keys = sorted(totals)
+    stacked = run.accelerator.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")
+    values = stacked.tolist()
+    return {f"eval/{k}": v / values[-1] for k, v in zip(keys, values[:-1])}
+

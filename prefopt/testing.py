@@ -2,13 +2,14 @@
 
 ``registered(MyLoss)`` makes a loss selectable by name for the duration of a
 ``with`` block, without installing anything. ``check_loss(MyLoss)`` runs a loss
-class through the contract every loss must honour and raises ``AssertionError``
-with a message per broken rule.
+class through the contract every loss must honour, its math included, and raises
+``AssertionError`` with a message per broken rule. ``trl_dpo_loss`` runs TRL's own
+DPO loss code on given per-token values, for parity tests of TRL-style losses.
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 
 from prefopt import plugins, registry
 from prefopt.hookspecs import hookimpl
-from prefopt.losses.base import Loss, LossConfig, LossInputs, Reference
+from prefopt.losscheck import CASES, Case, Synthetic, run_on, shape
+from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -48,18 +50,22 @@ def registered(*loss_classes: type[Loss]) -> Iterator[None]:
         registry.reset()
 
 
-def check_loss(loss_cls: type[Loss], config: LossConfig | Mapping[str, Any] | None = None) -> None:
+ConfigLike = LossConfig | Mapping[str, Any] | None
+
+
+def check_loss(loss_cls: type[Loss], config: ConfigLike = None, *, configs: Sequence[ConfigLike] | None = None) -> None:
     """Check that ``loss_cls`` honours the loss contract; raise ``AssertionError`` if not.
 
-    Checked: the class is registrable (a ``Loss`` with a name and a pydantic
-    ``Config``); the config rejects unknown keys and documents every field; the
-    default config (or ``config``) is valid; loss and gradients are finite on
-    ordinary inputs, on extreme log-ratios (+-1e4) and on zero-token completions;
-    per-pair losses have shape ``(B,)`` and the loss is a scalar; metrics are
-    finite detached scalars, including the reward metrics for any loss that reads
-    the rejected completion; and the loss runs on exactly the inputs its ``needs``
-    declares (no reference log-probs for ``NONE``, no KL unless ``TOKEN_KL``) and
-    uses what it declares.
+    The class must be registrable and its config must forbid unknown keys and document
+    every field. Then, for each config (``configs``, or ``config``, or the default plus
+    the class's ``examples``), on synthetic inputs holding exactly the declared features:
+    loss and gradients are finite on ordinary inputs, on extreme log-ratios (+-1e4) and
+    on zero-token completions; ``losses`` is ``(B,)`` and ``loss`` its mean (or what
+    ``reduction`` states); metrics are finite detached scalars, with the reward metrics
+    for a loss that reads the rejected completion; every declared feature is read and
+    no undeclared one; per-pair losses depend only on their own pair; and at the
+    reference point a step down the loss raises each chosen log-ratio and lowers each
+    rejected one (unless ``sign_exempt`` gives the reason it need not).
     """
     try:
         registry._check_class(loss_cls)
@@ -70,46 +76,124 @@ def check_loss(loss_cls: type[Loss], config: LossConfig | Mapping[str, Any] | No
     _expect(cfg_cls.model_config.get("extra") == "forbid", f"{where}: {cfg_cls.__name__} must forbid unknown keys (subclass prefopt.LossConfig)")
     undocumented = [n for n, f in cfg_cls.model_fields.items() if not (f.description or "").strip()]
     _expect(not undocumented, f"{where}: config fields without a description: {', '.join(undocumented)} (use Field(..., description=...))")
+    _expect(isinstance(loss_cls.reduction, str) and bool(loss_cls.reduction.strip()), f"{where}: reduction must be 'mean', 'sum' or a description of another")
+    exempt = loss_cls.sign_exempt
+    _expect(exempt is None or (isinstance(exempt, str) and bool(exempt.strip())), f"{where}: sign_exempt must be None or the reason, a non-empty string")
+    for cfg, label in _configs(loss_cls, config, configs, where):
+        _check_configured(loss_cls(cfg), label)
 
-    try:
-        cfg = cfg_cls(**config) if isinstance(config, Mapping) else config if config is not None else cfg_cls()
-    except pydantic.ValidationError as exc:
-        what = "the given config" if config is not None else "the default config (pass config= if a field is required)"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise AssertionError(f"{where}: {what} is invalid: {problems}") from None
-    _expect(isinstance(cfg, cfg_cls), f"{where}: config must be a {cfg_cls.__name__}, got {type(cfg).__name__}")
-    loss = loss_cls(cfg)
-    needs = loss.needs
-    _expect(isinstance(needs, Reference), f"{where}: needs must be a prefopt.Reference, got {needs!r}")
 
-    for case, values in _CASES.items():
-        inputs, leaves = _inputs(values, needs)
+def _configs(loss_cls: type[Loss], config: ConfigLike, configs: Sequence[ConfigLike] | None, where: str) -> list[tuple[LossConfig, str]]:
+    """Each config to check, built and labelled; the default is skipped when invalid and examples exist."""
+    if configs is not None:
+        wanted, given = list(configs), True
+    elif config is not None:
+        wanted, given = [config], True
+    else:
+        wanted, given = [None, *loss_cls.examples], False
+    out = []
+    for item in wanted:
         try:
-            out = loss(inputs)
-        except Exception as exc:  # noqa: BLE001 - any failure here is a contract failure
-            hint = ""
-            if needs < Reference.TOKEN_KL:
-                hint = f" (it declares needs={needs.name}; inputs beyond that are None)"
-            raise AssertionError(f"{where}: failed on {case} inputs{hint}: {type(exc).__name__}: {exc}") from None
-        batch = values["policy_chosen_logps"].shape[0]
-        _expect(isinstance(out.losses, torch.Tensor) and tuple(out.losses.shape) == (batch,), f"{where}: per-pair losses must have shape ({batch},), got {_shape(out.losses)}")
-        _expect(isinstance(out.loss, torch.Tensor) and out.loss.ndim == 0, f"{where}: loss must be a scalar tensor, got {_shape(out.loss)}")
-        _expect(bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.losses).all()), f"{where}: non-finite loss on {case} inputs: {out.losses.tolist()}")
+            cfg = loss_cls.Config(**item) if isinstance(item, Mapping) else item if item is not None else loss_cls.Config()
+        except pydantic.ValidationError as exc:
+            if item is None and loss_cls.examples:
+                continue
+            what = "the given config" if given else "the default config (pass config= if a field is required)"
+            if item is not None and not given:
+                what = f"the example config {dict(item)!r}"
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AssertionError(f"{where}: {what} is invalid: {problems}") from None
+        _expect(isinstance(cfg, loss_cls.Config), f"{where}: config must be a {loss_cls.Config.__name__}, got {type(cfg).__name__}")
+        label = where if item is None else f"{where} with {cfg.model_dump()}"
+        out.append((cfg, label))
+    return out
+
+
+def _check_configured(loss: Loss, where: str) -> None:
+    try:
+        needs = as_needs(loss.needs)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{where}: needs must be a frozenset of prefopt Feature (or a Reference): {exc}") from None
+    declared = ", ".join(sorted(f.name for f in needs))
+    reads: set[str] = set()
+    preference = False
+    for case_name, case in CASES.items():
+        syn, out = _run(loss, case, needs, f"{where}: on {case_name} inputs (declared features: {declared})")
+        reads |= syn.inputs.reads
+        _check_reduction(loss, out, where, case_name)
         _expect(out.loss.requires_grad, f"{where}: the loss does not depend on the policy log-probs (no gradient)")
         out.loss.backward()
-        for name, leaf in leaves.items():
+        for key, leaf in syn.leaves.items():
             if leaf.grad is not None:
-                _expect(bool(torch.isfinite(leaf.grad).all()), f"{where}: non-finite gradient of {name} on {case} inputs: {leaf.grad.tolist()}")
-        _check_metrics(where, out.metrics, case)
-        preference = leaves["policy_rejected_logps"].grad is not None
+                _expect(bool(torch.isfinite(leaf.grad).all()), f"{where}: non-finite gradient of the {key} inputs on {case_name} inputs")
+        _check_metrics(where, out.metrics, case_name)
+        if case_name == "ordinary":
+            grad = syn.leaves["policy"].grad
+            preference = grad is not None and bool((syn.per_completion(grad)[1] != 0).any())
         if preference:
             missing = [m for m in REWARD_METRICS if m not in out.metrics]
             _expect(not missing, f"{where}: a preference loss must report the metrics {', '.join(missing)}")
-        declared = {Reference.LOGPS: ("ref_chosen_logps", "ref_rejected_logps"), Reference.TOKEN_KL: ("chosen_kl", "rejected_kl")}.get(needs)
-        if declared is not None and needs == Reference.LOGPS:
-            _expect(any(leaves[n].grad is not None for n in declared), f"{where}: declares needs=LOGPS but its loss does not use the reference log-probs; declare Reference.NONE")
-        if declared is not None and needs == Reference.TOKEN_KL:
-            _expect(any(leaves[n].grad is not None for n in declared), f"{where}: declares needs=TOKEN_KL but its loss does not use chosen_kl or rejected_kl; declare LOGPS or NONE")
+    _check_reads(needs, reads, where)
+    _check_independent(loss, CASES["ordinary"], needs, where)
+    if type(loss).sign_exempt is None:
+        _check_sign(loss, CASES["ordinary"], needs, where)
+
+
+def _run(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> tuple[Synthetic, Any]:
+    try:
+        return run_on(loss, case, needs)
+    except AssertionError as exc:
+        raise AssertionError(f"{where}: {exc}") from None
+
+
+def _check_reduction(loss: Loss, out: Any, where: str, case_name: str) -> None:
+    reduce = {"mean": torch.mean, "sum": torch.sum}.get(type(loss).reduction)
+    if reduce is None:
+        return
+    expected = reduce(out.losses.detach())
+    _expect(
+        torch.allclose(out.loss.detach(), expected, rtol=1e-5, atol=1e-6),
+        f"{where}: loss {out.loss.item():.6g} is not the {type(loss).reduction} of the per-pair losses ({expected.item():.6g}) "
+        f"on {case_name} inputs; return losses.{type(loss).reduction}() or declare the loss's reduction",
+    )
+
+
+def _check_reads(needs: frozenset[Feature], reads: set[str], where: str) -> None:
+    for feature in sorted(needs - {Feature.POLICY_LOGPS, Feature.LENGTHS}, key=lambda f: f.value):
+        fields = [n for n, f in FIELD_FEATURE.items() if f is feature]
+        _expect(bool(reads & set(fields)), f"{where}: declares Feature.{feature.name} but never reads LossInputs.{' or LossInputs.'.join(fields)}; "
+                "leave it out of its features (the engine computes every declared feature)")
+
+
+def _check_independent(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
+    """Changing every input of pair j leaves the per-pair loss of every other pair unchanged."""
+    with torch.no_grad():
+        base = run_on(loss, case, needs)[1].losses
+        for j in (0, case.num_pairs - 1):
+            changed = run_on(loss, case.perturbed(j), needs)[1].losses
+            for i in range(case.num_pairs):
+                if i != j and not torch.allclose(base[i], changed[i], rtol=1e-5, atol=1e-6):
+                    raise AssertionError(
+                        f"{where}: per-pair losses mix pairs: changing the inputs of pair {j} changed the loss of pair {i} "
+                        f"({base[i].item():.6g} -> {changed[i].item():.6g}); losses[i] must depend on pair i only"
+                    )
+
+
+def _check_sign(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
+    """At policy = reference, -grad raises each chosen log-ratio and lowers each rejected one."""
+    syn, out = run_on(loss, case.at_reference(), needs)
+    out.loss.backward()
+    grad = syn.leaves["policy"].grad
+    g_c, g_r = syn.per_completion(grad if grad is not None else torch.zeros_like(syn.leaves["policy"]))
+    tol = 1e-7 * float(torch.cat([g_c, g_r]).abs().max().clamp(min=1e-30))
+    hint = "check the sign of the margin (chosen minus rejected), or set sign_exempt = '<reason>' on the loss class"
+    for i in range(case.num_pairs):
+        _expect(g_c[i] <= tol, f"{where}: at the reference point a step down the loss lowers the chosen log-ratio of pair {i} "
+                f"(d loss / d pc = {g_c[i].item():+.3g}); {hint}")
+        _expect(g_r[i] >= -tol, f"{where}: at the reference point a step down the loss raises the rejected log-ratio of pair {i} "
+                f"(d loss / d pr = {g_r[i].item():+.3g}); {hint}")
+    _expect(bool((g_c < -tol).any() or (g_r > tol).any()), f"{where}: at the reference point a step down the loss moves no log-ratio "
+            f"(zero gradient); {hint}")
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -117,75 +201,58 @@ def _expect(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def _shape(value: object) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
 def _check_metrics(where: str, metrics: object, case: str) -> None:
     _expect(isinstance(metrics, dict), f"{where}: metrics must be a dict, got {type(metrics).__name__}")
     for key, value in metrics.items():  # type: ignore[union-attr]
         _expect(isinstance(key, str), f"{where}: metric names must be strings, got {key!r}")
         if isinstance(value, torch.Tensor):
-            _expect(value.numel() == 1 and value.ndim == 0, f"{where}: metric {key!r} must be a scalar, got shape {tuple(value.shape)}")
+            _expect(value.numel() == 1 and value.ndim == 0, f"{where}: metric {key!r} must be a scalar, got shape {shape(value)}")
             _expect(not value.requires_grad, f"{where}: metric {key!r} must be detached")
             value = value.item()
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: metric {key!r} must be a number, got {type(value).__name__}")
         _expect(torch.isfinite(torch.tensor(float(value))).item(), f"{where}: metric {key!r} is not finite on {case} inputs: {value}")
 
 
-def _t(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
+def trl_dpo_loss(policy: Tokens, ref: Tokens, beta: float, *, logsumsq: Tokens | None = None,
+                 ld_alpha: float | None = None) -> torch.Tensor:
+    """TRL's own ``DPOTrainer`` loss (``loss_type="sigmoid"``) on these per-token log-probs, for parity tests.
 
+    Runs TRL's loss computation with the per-token outputs of its model replaced by
+    ``policy`` (differentiable), ``ref`` and ``logsumsq`` (which turns on TRL's
+    ``use_weighting``, WPO); ``ld_alpha`` is TRL's LD-DPO option. Each completion sits
+    after a one-token prompt, so positions line up as in a real batch. Requires ``trl``.
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
 
-# Each case: per-pair values of every field; _inputs keeps only what a loss declares.
-_CASES: dict[str, dict[str, torch.Tensor]] = {
-    "ordinary": {
-        "policy_chosen_logps": _t(-12.0, -30.5, -7.25, -50.0),
-        "policy_rejected_logps": _t(-14.0, -28.0, -9.5, -49.0),
-        "chosen_tokens": _t(6, 15, 3, 40),
-        "rejected_tokens": _t(7, 12, 5, 38),
-        "ref_chosen_logps": _t(-13.0, -30.0, -8.0, -50.5),
-        "ref_rejected_logps": _t(-13.5, -29.0, -9.0, -48.0),
-        "chosen_kl": _t(0.5, 1.25, 0.0, 3.0),
-        "rejected_kl": _t(0.75, 1.0, 0.25, 2.5),
-    },
-    "extreme log-ratio (+-1e4)": {
-        "policy_chosen_logps": _t(-1e-6, -1e4, -1e4, -1e-6),
-        "policy_rejected_logps": _t(-1e4, -1e-6, -1e4, -1e-6),
-        "chosen_tokens": _t(1, 1, 2000, 1),
-        "rejected_tokens": _t(1, 1, 1, 2000),
-        "ref_chosen_logps": _t(-1e4, -1e-6, -1e-6, -1e4),
-        "ref_rejected_logps": _t(-1e-6, -1e4, -1e-6, -1e4),
-        "chosen_kl": _t(0.0, 1e4, 0.0, 1e4),
-        "rejected_kl": _t(1e4, 0.0, 1e4, 0.0),
-    },
-    "zero-token completion": {
-        "policy_chosen_logps": _t(0.0, 0.0, -3.0),
-        "policy_rejected_logps": _t(0.0, -2.0, 0.0),
-        "chosen_tokens": _t(0, 0, 2),
-        "rejected_tokens": _t(0, 1, 0),
-        "ref_chosen_logps": _t(0.0, 0.0, -2.5),
-        "ref_rejected_logps": _t(0.0, -2.5, 0.0),
-        "chosen_kl": _t(0.0, 0.0, 0.1),
-        "rejected_kl": _t(0.0, 0.1, 0.0),
-    },
-}
+    from trl.trainer.dpo_trainer import DPOTrainer
 
-_POLICY = ("policy_chosen_logps", "policy_rejected_logps", "chosen_tokens", "rejected_tokens")
-_BY_NEED = {
-    Reference.NONE: _POLICY,
-    Reference.LOGPS: _POLICY + ("ref_chosen_logps", "ref_rejected_logps"),
-    Reference.TOKEN_KL: _POLICY + ("ref_chosen_logps", "ref_rejected_logps", "chosen_kl", "rejected_kl"),
-}
+    values, mask = policy.padded()
+    rows, width = values.shape
+    completion_mask = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)  # prompt token first
 
+    class Head(torch.nn.Module):  # stands in for a model called with fused_lm_head=True
+        is_gradient_checkpointing = False
 
-def _inputs(values: dict[str, torch.Tensor], needs: Reference) -> tuple[LossInputs, dict[str, torch.Tensor]]:
-    """LossInputs with only the fields ``needs`` declares; float fields are grad-tracking leaves."""
-    kept, leaves = {}, {}
-    for name in _BY_NEED[needs]:
-        value = values[name].clone()
-        if not name.endswith("_tokens"):
-            value.requires_grad_(True)
-            leaves[name] = value
-        kept[name] = value
-    return LossInputs(**kept), leaves
+        def __init__(self, logps: torch.Tensor) -> None:
+            super().__init__()
+            self.logps = logps
+
+        def forward(self, **_: Any) -> SimpleNamespace:
+            zeros = torch.zeros(rows, width)
+            lss = logsumsq.padded()[0] if logsumsq is not None else zeros
+            return SimpleNamespace(log_probs=self.logps, log_sum_sq_probs=lss, entropy=zeros, mean_logits=zeros,
+                                   is_top1=torch.zeros(rows, width, dtype=torch.bool), aux_loss=None)
+
+    model = Head(values)
+    identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
+    trainer = SimpleNamespace(
+        model=model, ref_model=Head(ref.padded()[0].detach()), accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None), aux_loss_enabled=False, precompute_ref_logps=False,
+        ld_alpha=ld_alpha, use_weighting=logsumsq is not None, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+        loss_weights=[1.0], beta=beta, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = {"input_ids": torch.ones(rows, width + 1, dtype=torch.long), "attention_mask": torch.ones(rows, width + 1, dtype=torch.long),
+              "completion_mask": completion_mask}
+    return DPOTrainer._compute_loss(trainer, model, inputs, False)

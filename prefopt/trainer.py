@@ -16,13 +16,15 @@ from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
 from prefopt import distributed
-from prefopt.batching import batch_order, collate, pair_length, padding_fraction
+from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.interrupt import GracefulStop
-from prefopt.resume import config_differences, drop_metrics_after, flatten, prepare_output
+from prefopt.resume import config_differences, drop_metrics_after, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
-from prefopt.step import compute_loss, evaluate
+from prefopt.samples import make_sampler
+from prefopt.step import evaluate, forward_backward, read_flags
+from prefopt.tracking import tracker_config
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
@@ -40,10 +42,12 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     accelerator.wait_for_everyone()
     run = setup(config, accelerator)
     tc = config.trainer
-    model, optimizer, params = distributed.prepare(
-        run, lambda ps: torch.optim.AdamW(ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay))
+    fused = accelerator.device.type == "cuda" and not distributed.sharded(accelerator)  # FSDP: plain AdamW on the shards
+    model, optimizer, params = distributed.prepare(run, lambda ps: torch.optim.AdamW(
+        ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=(fused and all(p.is_floating_point() for p in ps)) or None))
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = [pair_length(p) for p in run.train_pairs]
+    sizes = [pair_tokens(p) for p in run.train_pairs]
     micro_per_epoch = len(batch_order(lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
     steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
@@ -66,7 +70,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         if accelerator.is_main_process:
             drop_metrics_after(out / "metrics.jsonl", state["step"])
     if accelerator.is_main_process and tc.report_to != ["jsonl"]:
-        accelerator.init_trackers("prefopt", config=flatten(current))
+        accelerator.init_trackers("prefopt", config=tracker_config(current))
     metrics_file = out / "metrics.jsonl"
 
     def log_metrics(row: dict[str, Any]) -> None:
@@ -76,8 +80,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             if tc.report_to != ["jsonl"]:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
+    sample = make_sampler(run, unwrapped, out)  # trainer.sample_prompts completions at each evaluation
     if state["before"] is None:
         state["before"] = evaluate(run, model)
+        sample(0)
         if state["before"]:
             log_metrics({"step": 0, **state["before"]})
     epoch_cache: dict[int, list[list[int]]] = {}
@@ -90,35 +96,48 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             epoch_cache[epoch] = [b[rank * tc.batch_size : (rank + 1) * tc.batch_size] for b in batches]
         return epoch_cache[epoch][j]
 
+    def log_row(state: dict[str, Any], window: dict[str, Any], steps_per_epoch: int, lr: float) -> dict[str, Any]:
+        """Means of the metrics since the last log, reduced over processes: one collective, one host read."""
+        keys = sorted(window["sums"])
+        local = [window["sums"][k] for k in keys] + [torch.tensor(float(window["tokens"]), device=accelerator.device)]
+        values = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in local]), "sum").tolist()
+        n = window["steps"]
+        means = {k: v / n / world for k, v in zip(keys, values[:-1])}
+        row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": lr,
+               "grad_norm": means.pop("grad_norm"), "num_tokens": int(values[-1]), "padding_fraction": round(window["padding"] / n, 4),
+               "bad_steps": state["bad_steps"], **means}
+        window.update(sums={}, steps=0, tokens=0, padding=0.0)
+        return row
+
     def save(step: int) -> None:
         gathered = ckpt.gather(unwrapped, optimizer)  # every process, under FSDP
         if accelerator.is_main_process:
             ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, "config": current}, tc.keep_checkpoints, gathered)
         accelerator.wait_for_everyone()
 
+    def forwards(step: int) -> tuple[list[dict[str, Any]], list[float], float]:
+        """The batches of one optimiser step on this process, each one's share of its pairs, and padding."""
+        groups = [micro_batch(step * tc.grad_accum + k) for k in range(tc.grad_accum)]
+        if tc.max_tokens_per_forward is not None:
+            groups = split_by_tokens([i for g in groups for i in g], sizes, tc.max_tokens_per_forward)
+        n = sum(len(g) for g in groups)
+        batches = [run.make_batch(run.train_pairs, g) for g in groups]
+        padding = sum(b["padding"] * b["input_ids"].numel() for b in batches) / sum(b["input_ids"].numel() for b in batches)
+        return batches, [len(g) / n for g in groups], padding
+
     bar = tqdm(total=total, initial=state["step"], desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
     started, interrupted = time.time(), None
+    window: dict[str, Any] = {"sums": {}, "steps": 0, "tokens": 0, "padding": 0.0}  # metrics since the last log, on device
+    upcoming = forwards(state["step"]) if state["step"] < total else None
     with GracefulStop() as stop:
         while state["step"] < total:
             step = state["step"]
-            sums: dict[str, torch.Tensor] = {}
-            tokens, padding = 0, 0.0
-            for k in range(tc.grad_accum):
-                idx = micro_batch(step * tc.grad_accum + k)
-                batch = collate([run.train_pairs[i] for i in idx], idx, run.tokenizer.pad_token_id)
-                padding += padding_fraction(batch) / tc.grad_accum
-                sync = k == tc.grad_accum - 1
-                with (accelerator.no_sync(model) if not sync and world > 1 else nullcontext()):
-                    output, n = compute_loss(run, model, batch, "train")
-                    accelerator.backward(output.loss / tc.grad_accum)
-                tokens += n
-                for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
-                    sums[key] = sums.get(key, 0) + value.float() / tc.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-            keys = sorted(sums)  # one collective and one host sync for all metrics
-            reduced = dict(zip(keys, accelerator.reduce(torch.stack([sums[k] for k in keys]), "mean").tolist()))
-            finite = math.isfinite(reduced["loss"]) and math.isfinite(float(grad_norm))
+            batches, weights, padding = upcoming
+            result = forward_backward(run, model, batches, weights, params)
+            # Build the next step's batches on the host while the device works on this one.
+            upcoming = forwards(step + 1) if step + 1 < total else None
+            finite, stopping = read_flags(run, result, stop.signal is not None)
             if tc.precision == "fp16":
                 optimizer.step()
                 if optimizer.step_was_skipped:
@@ -130,25 +149,27 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                 scheduler.step()
             else:
                 state["bad_steps"] += 1
-                log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped (%d so far)",
-                            step + 1, reduced["loss"], float(grad_norm), state["bad_steps"])
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", step + 1, state["bad_steps"])
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
+            for key, value in {**result.metrics, "grad_norm": result.grad_norm}.items():
+                window["sums"][key] = window["sums"].get(key, 0) + value
+            window["steps"] += 1
+            window["tokens"] += sum(b["num_tokens"] for b in batches)
+            window["padding"] += padding
             bar.update(1)
-            bar.set_postfix(loss=f"{reduced['loss']:.4f}", acc=f"{reduced.get('rewards/accuracies', float('nan')):.2f}",
-                            margin=f"{reduced.get('rewards/margins', float('nan')):.3f}")
             if state["step"] % tc.log_every == 0 or state["step"] == total:
-                row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "num_tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item()), "padding_fraction": round(padding, 4),
-                       "bad_steps": state["bad_steps"], **reduced}
+                row = log_row(state, window, steps_per_epoch, scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                                margin=f"{row.get('rewards/margins', float('nan')):.3f}")
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:
                     row.update(evaluate(run, model))
+                    sample(state["step"])
                 log_metrics(row)
             if state["bad_steps"] > tc.max_bad_steps:
                 save(state["step"])
                 raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
-            flag = torch.tensor(float(stop.signal is not None), device=accelerator.device)
-            if accelerator.reduce(flag, "sum").item() > 0:
+            if stopping:
                 interrupted = stop.signal or signal.SIGTERM
                 save(state["step"])
                 break
@@ -166,6 +187,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     else:
         save(state["step"])
         summary["after"] = evaluate(run, model)
+        sample(state["step"])
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})
         policy_state = ckpt.full_state(unwrapped.policy)  # every process, under FSDP; None otherwise
@@ -190,5 +212,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
+    if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
+        lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {summary['steps']} steps in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
     return "\n".join(lines)

@@ -63,3 +63,41 @@ def test_describe_matches_json(capsys):
     data = json.loads(_run(capsys, "losses", "--json"))
     ipo = next(row for row in data["losses"] if row["name"] == "ipo")
     assert ipo["fields"] == describe(IPO)
+
+
+def test_losses_show_needs_per_listed_config(capsys):
+    out = _run(capsys, "losses")
+    assert "    needs: lengths, policy_logps, ref_logps (default); lengths, policy_logps (reference_free=True); they depend on the config" in out
+    assert "    needs: kl, policy_logps, ref_logps\n" in out  # tdpo: declared on the class, whatever the config
+    rows = {row["name"]: row for row in json.loads(_run(capsys, "losses", "--json"))["losses"]}
+    assert rows["dpo"]["needs_depend_on_config"] and not rows["tdpo"]["needs_depend_on_config"]
+    assert [(n["config"], n["reference"]) for n in rows["dpo"]["needs"]] == [({}, "logps"), ({"reference_free": True}, "none")]
+    assert rows["tdpo"]["needs"] == [{"config": {}, "features": ["kl", "policy_logps", "ref_logps"], "reference": "token_kl"}]
+
+
+class _Entropy(DPO):
+    """Reads the per-token entropy without declaring it (the under-declared loss of the issue)."""
+
+    name = "entropy_dpo"
+
+    def forward(self, inputs):
+        out = super().forward(inputs)
+        weight = inputs.token_entropy.mean()[0].detach()
+        return type(out)((out.losses * weight).mean(), out.losses * weight, out.metrics)
+
+
+def _config(tmp_path, loss: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{config: {{model_type: llama}}, tokenizer: tok}}\ndata: {{train: pairs.jsonl}}\nloss: {loss}\n")
+    return str(path)
+
+
+def test_validate_runs_the_loss_on_its_declared_inputs(tmp_path, capsys):
+    from prefopt.testing import registered
+
+    with registered(_Entropy):
+        assert cli.main(["validate", _config(tmp_path, "{name: dpo}")]) == 0
+        assert cli.main(["validate", _config(tmp_path, "[{name: dpo}, {name: entropy_dpo, weight: 0.5}]")]) == 2
+    err = capsys.readouterr().err
+    assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs: AttributeError" in err
+            and "it read LossInputs.token_entropy, which its needs do not declare: add Feature.TOKEN_ENTROPY" in err), err

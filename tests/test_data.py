@@ -53,9 +53,10 @@ def test_conversational_pair_uses_chat_template(tokenizer, tmp_path):
     }
     pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer, max_length=64)
     p = pairs[0]
-    assert tokenizer.decode(p.prompt_ids) == "<|bos|><|system|>\nBe brief.\n<|user|>\nThe cafe?\n<|assistant|>\n"
-    assert tokenizer.decode(p.chosen_ids) == "Lovely.\n<|eos|>"
-    assert tokenizer.decode(p.rejected_ids) == "Awful.\n<|eos|>"
+    # As TRL: only the tokens the template writes (this template writes no BOS and no EOS).
+    assert tokenizer.decode(p.prompt_ids) == "<|system|>\nBe brief.\n<|user|>\nThe cafe?\n<|assistant|>\n"
+    assert tokenizer.decode(p.chosen_ids) == "Lovely.\n"
+    assert tokenizer.decode(p.rejected_ids) == "Awful.\n"
     assert report.format == "conversational, explicit prompt"
 
 
@@ -76,8 +77,8 @@ def test_implicit_messages_prompt_is_common_leading_messages(tokenizer, tmp_path
         "rejected": [user, {"role": "assistant", "content": "Awful."}],
     }
     pairs, _ = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer, max_length=64)
-    assert tokenizer.decode(pairs[0].prompt_ids) == "<|bos|><|user|>\nThe cafe?\n<|assistant|>\n"
-    assert tokenizer.decode(pairs[0].chosen_ids) == "Lovely.\n<|eos|>"
+    assert tokenizer.decode(pairs[0].prompt_ids) == "<|user|>\nThe cafe?\n<|assistant|>\n"
+    assert tokenizer.decode(pairs[0].chosen_ids) == "Lovely.\n"
 
 
 def test_chat_template_that_is_not_prefix_consistent_is_an_error(tokenizer_dir, tmp_path):

@@ -78,7 +78,7 @@ import os, sys, torch
 from prefopt.config import load_config
 from prefopt.run import setup
 run = setup(load_config(sys.argv[1] + f"/cfg-{os.environ['RANK']}.yaml", []))
-torch.save(run.caches["train"], sys.argv[1] + f"/values-{os.environ['RANK']}.pt")
+torch.save(run.caches["train"].sums, sys.argv[1] + f"/values-{os.environ['RANK']}.pt")
 run.accelerator.end_training()
 """
 

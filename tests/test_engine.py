@@ -122,17 +122,24 @@ def test_builtin_losses_move_the_right_way(case, assets, tmp_path):
         assert len(_cache_files(tmp_path)) == 1  # train only: this run has no held-out data
 
 
+def _plan(run):
+    from prefopt.losses.base import needs_of
+    from prefopt.step import Plan
+
+    return Plan.of(needs_of(run.loss), run.mode)
+
+
 def test_reference_mode_none_never_loads_a_reference(assets, tmp_path):
     from prefopt.trainer import setup
 
     # a reference that does not exist: it would fail to load if anything tried
     raw = make_config(assets, tmp_path, loss={"name": "sft"}, model__reference=str(tmp_path / "missing-model"))
     run = setup(validate(raw))
-    assert run.mode == "none" and run.model.reference is None and run.caches == {} and run.ref_kind == "none"
+    assert run.mode == "none" and run.model.reference is None and run.caches == {} and _plan(run).reference == "none"
     assert not (tmp_path / "cache").exists()
 
     live = setup(validate(make_config(assets, tmp_path, loss={"name": "tdpo", "variant": "tdpo1"})))
-    assert live.mode == "live" and live.model.reference is not None and live.ref_kind == "kl"
+    assert live.mode == "live" and live.model.reference is not None and _plan(live).reference == "kl"
     assert not any(p.requires_grad for p in live.model.reference.parameters())
     assert not (tmp_path / "cache").exists()
 
@@ -174,7 +181,7 @@ def test_resume_after_a_crash_continues_the_same_run(assets, tmp_path, monkeypat
     _train(whole)
 
     broken = make_config(assets, tmp_path / "broken", **common)
-    real, calls = trainer.compute_loss, {"n": 0}
+    real, calls = trainer.forward_backward, {"n": 0}
 
     def crash_on_fifth_step(*args, **kwargs):
         calls["n"] += 1
@@ -182,10 +189,10 @@ def test_resume_after_a_crash_continues_the_same_run(assets, tmp_path, monkeypat
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "compute_loss", crash_on_fifth_step)
+    monkeypatch.setattr(trainer, "forward_backward", crash_on_fifth_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(broken)
-    monkeypatch.setattr(trainer, "compute_loss", real)
+    monkeypatch.setattr(trainer, "forward_backward", real)
     out = Path(broken["trainer"]["output_dir"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-0000002", "step-0000004"]
     assert not (out / "model.safetensors").exists()

@@ -159,12 +159,27 @@ def _batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _engine(batch: dict) -> dict:
+    """The padded batch in the engine's layout: per-position targets and the flat index of completion positions."""
+    labels = batch["labels"]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return {**batch, "targets": targets, "token_index": (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]}
+
+
+def _dense(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values back into the ``(N, T-1)`` layout of the naive functions (zero where masked)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return torch.zeros(mask.shape).masked_scatter(mask, flat)
+
+
 @pytest.mark.parametrize("chunk", [1, 512])
 def test_preference_model_matches_full_logits_of_a_tiny_llama(chunk):
     policy, reference = _tiny_llama(0), _tiny_llama(1)
     batch = _batch()
     module = PreferenceModel(policy, reference, chunk_tokens=chunk)
-    out = module(batch, reference="kl")
+    engine = _engine(batch)
+    out = {k: _dense(v, batch["labels"]) for k, v in module(engine, reference="kl").items()}
     with torch.no_grad():
         pol_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -172,14 +187,14 @@ def test_preference_model_matches_full_logits_of_a_tiny_llama(chunk):
     torch.testing.assert_close(out["ref_logps"], naive_token_logps(ref_logits, batch["labels"]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["kl"], naive_token_kl(ref_logits, pol_logits, batch["labels"]), atol=1e-5, rtol=1e-5)
 
-    logps_only = module(batch, reference="logps")
+    logps_only = module(engine, reference="logps")
     assert set(logps_only) == {"logps", "ref_logps"}
-    torch.testing.assert_close(logps_only["ref_logps"], out["ref_logps"], atol=1e-6, rtol=1e-6)
-    assert set(module(batch)) == {"logps"}
+    torch.testing.assert_close(_dense(logps_only["ref_logps"], batch["labels"]), out["ref_logps"], atol=1e-6, rtol=1e-6)
+    assert set(module(engine)) == {"logps"}
 
     # gradients through the chunked path equal those through the full logits
     policy.zero_grad()
-    module(batch)["logps"].sum().backward()
+    module(engine)["logps"].sum().backward()
     chunked = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -193,7 +208,8 @@ def test_padding_does_not_change_a_rows_log_probs():
     policy = _tiny_llama(2)
     batch = _batch()
     module = PreferenceModel(policy)
-    full = module(batch)["logps"]
-    alone = module({k: v[1:2, :6] for k, v in batch.items()})["logps"]  # row 1 without its padding
+    full = _dense(module(_engine(batch))["logps"], batch["labels"])
+    row = {k: v[1:2, :6] for k, v in batch.items()}  # row 1 without its padding
+    alone = _dense(module(_engine(row))["logps"], row["labels"])
     torch.testing.assert_close(full[1, :5], alone[0], atol=1e-5, rtol=1e-5)
     assert torch.all(full[1, 5:] == 0)

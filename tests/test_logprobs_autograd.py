@@ -57,3 +57,28 @@ def test_no_completion_positions_gives_zeros() -> None:
         out = chunked_token_logps(torch.randn(2, 5, 8), torch.nn.Linear(8, 20), torch.full((2, 5), -100), 4, torch.randn(2, 5, 8), torch.nn.Linear(8, 20))
     assert set(out) == {"logps", "kl", "ref_logps"}
     assert all(v.shape == (2, 4) and not v.any() for v in out.values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_entropy_and_log_sum_of_squares_match_full_logits(bias: bool) -> None:
+    """Per-token entropy and log(sum p^2), values and gradients, against autograd through full log-softmax."""
+    from prefopt.logprobs import token_features
+
+    torch.manual_seed(1)
+    h = torch.randn(13, H, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=bias).to(torch.float64)
+    target = torch.randint(0, V, (13,))
+    w = {k: torch.randn(13, dtype=torch.float64) for k in ("logps", "entropy", "logsumsq")}
+
+    out = token_features(h, head, target, 4, stats=True)
+    (sum((out[k] * w[k]).sum() for k in w)).backward()
+    got = [out[k].detach() for k in w] + [h.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+
+    h.grad = None
+    head.zero_grad()
+    logp = head(h).log_softmax(-1)
+    want_out = {"logps": logp.gather(-1, target[:, None])[:, 0], "entropy": -(logp.exp() * logp).sum(-1), "logsumsq": (2 * logp).logsumexp(-1)}
+    (sum((want_out[k] * w[k]).sum() for k in w)).backward()
+    want = [want_out[k].detach() for k in w] + [h.grad] + [p.grad for p in head.parameters()]
+    for g, x in zip(got, want):  # the vocabulary reductions run in fp32
+        assert torch.allclose(g.double(), x.double(), atol=1e-6 * (1 + x.abs().max().item()), rtol=0)

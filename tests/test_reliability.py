@@ -232,7 +232,7 @@ def test_reference_cache_corruption_and_staleness_are_detected(tmp_path, caplog)
     values = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     path = tmp_path / "k1.safetensors"
     ref.save_cache(path, "k1", values)
-    assert torch.equal(ref.load_cache(path, "k1", 6), values)
+    assert torch.equal(ref.load_cache(path, "k1", 6).sums, values)
 
     cases = {
         "truncated": (lambda: path.write_bytes(path.read_bytes()[:-7]), "k1", 6, r"is unreadable \(.+\)"),
@@ -269,7 +269,7 @@ def test_changed_inputs_recompute_the_cache_and_the_log_says_why(project, tmp_pa
     assert len(files) == 1 and "none at" in log and "computing it" in log
     again, log = run()
     assert "reference cache (train): reusing" in log
-    assert torch.equal(first.caches["train"], again.caches["train"])
+    assert torch.equal(first.caches["train"].sums, again.caches["train"].sums)
 
     expected = {
         "trainer.seed": "differs in: reference weights",  # another initialisation of the (reference) policy
@@ -288,7 +288,7 @@ def test_changed_inputs_recompute_the_cache_and_the_log_says_why(project, tmp_pa
     _flip(files[0], -3)
     fixed, log = run()
     assert "fails its checksum (corrupted); recomputing it" in log and "reference cache (train): wrote" in log
-    assert torch.equal(fixed.caches["train"], first.caches["train"])
+    assert torch.equal(fixed.caches["train"].sums, first.caches["train"].sums)
     assert ref.load_cache(files[0], files[0].stem, len(first.train_pairs)) is not None
 
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from prefopt import Loss, LossConfig, LossInputs, LossOutput, Reference, build_loss
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO, IPO, SFT, TDPO
-from prefopt.losses.base import ref_logps, reward_metrics
+from prefopt.losses.base import Feature, log_ratios, ref_logps, reward_metrics
 from prefopt.registry import get_registry
 from prefopt.testing import check_loss, registered
 
@@ -130,10 +130,11 @@ class PermissiveConfig(Good):
 @pytest.mark.parametrize(
     "cls, message",
     [
-        (ReadsUndeclaredReference, r"declares needs=NONE.*ref_chosen_logps is required"),
-        (DeclaresUnusedReference, r"declares needs=LOGPS but .* does not use the reference"),
-        (NaiveLogSigmoid, r"non-finite loss on extreme log-ratio"),
-        (UnclampedLengths, r"non-finite loss on zero-token completion"),
+        (ReadsUndeclaredReference, r"declared features: LENGTHS, POLICY_LOGPS\).*ref_chosen_logps is required.*"
+                                   r"add Feature.REF_LOGPS to its features"),
+        (DeclaresUnusedReference, r"declares Feature.REF_LOGPS but never reads LossInputs.ref_chosen_logps"),
+        (NaiveLogSigmoid, r"on extreme log-ratio .* inputs .*: non-finite loss"),
+        (UnclampedLengths, r"on zero-token completion inputs .*: non-finite loss"),
         (ScalarLosses, r"per-pair losses must have shape \(4,\), got \(\)"),
         (NoRewardMetrics, r"must report the metrics rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies"),
         (AttachedMetric, r"metric 'loss/raw' must be detached"),
@@ -144,6 +145,113 @@ class PermissiveConfig(Good):
 def test_broken_losses_are_caught(cls, message):
     with pytest.raises(AssertionError, match=message):
         check_loss(cls)
+
+
+class SignError(Good):
+    name = "sign"
+
+    def forward(self, inputs):
+        chosen, rejected = self.rewards(inputs)
+        losses = -F.logsigmoid(rejected - chosen)  # h_r - h_c: trains the wrong way
+        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+
+class SummedLoss(Good):
+    name = "summed"
+
+    def forward(self, inputs):
+        out = super().forward(inputs)
+        return LossOutput(out.losses.sum(), out.losses, out.metrics)
+
+
+class MixesPairs(Good):
+    name = "mixes"
+
+    def forward(self, inputs):
+        chosen, rejected = self.rewards(inputs)
+        losses = -F.logsigmoid(chosen[:, None] - rejected[None, :]).mean(1)  # (B, B) averaged back to (B,)
+        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+
+class TokenMeanConfig(LossConfig):
+    beta: float = Field(0.1, gt=0, description="Inverse temperature.")
+    weighted: bool = Field(False, description="Weight each pair by its mean token entropy.")
+
+
+class TokenMean(Loss):
+    """DPO on mean per-token log-ratios, optionally weighted by mean entropy: needs depend on the config."""
+
+    name = "token_mean"
+    Config = TokenMeanConfig
+    examples = ({"weighted": True},)
+
+    @property
+    def needs(self):
+        base = {Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS}
+        return frozenset(base | ({Feature.TOKEN_ENTROPY} if self.config.weighted else set()))
+
+    def forward(self, inputs):
+        pc, pr = inputs.policy_token_logps.mean()
+        rc, rr = inputs.ref_token_logps.mean()
+        chosen, rejected = self.config.beta * (pc - rc), self.config.beta * (pr - rr)
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.config.weighted:
+            ec, er = inputs.token_entropy.mean()
+            losses = losses * (ec * er).detach()
+        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+
+class ForgetsEntropy(TokenMean):
+    """Reads the entropy when weighted but never declares it."""
+
+    name = "forgets_entropy"
+    examples = ()
+
+    @property
+    def needs(self):
+        return frozenset({Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS})
+
+
+def test_per_token_loss_passes_on_every_listed_config():
+    check_loss(TokenMean)
+
+
+def test_under_declared_per_token_input_is_named():
+    check_loss(ForgetsEntropy)  # the default config does not read the entropy, and it lists no other
+    with pytest.raises(AssertionError, match=r"with \{'beta': 0.1, 'weighted': True\}: on ordinary inputs.*AttributeError.*"
+                       r"it read LossInputs.token_entropy, which its needs do not declare: add Feature.TOKEN_ENTROPY"):
+        check_loss(ForgetsEntropy, configs=[{}, {"weighted": True}])
+    with pytest.raises(AssertionError, match="add Feature.TOKEN_ENTROPY"):
+        check_loss(type("ListsIt", (ForgetsEntropy,), {"name": "lists_it", "examples": ({"weighted": True},)}))
+
+
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        (SignError, r"a step down the loss lowers the chosen log-ratio of pair 0 \(d loss / d pc = \+0.0125\); check the sign"),
+        (SummedLoss, r"loss 2.6\d+ is not the mean of the per-pair losses \(0.6\d+\) on ordinary inputs"),
+        (MixesPairs, r"per-pair losses mix pairs: changing the inputs of pair 0 changed the loss of pair 1"),
+    ],
+)
+def test_wrong_math_is_caught(cls, message):
+    with pytest.raises(AssertionError, match=message):
+        check_loss(cls)
+
+
+def test_stated_reduction_and_sign_exemption_are_honoured():
+    check_loss(type("Summed", (SummedLoss,), {"name": "summed2", "reduction": "sum"}))
+    check_loss(type("Exempt", (SignError,), {"name": "exempt", "sign_exempt": "a test of the exemption"}))
+    with pytest.raises(AssertionError, match="sign_exempt must be None or the reason"):
+        check_loss(type("Blank", (SignError,), {"name": "blank", "sign_exempt": " "}))
+
+
+def test_config_dependent_needs_are_checked_per_listed_config():
+    check_loss(DPO)  # default and its example reference_free=True
+    broken = type("BrokenFree", (DPO,), {"name": "broken_free", "needs": property(lambda self: Reference.NONE)})
+    with pytest.raises(AssertionError, match=r"BrokenFree \('broken_free'\): on ordinary inputs .*ref_chosen_logps is required"):
+        check_loss(broken)
+    with pytest.raises(AssertionError, match=r"with \{'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False\}: on ordinary"):
+        check_loss(broken, configs=[{"reference_free": True}, {"reference_free": False}])
 
 
 def test_not_a_loss_is_caught():

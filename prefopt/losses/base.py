@@ -1,8 +1,9 @@
 """The loss contract: what a loss declares, receives and returns."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import ClassVar
 
 import pydantic
@@ -18,6 +19,123 @@ class Reference(IntEnum):
     TOKEN_KL = 2  # per-token KL(ref || policy) over the vocabulary: needs a live reference
 
 
+class Feature(str, Enum):
+    """A quantity a loss can read. The engine computes exactly the union of what the configured losses declare.
+
+    Per-pair features are ``(B,)`` tensors on :class:`LossInputs`; per-token ones are
+    :class:`Tokens` (every completion token of the batch, packed).
+    """
+
+    POLICY_LOGPS = "policy_logps"  # policy_chosen_logps / policy_rejected_logps: always provided
+    LENGTHS = "lengths"  # chosen_tokens / rejected_tokens: completion token counts
+    REF_LOGPS = "ref_logps"  # ref_chosen_logps / ref_rejected_logps: summed reference log-probs (cacheable)
+    KL = "kl"  # chosen_kl / rejected_kl: summed per-token KL(ref || policy) (live reference)
+    POLICY_TOKEN_LOGPS = "policy_token_logps"  # per-token policy log-probs of the completion tokens
+    REF_TOKEN_LOGPS = "ref_token_logps"  # per-token reference log-probs (cacheable)
+    TOKEN_KL = "token_kl"  # per-token KL(ref || policy) over the vocabulary (live reference)
+    TOKEN_ENTROPY = "token_entropy"  # per-token entropy of the policy's next-token distribution
+    TOKEN_LOGSUMSQ = "token_logsumsq"  # per-token log(sum_v p_v^2) of the policy (WPO's normaliser)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Needs = frozenset  # a frozenset of Feature
+
+# What the v1 ``reference`` declaration means in features.
+LEGACY_NEEDS: dict[Reference, frozenset[Feature]] = {
+    Reference.NONE: frozenset({Feature.POLICY_LOGPS, Feature.LENGTHS}),
+    Reference.LOGPS: frozenset({Feature.POLICY_LOGPS, Feature.LENGTHS, Feature.REF_LOGPS}),
+    Reference.TOKEN_KL: frozenset({Feature.POLICY_LOGPS, Feature.LENGTHS, Feature.REF_LOGPS, Feature.KL}),
+}
+_LIVE = {Feature.KL, Feature.TOKEN_KL}  # over the reference's vocabulary: no cache can hold them
+_REFERENCE = {Feature.REF_LOGPS, Feature.REF_TOKEN_LOGPS} | _LIVE
+TOKEN_FEATURES = (Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS, Feature.TOKEN_KL, Feature.TOKEN_ENTROPY, Feature.TOKEN_LOGSUMSQ)
+
+
+def as_needs(value: Reference | Iterable[Feature | str]) -> frozenset[Feature]:
+    """A loss's declaration as a set of features (a v1 :class:`Reference` maps through ``LEGACY_NEEDS``)."""
+    if isinstance(value, Reference):
+        return LEGACY_NEEDS[value]
+    if isinstance(value, str):
+        raise TypeError(f"needs must be a set of features, got the string {value!r}")
+    try:
+        return frozenset(Feature(v) for v in value) | {Feature.POLICY_LOGPS}
+    except ValueError as exc:
+        raise ValueError(f"{exc}; known features: {', '.join(f.value for f in Feature)}") from None
+
+
+def reference_for(needs: Iterable[Feature]) -> Reference:
+    """The reference model a set of features requires: none, log-probs only (cacheable), or live."""
+    needs = set(needs)
+    if needs & _LIVE:
+        return Reference.TOKEN_KL
+    return Reference.LOGPS if needs & _REFERENCE else Reference.NONE
+
+
+@dataclass
+class Tokens:
+    """Per-token values of every completion token of a batch of ``B`` pairs, packed flat.
+
+    ``values[offsets[s]:offsets[s + 1]]`` is completion ``s``: chosen completions of pairs
+    ``0..B-1`` are sequences ``0..B-1``, rejected ones are ``B..2B-1``. This is the layout
+    the engine computes in, so reading it costs nothing; :meth:`padded` gives a
+    ``(2B, T)`` view with a mask for code that prefers rows.
+    """
+
+    values: torch.Tensor  # (N,)
+    seq: torch.Tensor  # (N,) sequence index of each token, 0..2B-1
+    position: torch.Tensor  # (N,) index of each token within its completion, 0..len-1
+    lengths: torch.Tensor  # (2B,) completion lengths (on the values' device)
+    offsets: list[int] = field(repr=False)  # host copy of the 2B+1 boundaries
+
+    @classmethod
+    def from_lengths(cls, values: torch.Tensor, lengths: Iterable[int]) -> "Tokens":
+        """Wrap flat ``values`` cut into completions of the given lengths (chosen ones first)."""
+        lengths = [int(n) for n in lengths]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        if values.shape != (offsets[-1],):
+            raise ValueError(f"Tokens: values have shape {tuple(values.shape)}, lengths sum to {offsets[-1]}")
+        if len(lengths) % 2:
+            raise ValueError("Tokens: lengths must list chosen then rejected completions (an even count)")
+        dev = values.device
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long)).to(dev)
+        position = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        return cls(values, seq, position.to(dev), torch.tensor(lengths, device=dev), offsets)
+
+    @property
+    def num_pairs(self) -> int:
+        return (len(self.offsets) - 1) // 2
+
+    def like(self, values: torch.Tensor) -> "Tokens":
+        """The same layout holding other per-token ``values`` (e.g. weighted log-probs)."""
+        return Tokens(values, self.seq, self.position, self.lengths, self.offsets)
+
+    def sum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-completion sums: ``(chosen (B,), rejected (B,))``."""
+        out = torch.zeros(2 * self.num_pairs, dtype=self.values.dtype, device=self.values.device)
+        out = out.index_add(0, self.seq, self.values)
+        return out[: self.num_pairs], out[self.num_pairs :]
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-completion means (an empty completion gives 0)."""
+        c, r = self.sum()
+        n = self.lengths.to(self.values.dtype).clamp(min=1)
+        return c / n[: self.num_pairs], r / n[self.num_pairs :]
+
+    def padded(self, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values (2B, T), mask (2B, T))``: completion ``s`` in row ``s``, left-aligned, ``fill`` after it."""
+        width = max((b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])), default=0)
+        rows = 2 * self.num_pairs
+        out = self.values.new_full((rows, width), fill)
+        out = out.index_put((self.seq, self.position), self.values)
+        mask = torch.zeros(rows, width, dtype=torch.bool, device=self.values.device)
+        mask[self.seq, self.position] = True
+        return out, mask
+
+
 class LossConfig(pydantic.BaseModel):
     """Base of every loss config: unknown keys are rejected and types are strict."""
 
@@ -26,10 +144,13 @@ class LossConfig(pydantic.BaseModel):
 
 @dataclass
 class LossInputs:
-    """Per-pair quantities (shape ``(B,)``) a loss reads; unused ones stay ``None``.
+    """What a loss reads: per-pair ``(B,)`` tensors and per-token :class:`Tokens`.
 
     Log-probs are summed over completion tokens; ``*_tokens`` count those tokens;
     ``*_kl`` is the sequential KL, sum over completion positions of KL(ref || policy).
+    The ``token_*`` fields hold the same quantities per token (the sums are their
+    :meth:`Tokens.sum`). The engine fills only what the loss declares in ``needs``;
+    everything else is ``None``.
     """
 
     policy_chosen_logps: torch.Tensor
@@ -40,24 +161,46 @@ class LossInputs:
     ref_rejected_logps: torch.Tensor | None = None
     chosen_kl: torch.Tensor | None = None
     rejected_kl: torch.Tensor | None = None
+    policy_token_logps: Tokens | None = None
+    ref_token_logps: Tokens | None = None
+    token_kl: Tokens | None = None
+    token_entropy: Tokens | None = None
+    token_logsumsq: Tokens | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None and not isinstance(value, torch.Tensor):
+            if value is not None and not isinstance(value, (torch.Tensor, Tokens)):
                 setattr(self, f.name, torch.as_tensor(value, dtype=torch.float32))
 
-    def require(self, *names: str) -> list[torch.Tensor]:
-        """The named fields, or a ValueError naming the first one missing."""
+    def require(self, *names: str) -> list:
+        """The named fields, or a ValueError naming the first one missing and the feature that provides it."""
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
-            raise ValueError(f"LossInputs.{missing[0]} is required by this loss but was not provided")
+            feature = FIELD_FEATURE.get(missing[0])
+            hint = f" (declare Feature.{feature.name} in the loss's needs)" if feature else ""
+            raise ValueError(f"LossInputs.{missing[0]} is required by this loss but was not provided{hint}")
         return [getattr(self, n) for n in names]
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Completion token counts clamped to >= 1, so dividing by them never gives NaN."""
         c, r = self.require("chosen_tokens", "rejected_tokens")
         return c.to(self.policy_chosen_logps.dtype).clamp(min=1), r.to(self.policy_rejected_logps.dtype).clamp(min=1)
+
+
+# Which feature fills each LossInputs field.
+FIELD_FEATURE: dict[str, Feature] = {
+    "policy_chosen_logps": Feature.POLICY_LOGPS, "policy_rejected_logps": Feature.POLICY_LOGPS,
+    "chosen_tokens": Feature.LENGTHS, "rejected_tokens": Feature.LENGTHS,
+    "ref_chosen_logps": Feature.REF_LOGPS, "ref_rejected_logps": Feature.REF_LOGPS,
+    "chosen_kl": Feature.KL, "rejected_kl": Feature.KL,
+    **{f.value: f for f in TOKEN_FEATURES},
+}
+
+
+def needs_of(loss: object) -> frozenset[Feature]:
+    """The features a loss (or a weighted combination) reads, whatever form it declares them in."""
+    return as_needs(loss.needs)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -72,22 +215,31 @@ class LossOutput:
 class Loss:
     """Base class of every preference loss, built-in or from a plugin.
 
-    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``reference``,
-    and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
+    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``features`` (or
+    the legacy ``reference``), and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
     both build one; call it on :class:`LossInputs`.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[LossConfig]] = LossConfig
     reference: ClassVar[Reference] = Reference.LOGPS
+    features: ClassVar[frozenset[Feature] | None] = None  # None: the features ``reference`` implies
+    examples: ClassVar[tuple[dict, ...]] = ()  # configs worth checking beside the default (kit, `prefopt losses`)
+    reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
+    sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("features") is not None:  # keep the v1 ``reference`` in step for code that reads it
+            cls.reference = reference_for(as_needs(cls.features))
 
     def __init__(self, config: LossConfig | None = None, **kwargs: object) -> None:
         self.config = config if config is not None else self.Config(**kwargs)
 
     @property
-    def needs(self) -> Reference:
-        """What this configured loss needs from the reference model (may depend on config)."""
-        return self.reference
+    def needs(self) -> frozenset[Feature]:
+        """The features this configured loss reads (override when they depend on the config)."""
+        return as_needs(self.features) if self.features is not None else LEGACY_NEEDS[self.reference]
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
         return self.forward(inputs)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefopt.losses.base import Loss, LossInputs, LossOutput, Reference
+from prefopt.losses.base import Feature, Loss, LossInputs, LossOutput, needs_of
 
 
 class WeightedLoss:
@@ -20,8 +20,8 @@ class WeightedLoss:
         self.name = "+".join(self.labels)
 
     @property
-    def needs(self) -> Reference:
-        return max(loss.needs for _, loss in self.terms)
+    def needs(self) -> frozenset[Feature]:
+        return frozenset().union(*(needs_of(loss) for _, loss in self.terms))
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
         total: torch.Tensor | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.base import LEGACY_NEEDS, Feature, Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
 
 
 class DPOConfig(LossConfig):
@@ -20,10 +20,11 @@ class DPO(Loss):
     name = "dpo"
     Config = DPOConfig
     reference = Reference.LOGPS
+    examples = ({"reference_free": True},)
 
     @property
-    def needs(self) -> Reference:
-        return Reference.NONE if self.config.reference_free else Reference.LOGPS
+    def needs(self) -> frozenset[Feature]:
+        return LEGACY_NEEDS[Reference.NONE if self.config.reference_free else Reference.LOGPS]
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.base import Feature, Loss, LossConfig, LossInputs, LossOutput, log_ratios, preference_loss, reward_metrics
 
 
 class TDPOConfig(LossConfig):
@@ -21,7 +21,7 @@ class TDPO(Loss):
 
     name = "tdpo"
     Config = TDPOConfig
-    reference = Reference.TOKEN_KL
+    features = frozenset({Feature.REF_LOGPS, Feature.KL})  # KL: a live reference
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta = self.config.beta

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prefopt import LossInputs, Reference, build_loss
+from prefopt.losses.base import reference_for
 from prefopt.losses import DPO
 from prefopt.testing import check_loss, registered
 from prefopt_robust import RobustDPO
@@ -56,4 +57,4 @@ def test_no_noise_is_dpo():
 def test_selectable_by_name():
     with registered(RobustDPO):
         loss = build_loss({"name": "robust", "label_smoothing": 0.25})
-    assert isinstance(loss, RobustDPO) and loss.needs == Reference.LOGPS
+    assert isinstance(loss, RobustDPO) and reference_for(loss.needs) is Reference.LOGPS

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prefopt import LossInputs, Reference, build_loss
+from prefopt.losses.base import reference_for
 from prefopt.errors import ConfigError
 from prefopt.testing import check_loss, registered
 from prefopt_simpo import SimPO
@@ -50,7 +51,7 @@ def test_length_normalised_and_reference_free():
     short = LossInputs(policy_chosen_logps=[-2.0], policy_rejected_logps=[-4.0], chosen_tokens=[2], rejected_tokens=[4])
     long = LossInputs(policy_chosen_logps=[-20.0], policy_rejected_logps=[-40.0], chosen_tokens=[20], rejected_tokens=[40])
     assert SimPO()(short).loss.item() == pytest.approx(SimPO()(long).loss.item())
-    assert SimPO().needs == Reference.NONE
+    assert reference_for(SimPO().needs) is Reference.NONE
 
 
 def test_selectable_by_name_with_validated_config():

@@ -1,0 +1,123 @@
+"""Attention over packed rows: several sequences end to end, each attending only to itself.
+
+Registered with transformers as the ``prefopt_packed`` attention implementation, so any
+model whose attention layers go through transformers' attention interface (Llama, Qwen2,
+Mistral, GPT-2, ...) can run packed batches. The kernel is chosen once per run:
+
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention, CUDA, sm80+),
+  one call for all sequences, no padding, no per-length plans;
+- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` per sequence; the fallback on
+  CPU and where the varlen kernel is missing. Same numbers, more launches.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from prefopt.errors import ConfigError
+
+NAME = "prefopt_packed"
+_registered = False
+
+
+def register() -> None:
+    """Make ``prefopt_packed`` a transformers attention implementation (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, packed_attention)
+        _registered = True
+
+
+@contextmanager
+def standard(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with transformers' own SDPA attention inside the block (generation, plain forwards).
+
+    A policy set up for packed rows accepts only packed batches; anything else that calls
+    the Hugging Face model directly goes through this.
+    """
+    config = model.config
+    before = config._attn_implementation
+    if before == NAME:
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def varlen_available(device: torch.device) -> bool:
+    """True where the variable-length FlashAttention kernel can run (CUDA, sm80+, torch >= 2.10)."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def choose_kernel(requested: str, device: torch.device, packing: bool, precision: str = "bf16") -> tuple[str, str]:
+    """The attention kernel a run uses, and why (logged at start-up)."""
+    if not packing:
+        if requested not in ("auto", "sdpa", "eager"):
+            raise ConfigError(f"trainer.attention: {requested} needs packed batches (trainer.packing: true)")
+        kernel = "eager" if requested == "eager" else "sdpa"
+        return kernel, "padded batches (trainer.packing: false) through transformers' own attention"
+    if requested == "eager":
+        raise ConfigError("trainer.attention: eager needs padded batches (trainer.packing: false)")
+    has_varlen = varlen_available(device)
+    if requested == "varlen" and not has_varlen:
+        raise ConfigError("trainer.attention: varlen needs CUDA (sm80+) and torch >= 2.10; use auto or sdpa")
+    if requested == "varlen" and precision == "fp32":
+        raise ConfigError("trainer.attention: varlen (FlashAttention) needs trainer.precision bf16 or fp16")
+    if requested == "sdpa" or not has_varlen or precision == "fp32":
+        why = ("set by trainer.attention" if requested == "sdpa" else f"no variable-length kernel on {torch.device(device).type}"
+               if not has_varlen else "FlashAttention needs bf16 or fp16; trainer.precision is fp32")
+        return "sdpa", f"packed rows, one scaled_dot_product_attention call per sequence ({why})"
+    return "varlen", "packed rows, one variable-length FlashAttention call per layer (no padding, no per-length plans)"
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sequence; ``query`` is ``(1, heads, L, dim)``."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ConfigError("trainer.packing: this model's attention (soft-capping or sinks) is not supported packed; set trainer.packing: false")
+    if "prefopt_cu_host" not in kwargs:
+        raise RuntimeError("this model is set up for packed batches (prefopt_packed attention); "
+                           "call it on other inputs inside prefopt.attention.standard(model)")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    cu_host: list[int] = kwargs["prefopt_cu_host"]
+    if kwargs.get("prefopt_kernel") == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (L, heads, dim)
+        cu = kwargs["cu_seq_lens_q"]
+        out = varlen_attn(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_q"], scale=scaling,
+                          window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
+        return out.unsqueeze(0), None
+    p = dropout if module.training else 0.0
+    gqa = key.shape[1] != query.shape[1]
+    parts = []
+    for s, e in zip(cu_host[:-1], cu_host[1:]):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if window and e - s > window:
+            i = torch.arange(e - s, device=q.device)
+            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa))
+        else:
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling, enable_gqa=gqa))
+    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None

@@ -1,0 +1,99 @@
+"""The engine computes exactly the features a loss declares, from the cache or a live reference alike."""
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import Field
+
+from engine_helpers import make_config, read_metrics, write_assets
+from prefopt.config import validate
+from prefopt.losses.base import Feature, Loss, LossConfig, LossInputs, LossOutput, preference_loss, reward_metrics
+from prefopt.testing import registered
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "builtins_only")
+SEEN: list[dict[str, bool]] = []
+
+
+class TokenMeanConfig(LossConfig):
+    beta: float = Field(1.0, gt=0, description="Inverse temperature.")
+
+
+class TokenMeanDPO(Loss):
+    """DPO on per-token mean log-ratios, built from the per-token features (cacheable reference)."""
+
+    name = "token-mean-dpo"
+    Config = TokenMeanConfig
+    features = frozenset({Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS})
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        SEEN.append({f: getattr(inputs, f) is not None for f in ("chosen_tokens", "ref_chosen_logps", "chosen_kl", "token_kl", "token_entropy")})
+        ratio = inputs.policy_token_logps.like(inputs.policy_token_logps.values - inputs.ref_token_logps.values)
+        chosen, rejected = ratio.mean()
+        losses = preference_loss(self.config.beta * (chosen - rejected))
+        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+
+class EntropyBonus(Loss):
+    """A reference-free loss reading only the policy's per-token entropy."""
+
+    name = "entropy-bonus"
+    Config = LossConfig
+    features = frozenset({Feature.TOKEN_ENTROPY})
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        SEEN.append({"ref": inputs.ref_chosen_logps is not None or inputs.ref_token_logps is not None, "tokens": inputs.chosen_tokens is not None})
+        c, r = inputs.token_entropy.mean()
+        losses = -(c + r)
+        return LossOutput(losses.mean(), losses, {"entropy/chosen": c.detach().mean()})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("assets"), n_train=48, n_eval=8)
+
+
+def _train(raw: dict) -> dict:
+    from prefopt.trainer import train
+
+    return train(validate(raw))
+
+
+def test_per_token_reference_from_the_cache_equals_the_live_one(assets, tmp_path):
+    with registered(TokenMeanDPO):
+        cached = make_config(assets, tmp_path / "cached", loss={"name": "token-mean-dpo"}, max_steps=3, reference__batch_size=5)
+        live = make_config(assets, tmp_path / "live", loss={"name": "token-mean-dpo"}, max_steps=3, reference__mode="live")
+        SEEN.clear()
+        assert _train(cached)["reference"] == "cache"
+        assert SEEN and not any(any(s.values()) for s in SEEN)  # nothing undeclared was computed or passed
+        assert _train(live)["reference"] == "live"
+    from safetensors import safe_open
+
+    [cache_file] = (tmp_path / "cached" / "cache").glob("*.safetensors")
+    with safe_open(str(cache_file), "pt") as f:
+        assert "ref_token_logps" in f.keys()
+    a, b = read_metrics(cached["trainer"]["output_dir"]), read_metrics(live["trainer"]["output_dir"])
+    assert a[0]["loss"] == pytest.approx(0.6931471, abs=1e-6)  # policy == reference at the first step
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-4), (x["step"], key)
+
+
+def test_sum_only_losses_cache_no_per_token_values(assets, tmp_path):
+    raw = make_config(assets, tmp_path, max_steps=1)
+    _train(raw)
+    from safetensors import safe_open
+
+    [cache_file] = (tmp_path / "cache").glob("*.safetensors")
+    with safe_open(str(cache_file), "pt") as f:
+        assert set(f.keys()) == {"ref_logps"}
+
+
+def test_a_policy_only_feature_loads_no_reference(assets, tmp_path):
+    with registered(EntropyBonus):
+        raw = make_config(assets, tmp_path, loss={"name": "entropy-bonus"}, max_steps=2, lr=1e-2)
+        SEEN.clear()
+        summary = _train(raw)
+    assert summary["reference"] == "none" and not (tmp_path / "cache").exists()
+    assert SEEN and not any(s["ref"] or s["tokens"] for s in SEEN)
+    rows = read_metrics(raw["trainer"]["output_dir"])
+    assert rows[-1]["entropy/chosen"] > rows[0]["entropy/chosen"]  # maximising entropy raises it

@@ -1,0 +1,253 @@
+"""Packed batches: the same numbers as padded ones, bounded shapes, token budgets, and no host reads per step.
+
+The packed layout is what the GPU path runs on (variable-length attention, no padding);
+CPU runs the same layout through per-sequence SDPA, so these tests pin what carries over.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_helpers import make_config, write_assets
+from prefopt.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
+from prefopt.config import validate
+from prefopt.data import Pair
+from prefopt.losses.base import Feature, LossInputs, Tokens
+from prefopt.modeling import PreferenceModel, frozen_copy, load_model
+from prefopt.run import use_packed_attention
+from prefopt.step import loss_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+FEATURES = frozenset(Feature)
+
+
+def _pairs(n: int, vocab: int, seed: int = 0, empty_prompt: bool = False) -> list[Pair]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [] if empty_prompt and i == 0 else [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))]
+        chosen = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))]
+        rejected = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
+        out.append(Pair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, row=i))
+    return out
+
+
+def _model(arch: str, vocab: int = 64, seed: int = 0, kv_heads: int | None = None):
+    from prefopt.config import ModelConfig
+    from prefopt.tiny import model_config
+
+    torch.manual_seed(seed)
+    params = model_config(arch, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_position=64)
+    if kv_heads is not None:
+        params["num_key_value_heads"] = kv_heads
+    cfg = ModelConfig(config=params, tokenizer="unused")
+    return load_model(cfg)
+
+
+def _features(model: PreferenceModel, batch: dict, reference: str = "kl") -> tuple[LossInputs, dict]:
+    out = model(batch, reference=reference, stats=True)
+    return loss_inputs(out, batch, FEATURES), out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_packed_batches_give_the_padded_numbers_and_gradients(arch):
+    pairs = _pairs(5, 64, empty_prompt=True)
+    idx = list(range(len(pairs)))
+    kv = 2 if arch == "qwen2" else None
+    padded_policy = _model(arch, kv_heads=kv)
+    reference = frozen_copy(_model(arch, seed=1, kv_heads=kv))  # a different reference, so the KL is not zero
+    packed_policy = _model(arch, kv_heads=kv)
+    packed_ref = frozen_copy(reference)
+    use_packed_attention(packed_policy)
+    use_packed_attention(packed_ref)
+    results = []
+    for policy, ref, batch in ((padded_policy, reference, collate(pairs, idx, 2)), (packed_policy, packed_ref, pack(pairs, idx, 2, 16))):
+        model = PreferenceModel(policy, ref, chunk_tokens=7)
+        inputs, _ = _features(model, batch)
+        objective = (inputs.policy_chosen_logps - 0.5 * inputs.policy_rejected_logps).sum() + inputs.token_kl.values.sum() \
+            + inputs.token_entropy.values.sum() + 0.3 * inputs.token_logsumsq.values.sum()
+        objective.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+        results.append((inputs, grads))
+    (a, grads_a), (b, grads_b) = results
+    for name in ("policy_chosen_logps", "policy_rejected_logps", "chosen_kl", "rejected_kl"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+    for name in ("policy_token_logps", "ref_token_logps", "token_kl", "token_entropy", "token_logsumsq"):
+        torch.testing.assert_close(getattr(a, name).values, getattr(b, name).values, atol=1e-5, rtol=1e-5, msg=name)
+    assert a.policy_token_logps.offsets == b.policy_token_logps.offsets
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_log_probs_are_the_models_own():
+    """Each completion token's log-prob equals log_softmax of the model's own logits for that sequence alone."""
+    pairs = _pairs(3, 64, seed=3)
+    policy = _model("llama")
+    own = []
+    with torch.no_grad():
+        for seq in [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]:
+            ids = torch.tensor([seq[0] + seq[1]])
+            logp = policy(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            own.append(logp[len(seq[0]) - 1 :])
+    use_packed_attention(policy)
+    with torch.no_grad():
+        out = PreferenceModel(policy)(pack(pairs, range(3), 2, 64))
+    torch.testing.assert_close(out["logps"], torch.cat(own), atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_layout_helpers():
+    values = torch.arange(1.0, 8.0)
+    t = Tokens.from_lengths(values, [2, 0, 3, 2])  # chosen: 2 and 0 tokens; rejected: 3 and 2
+    c, r = t.sum()
+    assert c.tolist() == [3.0, 0.0] and r.tolist() == [12.0, 13.0]
+    cm, rm = t.mean()
+    assert cm.tolist() == [1.5, 0.0] and rm.tolist() == [4.0, 6.5]
+    rows, mask = t.padded()
+    assert rows.tolist() == [[1, 2, 0], [0, 0, 0], [3, 4, 5], [6, 7, 0]]
+    assert mask.sum(1).tolist() == [2, 0, 3, 2]
+    assert t.position.tolist() == [0, 1, 0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="lengths sum to 6"):
+        Tokens.from_lengths(values, [2, 2, 1, 1])
+
+
+def test_packed_row_shapes_are_bounded_per_epoch():
+    pairs = _pairs(200, 64, seed=5)
+    lengths = [pair_length(p) for p in pairs]
+    shapes = {tuple(pack([pairs[i] for i in b], b, 2, 64)["input_ids"].shape) for b in batch_order(lengths, 8, 0, 0)}
+    widths = {w for _, w in shapes}
+    assert all(w % 64 == 0 for w in widths)
+    most = max(sum(pair_tokens(p) for p in pairs[i : i + 8]) for i in range(0, 200, 8))
+    assert len(widths) <= -(-max(most, max(widths)) // 64)  # at most one shape per 64-token bucket
+    padded = {collate([pairs[i] for i in b], b, 2)["input_ids"].shape for b in batch_order(lengths, 8, 0, 0)}
+    assert len(shapes) < len(padded)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 9, 100, 257, 1000, 6400, 70_000])
+def test_default_row_rounding_is_small_and_coarse(tokens):
+    from prefopt.batching import row_width
+
+    width = row_width(tokens)
+    assert tokens <= width < tokens + max(8, tokens / 16)
+    octave = [row_width(n) for n in range(max(1, tokens // 2), tokens + 1)]
+    assert len(set(octave)) <= 33  # at most 32 widths per doubling (plus the boundary)
+
+
+def test_split_by_tokens_keeps_pairs_whole_and_within_budget():
+    tokens = [10, 30, 25, 5, 50, 8]
+    groups = split_by_tokens(range(6), tokens, 40)
+    assert [i for g in groups for i in g] == list(range(6))
+    assert groups == [[0, 1], [2, 3, 5][:2], [4], [5]] or all(sum(tokens[i] for i in g) <= 40 or len(g) == 1 for g in groups)
+    assert split_by_tokens(range(3), tokens, None) == [[0, 1, 2]]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("assets"), n_train=64, n_eval=8)
+
+
+def _train(raw: dict) -> dict:
+    from prefopt.trainer import train
+
+    return train(validate(raw))
+
+
+def test_token_budget_forwards_train_like_one_batch(assets, tmp_path):
+    """A step split into token-budget forwards gives the losses, gradients and weights of the unsplit batch."""
+    from engine_helpers import assert_weights_close, final_weights, read_metrics
+
+    common = dict(max_steps=3, group_by_length=False, reference__batch_size=32, batch_size=8, schedule="cosine", warmup_steps=1)
+    whole = make_config(assets, tmp_path / "whole", **common)
+    split = make_config(assets, tmp_path / "split", max_tokens_per_forward=60, **common)
+    _train(whole)
+    _train(split)
+    a, b = read_metrics(whole["trainer"]["output_dir"]), read_metrics(split["trainer"]["output_dir"])
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm", "lr", "num_tokens"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-4), (x["step"], key)
+    assert_weights_close(final_weights(whole["trainer"]["output_dir"]), final_weights(split["trainer"]["output_dir"]))
+
+
+def test_packed_and_padded_runs_train_the_same_model(assets, tmp_path):
+    from engine_helpers import assert_weights_close, final_weights, read_metrics
+
+    common = dict(max_steps=3, reference__batch_size=8, loss={"name": "tdpo", "variant": "tdpo2"})
+    packed = make_config(assets, tmp_path / "packed", **common)
+    padded = make_config(assets, tmp_path / "padded", packing=False, **common)
+    _train(packed)
+    _train(padded)
+    a, b = read_metrics(packed["trainer"]["output_dir"]), read_metrics(padded["trainer"]["output_dir"])
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "rewards/margins", "kl/chosen", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-4), (x["step"], key)
+        pad = x["padding_fraction"]
+        assert x["num_tokens"] * pad / (1 - pad) < 64 + 0.5  # packed: only the rounding tail of one row is padding
+    assert_weights_close(final_weights(packed["trainer"]["output_dir"]), final_weights(padded["trainer"]["output_dir"]))
+
+
+@pytest.mark.parametrize("loss", [{"name": "dpo"}, {"name": "tdpo", "variant": "tdpo1"}], ids=["cached", "live"])
+def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
+    """Forward, backward, clipping, the flag read and the optimiser step read the device once."""
+    from prefopt.run import setup
+    from prefopt.step import forward_backward, read_flags
+    from prefopt.syncs import SyncCounter
+
+    run = setup(validate(make_config(assets, tmp_path, loss=loss, max_tokens_per_forward=80)))
+    model, acc = run.model, run.accelerator
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as the trainer builds it on CUDA
+    model, optimizer = acc.prepare(model, optimizer)
+    groups = split_by_tokens(range(8), [pair_tokens(p) for p in run.train_pairs], 80)
+    assert len(groups) > 1
+    batches = [run.make_batch(run.train_pairs, g) for g in groups]
+    weights = [len(g) / 8 for g in groups]
+    for _ in range(2):  # the second step runs with warm optimiser state
+        with SyncCounter() as syncs:
+            result = forward_backward(run, model, batches, weights, params)
+            finite, stopping = read_flags(run, result, False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert finite and not stopping
+        assert syncs.count == 1, dict(syncs.ops)
+
+
+def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
+    """The CUDA branch, run on CPU against a stand-in with varlen_attn's signature and semantics."""
+    import torch.nn.attention.varlen as varlen
+    import torch.nn.functional as F
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
+        assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+        assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+        calls.append(q.shape)
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                              is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
+    pairs = _pairs(4, 64, seed=7)
+    policy = _model("qwen2", kv_heads=2)  # grouped-query attention: 4 query heads, 2 key/value heads
+    use_packed_attention(policy)
+    batch = pack(pairs, range(4), 2, 32)
+    with torch.no_grad():
+        expected = PreferenceModel(policy, kernel="sdpa")(batch)["logps"]
+        got = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
+    assert len(calls) == policy.config.num_hidden_layers
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_choice_is_explicit():
+    from prefopt.attention import choose_kernel
+    from prefopt.errors import ConfigError
+
+    assert choose_kernel("auto", torch.device("cpu"), True)[0] == "sdpa"
+    assert choose_kernel("auto", torch.device("cpu"), False)[0] == "sdpa"
+    assert choose_kernel("eager", torch.device("cpu"), False)[0] == "eager"
+    with pytest.raises(ConfigError, match="varlen needs CUDA"):
+        choose_kernel("varlen", torch.device("cpu"), True)
+    with pytest.raises(ConfigError, match="eager needs padded"):
+        choose_kernel("eager", torch.device("cpu"), True)

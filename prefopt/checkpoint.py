@@ -1,6 +1,7 @@
 """Checkpoints: written to a temporary directory, fsynced, renamed; verified by checksum when loaded."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -73,25 +74,76 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
-    for stale in root.glob(".step-*.tmp"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(tmp)
+    remove_temporaries(root)  # left by a run killed while saving
+    try:
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(exc, root, step, model) from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep, final)
     return final
+
+
+def remove_temporaries(root: Path) -> None:
+    """Remove the hidden temporary directories of checkpoints whose writing never finished."""
+    if root.is_dir():
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_error(exc: OSError, root: Path, step: int, model: torch.nn.Module) -> CheckpointError:
+    """A message for a failed checkpoint write; for a full disk, how much space a checkpoint needs."""
+    if exc.errno != errno.ENOSPC:
+        return CheckpointError(f"checkpoint step {step}: writing to {root} failed: {exc}; the partial checkpoint was removed")
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = 3 * params  # weights and AdamW's two moments
+    free = shutil.disk_usage(root).free
+    return CheckpointError(
+        f"checkpoint step {step}: no space left on the device holding {root}; a checkpoint needs about {need / 2**20:.1f} MiB "
+        f"and {free / 2**20:.1f} MiB are free. The partial checkpoint was removed, earlier ones are intact; free some space "
+        f"(or lower trainer.keep_checkpoints) and resume with --resume"
+    )
+
+
+def prune(root: Path, keep: int, newest: Path | None = None) -> None:
+    """Keep the ``keep`` newest checkpoints that verify (``newest``, just written, counts as verified).
+
+    Checkpoints that fail verification are never counted and never make a good one
+    go; they are left in place (``--resume`` refuses them), and removed once older
+    than every kept checkpoint.
+    """
+    kept: list[Path] = []
+    for path in reversed(list_checkpoints(root)):
+        if len(kept) >= keep:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if path == newest:
+            kept.append(path)
+            continue
+        try:
+            sig = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()))
+            if _verified.get(path) != sig:
+                verify(path)
+                _verified[path] = sig
+            kept.append(path)
+        except CheckpointError as exc:
+            log.warning("%s; not counted among trainer.keep_checkpoints", exc)
+
+
+_verified: dict[Path, tuple] = {}  # checkpoints verified by this process, by the size and mtime of their files
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -58,9 +58,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     reg = get_registry()
     rows = []
     for p in plugins():
-        names = sorted(e.name for e in reg.losses.values() if e.dist == p.dist)
-        names += sorted(n for n, entries in reg.conflicts.items() if any(e.dist == p.dist for e in entries))
-        rows.append({"plugin": p.name, "package": p.dist, "version": p.version, "losses": names, "error": p.error})
+        # a plugin's own losses: another entry point of the same distribution may be the one providing them
+        error = p.error or next((b.error for b in reg.broken if b.name == p.name and b.dist == p.dist), None)
+        mine = lambda e, p=p: e.dist == p.dist and e.plugin in ("", p.name)  # noqa: E731
+        names = [] if error else sorted(e.name for e in reg.losses.values() if mine(e))
+        names += [] if error else sorted(n for n, entries in reg.conflicts.items() if any(mine(e) for e in entries))
+        rows.append({"plugin": p.name, "package": p.dist, "version": p.version, "losses": names, "error": error})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -82,10 +85,15 @@ def _load(args: argparse.Namespace):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from prefopt.losscheck import smoke_test
+    from prefopt.preflight import preflight
 
     config = _load(args)
     loss = config.build_loss()
     smoke_test(loss)  # the loss runs on inputs of exactly its declared features, before any model is loaded
+    try:
+        preflight(config)
+    except PrefoptError as exc:
+        raise type(exc)(f"{args.config}: {exc}") from None
     print(f"{args.config}: valid (loss: {loss!r})")
     return 0
 
@@ -102,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     smoke_test(config.build_loss())  # seconds, before any model is loaded
-    summary = train(config, resume=args.resume, overwrite=args.overwrite, config_path=command)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite, config_path=command, config_file=args.config)
     if summary.get("interrupted"):
         return 130
     if is_main_process():  # several processes return the same summary; one prints it
@@ -114,7 +122,11 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from prefopt.distributed import is_main_process
     from prefopt.trainer import precompute_reference
 
-    done = precompute_reference(_load(args))
+    from prefopt.preflight import preflight
+
+    config = _load(args)
+    preflight(config)
+    done = precompute_reference(config)
     for name, what in done.items() if is_main_process() else ():
         print(f"reference cache ({name}): {what}")
     return 0
@@ -152,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. trainer.lr=1e-6")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
-            p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+            p.add_argument("--overwrite", action="store_true", help="start again in a non-empty output_dir, moving its contents aside to OUTPUT_DIR.old-TIMESTAMP")
         p.set_defaults(func=func)
     return parser
 

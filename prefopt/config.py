@@ -1,6 +1,7 @@
 """The run config: one pydantic model, loaded from YAML with safe loading."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from prefopt.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -27,6 +28,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub to run. Off unless you trust the repository.")
     lora: dict[str, Any] | None = Field(
         None, description="Train a LoRA adapter with peft (keys of peft.LoraConfig); the reference is then the base model."
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: a name_or_path directory with a config but no weights is initialised randomly (otherwise an error)."
     )
 
     @pydantic.model_validator(mode="after")
@@ -67,7 +71,7 @@ class ReferenceConfig(_Section):
 
 class TrainerConfig(_Section):
     output_dir: str = Field("runs/prefopt", description="Where checkpoints, metrics and the final model go.")
-    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     batch_size: int = Field(8, gt=0, description="Pairs per forward pass per process; a step accumulates grad_accum of them.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step; the effective batch is batch_size * grad_accum * processes.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
@@ -102,6 +106,26 @@ class TrainerConfig(_Section):
     sample_prompts: int = Field(0, ge=0, description="At each evaluation, write greedy completions of N held-out prompts to samples.jsonl.")
     sample_max_new_tokens: int = Field(48, gt=0, description="Longest sampled completion, in tokens.")
 
+    @pydantic.field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each AdamW beta must be in [0, 1)")
+        return v
+
+    @pydantic.field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, sorted(TRACKERS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown tracker {name!r}; known: {', '.join(sorted(TRACKERS))}{hint}")
+        return v
+
+
+TRACKERS = {"jsonl", "all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab"}
+
 
 class RunConfig(_Section):
     model: ModelConfig
@@ -121,7 +145,10 @@ class RunConfig(_Section):
 
 
 # PyYAML follows YAML 1.1, where `1e-6` is a string; accept it as a float as users expect.
-class _Loader(yaml.SafeLoader):
+from prefopt.yaml_safe import AliasLimit  # noqa: E402
+
+
+class _Loader(AliasLimit, yaml.SafeLoader):
     pass
 
 
@@ -133,11 +160,15 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Safe-load YAML text; an error names the source."""
+    """Safe-load YAML text; an error names the source. Aliases and the expanded size are bounded."""
+    from prefopt.yaml_safe import check_expanded_size
+
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: invalid YAML: " + str(exc).replace('"<unicode string>"', source)) from None
+    check_expanded_size(data, source)
+    return data
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -165,10 +196,13 @@ def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> Run
     try:
         config = RunConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
+        from prefopt.yaml_safe import short_repr, suggest_key
+
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"])
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-            problems.append(f"{where}: {e['msg']}{got}")
+            got = "" if e["type"] == "missing" else f" (got {short_repr(e['input'])})"
+            hint = suggest_key(RunConfig, e["loc"]) if e["type"] == "extra_forbidden" else ""
+            problems.append(f"{where}: {e['msg']}{got}{hint}")
     if check_loss and isinstance(raw.get("loss", {"name": "dpo"}), (dict, list)):
         from prefopt.registry import build_loss
 
@@ -195,11 +229,43 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     raw = parse_yaml(text, str(path)) or {}
+    old_loss = dict(raw["loss"]) if isinstance(raw, dict) and isinstance(raw.get("loss"), dict) else None
     raw = apply_overrides(raw, overrides or [])
+    if any(item.partition("=")[0] == "loss.name" for item in overrides or []):
+        _retarget_loss(raw, old_loss)
     config = validate(raw, str(path))
     from_cli = {item.partition("=")[0] for item in overrides or []}
     _resolve_paths(config, path.parent, from_cli, str(path))
     return config
+
+
+def _retarget_loss(raw: dict[str, Any], old: Any) -> None:
+    """After ``--set loss.name=NEW``: keep the old loss's parameters NEW accepts, drop the others, and say which."""
+    import logging
+
+    from prefopt.errors import PrefoptError
+    from prefopt.registry import get_loss_class
+
+    loss = raw.get("loss")
+    if not (isinstance(loss, dict) and isinstance(old, dict)) or old.get("name") == loss.get("name"):
+        return
+    try:
+        fields = get_loss_class(str(loss.get("name"))).Config.model_fields
+    except PrefoptError:
+        return  # an unknown name is reported by validation
+    carried = [k for k in loss if k != "name" and k in old and loss[k] == old[k]]
+    kept = [k for k in carried if k in fields]
+    dropped = [k for k in carried if k not in fields]
+    for k in dropped:
+        del loss[k]
+    log = logging.getLogger("prefopt")
+    new, was = loss["name"], old.get("name")
+    if kept:
+        log.warning("--set loss.name=%s: keeps %s from the %s config (check the values suit %s; its defaults: %s)", new,
+                    ", ".join(f"{k}={loss[k]!r}" for k in kept), was, new,
+                    ", ".join(f"{k}={fields[k].get_default(call_default_factory=True)!r}" for k in kept if not fields[k].is_required()))
+    if dropped:
+        log.warning("--set loss.name=%s: drops %s (not %s parameters)", new, ", ".join(f"{k}={old[k]!r}" for k in dropped), new)
 
 
 def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:

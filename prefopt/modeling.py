@@ -33,7 +33,10 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedM
     if source is not None and _has_weights(source):
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     elif source is not None:
-        log.info("model: %s holds a config but no weights; initialising a fresh model from it", source)
+        if cfg.init != "random":
+            raise ConfigError(f"model: {source} has a config.json but no weights (*.safetensors, *.bin); if you mean to train "
+                              f"from randomly initialised weights, set model.init: random")
+        log.info("model: %s holds a config but no weights; initialising a fresh model from it (model.init: random)", source)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
     else:
         params = dict(cfg.config or {})

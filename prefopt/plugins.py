@@ -53,7 +53,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             module = ep.load()
             pm.register(module, name=name)
             pm.check_pending()
-        except Exception as exc:  # noqa: BLE001 - any plugin failure is reported, not raised
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any plugin failure (sys.exit() included) is reported, not raised
             if pm.get_plugin(name) is not None:
                 pm.unregister(name=name)
             error = f"plugin {ep.name!r} from distribution {dist} {version} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"

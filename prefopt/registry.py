@@ -34,6 +34,7 @@ class LossEntry:
     cls: type[Loss]
     dist: str
     version: str
+    plugin: str = ""  # the entry point (plugin) name that registered it
 
 
 @dataclass
@@ -64,13 +65,13 @@ def get_registry() -> Registry:
             classes = list(impl.function())
             for cls in classes:
                 _check_class(cls)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is flagged, not fatal
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin is flagged, not fatal
             reg.broken.append(
                 plugins.PluginInfo(info.name, info.dist, info.version, f"plugin {info.name!r} from {info.dist} {info.version} registered a broken loss: {exc}")
             )
             continue
         for cls in classes:
-            entry = LossEntry(cls.name, cls, info.dist, info.version)
+            entry = LossEntry(cls.name, cls, info.dist, info.version, info.name)
             if cls.name in reg.losses and reg.losses[cls.name].cls is cls:
                 continue  # the same class registered twice (e.g. by prefopt.testing.registered) is no clash
             if cls.name in reg.conflicts:

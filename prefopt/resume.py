@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
+import os
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefopt.atomic import atomic_write
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError
+
+log = logging.getLogger("prefopt")
 
 # Fields that may change between a run and its resumption without breaking it.
 RESUMABLE_CHANGES = {
@@ -37,18 +42,70 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
-def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """The output directory, refusing to overwrite a run unless asked to."""
-    out = Path(config.trainer.output_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise ConfigError(f"trainer.output_dir: {out} is not empty; pass --resume to continue that run or --overwrite to replace it")
-    if overwrite and not resume and out.exists():
-        here = Path.cwd().resolve()
-        if out.resolve() == here or out.resolve() in here.parents:
-            raise ConfigError(f"trainer.output_dir: {out} contains the working directory; --overwrite will not delete it")
+def check_resume(saved: dict[str, Any], facts: dict[str, Any], config: RunConfig) -> None:
+    """Refuse a resume whose training data or schedule length differs from the checkpoint's.
 
-        shutil.rmtree(out)
+    ``saved`` is the checkpoint's ``state.json``; ``facts`` holds this run's
+    ``data_fingerprint`` (token ids of every training pair) and ``total_steps``.
+    Checkpoints written before these were recorded are not checked.
+    """
+    old_fp = saved.get("data_fingerprint")
+    if old_fp is not None and old_fp != facts["data_fingerprint"]:
+        raise ConfigError(
+            f"--resume: the training data changed since the checkpoint (data.train: {config.data.train}): its pairs no longer "
+            f"tokenise to the ones the run was trained on. Restore the data, or start a new run in another trainer.output_dir"
+        )
+    old_total = saved.get("total_steps")
+    if old_total is not None and old_total != facts["total_steps"] and config.trainer.schedule != "constant":
+        raise ConfigError(
+            f"--resume: trainer.max_steps/trainer.epochs give {facts['total_steps']} steps but the run was started with "
+            f"{old_total}; its {config.trainer.schedule} learning-rate schedule is fixed by that length. Keep the original "
+            f"trainer.max_steps/epochs (schedule: constant allows changing them), or start a new run"
+        )
+
+
+def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict[str, Path]:
+    """Local paths a run reads or needs, by the name shown in messages: --overwrite never moves a directory holding one."""
+    named: dict[str, Any] = {
+        "the working directory": Path.cwd(), "data.train": config.data.train, "data.eval": config.data.eval,
+        "model.name_or_path": config.model.name_or_path, "model.tokenizer": config.model.tokenizer,
+        "model.reference": config.model.reference, "reference.cache_dir": config.reference.cache_dir,
+    }
+    named.update({f"the config file {p}": p for p in extra})
+    return {k: Path(v).resolve() for k, v in named.items() if v and Path(v).exists()}
+
+
+def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: Iterable[str | Path] = ()) -> Path:
+    """The output directory, refusing to overwrite a run unless asked to.
+
+    ``--overwrite`` moves the old contents aside to ``NAME.old-TIMESTAMP`` (never deletes
+    them), and refuses when the directory holds the config (``protect``), the data, the
+    model, the cache or the working directory. ``--resume`` removes checkpoint
+    temporaries left by a run killed while saving.
+    """
+    out = Path(config.trainer.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"trainer.output_dir: {out} is a file, not a directory")
+    nonempty = out.exists() and any(out.iterdir())
+    if nonempty and not (resume or overwrite):
+        raise ConfigError(f"trainer.output_dir: {out} is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if overwrite and not resume and nonempty:
+        target = out.resolve()
+        for what, path in protected_paths(config, protect).items():
+            if path == target or target in path.parents:
+                raise ConfigError(f"trainer.output_dir: {out} contains {what} ({path}); --overwrite will not move it. Choose another trainer.output_dir")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = out.with_name(f"{out.name}.old-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
+        os.replace(out, aside)
+        log.warning("--overwrite: moved the previous contents of %s to %s; delete that when you no longer need it", out, aside)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        from prefopt.checkpoint import remove_temporaries
+
+        remove_temporaries(out / "checkpoints")
     return out
 
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt import accelerators, attention
+from prefopt import accelerators, attention, health
 from prefopt import reference as ref
 from prefopt.batching import collate, completion_tokens, pack, to_device
 from prefopt.config import RunConfig
@@ -131,7 +131,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     """Load tokenizer, data, loss and models; choose the reference mode; fill the cache if used."""
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.trainer.seed)
-    loss = config.build_loss()
+    loss = health.CheckedLoss(config.build_loss())
     needs = needs_of(loss)
     mode, why = ref.choose_mode(config.reference.mode, reference_for(needs))
     log.info("reference model: %s (%s)", mode, why)
@@ -150,12 +150,16 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
+    health.check_start(policy, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
+                       config.trainer.logprob_chunk_tokens, kernel, "model")
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     if mode != "none":
         ref_model = load_model(config.model, config.model.reference) if config.model.reference else None
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
+            health.check_start(ref_model, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
+                               config.trainer.logprob_chunk_tokens, kernel, "model.reference")
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = ref.weights_fingerprint(source)
@@ -175,6 +179,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         except ImportError:
             raise ConfigError("model.lora: needs the peft package (pip install 'prefopt[peft]')") from None
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config.model.lora))
+        health.check_output_head(policy)
     if config.trainer.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)

@@ -121,13 +121,16 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
     return StepResult(sums, grad_norm.detach().float(), finite)
 
 
-def read_flags(run: Run, result: StepResult, stop: bool) -> tuple[bool, bool]:
-    """``(finite on every process, some process asked to stop)``: the step's one host read."""
-    flags = torch.stack([(~result.finite).float(), torch.tensor(float(stop), device=result.finite.device)])
+def read_flags(run: Run, result: StepResult, stop: bool, weights_ok: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+    """``(step finite, a process asked to stop, the previous step left the weights finite)`` on every process:
+    the step's one host read."""
+    device = result.finite.device
+    ok = weights_ok.to(device) if weights_ok is not None else torch.ones((), dtype=torch.bool, device=device)
+    flags = torch.stack([(~result.finite).float(), torch.tensor(float(stop), device=device), (~ok).float()])
     if run.accelerator.num_processes > 1:
         flags = run.accelerator.reduce(flags, "sum")
-    bad, stopping = flags.tolist()
-    return bad == 0, stopping > 0
+    bad, stopping, broken = flags.tolist()
+    return bad == 0, stopping > 0, broken == 0
 
 
 @torch.no_grad()

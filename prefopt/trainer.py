@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -15,12 +16,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
-from prefopt import distributed
+from prefopt import distributed, health
 from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import RunConfig
-from prefopt.errors import ConfigError, PrefoptError
+from prefopt.data import fingerprint
+from prefopt.errors import ConfigError
+from prefopt.health import TrainingError
 from prefopt.interrupt import GracefulStop
-from prefopt.resume import config_differences, drop_metrics_after, prepare_output
+from prefopt.lock import DirectoryLock
+from prefopt.resume import check_resume, config_differences, drop_metrics_after, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
 from prefopt.samples import make_sampler
 from prefopt.step import evaluate, forward_backward, read_flags
@@ -31,14 +35,24 @@ __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "
 log = logging.getLogger("prefopt")
 
 
-class TrainingError(PrefoptError):
-    """Training cannot go on (e.g. too many non-finite steps)."""
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml",
+          config_file: str | None = None) -> dict[str, Any]:
+    """Train the policy as the config says; returns a summary (metrics before/after, paths, counts).
+
+    The config is checked first (as ``prefopt validate`` does); the main process holds a
+    lock on ``trainer.output_dir`` for the whole run; ``config_file`` is never moved by ``--overwrite``.
+    """
+    from prefopt.preflight import preflight
+
+    preflight(config)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with DirectoryLock(config.trainer.output_dir) if main else nullcontext():
+        return _train(config, resume, overwrite, config_path, [config_file] if config_file else [])
 
 
-def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG.yaml") -> dict[str, Any]:
-    """Train the policy as the config says; returns a summary (metrics before/after, paths, counts)."""
+def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, protect: list[str]) -> dict[str, Any]:
     accelerator = make_accelerator(config)
-    out = prepare_output(config, resume, overwrite) if accelerator.is_main_process else Path(config.trainer.output_dir)
+    out = prepare_output(config, resume, overwrite, protect) if accelerator.is_main_process else Path(config.trainer.output_dir)
     accelerator.wait_for_everyone()
     run = setup(config, accelerator)
     tc = config.trainer
@@ -54,6 +68,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     unwrapped = accelerator.unwrap_model(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
+    run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": total}
     ckpt_root = out / "checkpoints"
     state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
     current = config.model_dump(mode="json")
@@ -65,6 +82,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         diffs = config_differences(saved["config"], current)
         if diffs:
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
+        check_resume(saved, run_facts, config)
         state = ckpt.load_checkpoint(path, unwrapped, optimizer, scheduler)
         log.info("resuming from %s (step %d)", path, state["step"])
         if accelerator.is_main_process:
@@ -110,9 +128,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
         return row
 
     def save(step: int) -> None:
+        health.check_step(named, step, reduce_sum)  # never checkpoint non-finite weights
         gathered = ckpt.gather(unwrapped, optimizer)  # every process, under FSDP
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, "config": current}, tc.keep_checkpoints, gathered)
+            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, **run_facts, "config": current}, tc.keep_checkpoints, gathered)
         accelerator.wait_for_everyone()
 
     def forwards(step: int) -> tuple[list[dict[str, Any]], list[float], float]:
@@ -130,6 +149,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     started, interrupted = time.time(), None
     window: dict[str, Any] = {"sums": {}, "steps": 0, "tokens": 0, "padding": 0.0}  # metrics since the last log, on device
     upcoming = forwards(state["step"]) if state["step"] < total else None
+    pending = None  # device flag of the last applied step: did it leave the weights finite (read with the next step's flags)
     with GracefulStop() as stop:
         while state["step"] < total:
             step = state["step"]
@@ -137,7 +157,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             result = forward_backward(run, model, batches, weights, params)
             # Build the next step's batches on the host while the device works on this one.
             upcoming = forwards(step + 1) if step + 1 < total else None
-            finite, stopping = read_flags(run, result, stop.signal is not None)
+            finite, stopping, weights_ok = read_flags(run, result, stop.signal is not None, pending)
+            if not weights_ok:
+                health.check_step(named, step, reduce_sum)  # names the tensors and stops
             if tc.precision == "fp16":
                 optimizer.step()
                 if optimizer.step_was_skipped:
@@ -147,6 +169,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             elif finite:
                 optimizer.step()
                 scheduler.step()
+                pending = health.weights_finite(params)
             else:
                 state["bad_steps"] += 1
                 log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", step + 1, state["bad_steps"])
@@ -177,7 +200,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
                 save(state["step"])
     bar.close()
     summary = {"output_dir": str(out), "steps": state["step"], "bad_steps": state["bad_steps"], "reference": run.mode,
-               "seconds": round(time.time() - started, 2), "before": state["before"]}
+               "seconds": round(time.time() - started, 2), "before": state["before"],
+               **health.step_summary(state["step"], state["bad_steps"], state["overflow_steps"])}
     if interrupted:
         summary["interrupted"] = True
         summary["resume"] = f"prefopt train {config_path} --resume"
@@ -185,7 +209,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
             log.warning("stopped at step %d; checkpoint written to %s; resume with: prefopt train %s --resume",
                         state["step"], ckpt_root, config_path)
     else:
+        health.check_final_weights(unwrapped, reduce_sum)
         save(state["step"])
+        health.check_skipped(state["step"], state["bad_steps"] + state["overflow_steps"])
         summary["after"] = evaluate(run, model)
         sample(state["step"])
         if summary["after"]:
@@ -207,12 +233,15 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
 def format_summary(summary: dict[str, Any]) -> str:
     """The before/after table on the held-out split printed at the end of training."""
     before, after = summary.get("before") or {}, summary.get("after") or {}
+    steps = f"{summary['steps']} steps"
+    if "steps_skipped" in summary:
+        steps += f" ({summary['steps_applied']} applied, {summary['steps_skipped']} skipped)"
     if not after:
-        return f"trained {summary['steps']} steps in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
+        return f"trained {steps} in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
     if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
-    lines.append(f"trained {summary['steps']} steps in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
+    lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
     return "\n".join(lines)

@@ -86,18 +86,19 @@ class _Entropy(DPO):
         return type(out)((out.losses * weight).mean(), out.losses * weight, out.metrics)
 
 
-def _config(tmp_path, loss: str) -> str:
+def _config(tmp_path, loss: str, tokenizer_dir) -> str:
     path = tmp_path / "run.yaml"
-    path.write_text(f"model: {{config: {{model_type: llama}}, tokenizer: tok}}\ndata: {{train: pairs.jsonl}}\nloss: {loss}\n")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
+    path.write_text(f"model: {{config: {{model_type: llama}}, tokenizer: {tokenizer_dir}}}\ndata: {{train: pairs.jsonl}}\nloss: {loss}\n")
     return str(path)
 
 
-def test_validate_runs_the_loss_on_its_declared_inputs(tmp_path, capsys):
+def test_validate_runs_the_loss_on_its_declared_inputs(tmp_path, capsys, tokenizer_dir):
     from prefopt.testing import registered
 
     with registered(_Entropy):
-        assert cli.main(["validate", _config(tmp_path, "{name: dpo}")]) == 0
-        assert cli.main(["validate", _config(tmp_path, "[{name: dpo}, {name: entropy_dpo, weight: 0.5}]")]) == 2
+        assert cli.main(["validate", _config(tmp_path, "{name: dpo}", tokenizer_dir)]) == 0
+        assert cli.main(["validate", _config(tmp_path, "[{name: dpo}, {name: entropy_dpo, weight: 0.5}]", tokenizer_dir)]) == 2
     err = capsys.readouterr().err
     assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs: AttributeError" in err
             and "it read LossInputs.token_entropy, which its needs do not declare: add Feature.TOKEN_ENTROPY" in err), err

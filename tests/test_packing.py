@@ -189,6 +189,7 @@ def test_packed_and_padded_runs_train_the_same_model(assets, tmp_path):
 @pytest.mark.parametrize("loss", [{"name": "dpo"}, {"name": "tdpo", "variant": "tdpo1"}], ids=["cached", "live"])
 def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
     """Forward, backward, clipping, the flag read and the optimiser step read the device once."""
+    from prefopt import health
     from prefopt.run import setup
     from prefopt.step import forward_backward, read_flags
     from prefopt.syncs import SyncCounter
@@ -205,10 +206,10 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
     for _ in range(2):  # the second step runs with warm optimiser state
         with SyncCounter() as syncs:
             result = forward_backward(run, model, batches, weights, params)
-            finite, stopping = read_flags(run, result, False)
+            finite, stopping, weights_ok = read_flags(run, result, False, health.weights_finite(params))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        assert finite and not stopping
+        assert finite and not stopping and weights_ok
         assert syncs.count == 1, dict(syncs.ops)
 
 

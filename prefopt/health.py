@@ -1,0 +1,238 @@
+"""Checks that a run is not silently wrong: engine log-probs vs the model's own, finite weights, sane loss outputs."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefopt.errors import ConfigError, PluginError, PrefoptError
+
+log = logging.getLogger("prefopt")
+
+LOGPROB_TOLERANCE = 1e-3  # fp32 chunked log-softmax vs the model's logits agree to ~1e-5
+
+
+class TrainingError(PrefoptError):
+    """Training cannot go on, or ended with a model that must not be used."""
+
+
+# ---------------------------------------------------------------- engine log-probs
+
+
+def model_token_logps(model: nn.Module, pairs: list) -> torch.Tensor:
+    """Completion-token log-probs from the model's own forward, each sequence alone (no padding, no packing).
+
+    Flat, in the engine's order: chosen completions of ``pairs``, then rejected ones.
+    """
+    from prefopt.attention import standard
+    from prefopt.batching import completion_tokens
+
+    out = []
+    with standard(model):
+        for prompt_of, completion_of in ((lambda p: p.prompt_ids, lambda p: p.chosen_ids), (lambda p: p.prompt_ids, lambda p: p.rejected_ids)):
+            for pair in pairs:
+                prompt, completion = prompt_of(pair), completion_of(pair)
+                k = completion_tokens(prompt, completion)
+                ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+                out.append(logp[logp.shape[0] - k :] if k else logp[:0])
+    return torch.cat(out)
+
+
+def compare_logps(engine: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest difference between two flat per-token log-prob tensors."""
+    if engine.shape != reference.shape:
+        raise ConfigError(f"model: the engine gives {tuple(engine.shape)} completion log-probs, the model's own forward {tuple(reference.shape)}")
+    diff = (engine.float() - reference.float()).abs()
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def check_engine_logps(engine: Callable[[], torch.Tensor], own: Callable[[], torch.Tensor], what: str = "model",
+                       tol: float = LOGPROB_TOLERANCE) -> float:
+    """Refuse a model whose log-probs under the engine differ from its own forward's (both flat, same tokens)."""
+    with torch.no_grad():
+        a, b = engine(), own()
+    worst = compare_logps(a, b)
+    if not worst <= tol:  # NaN fails too
+        raise ConfigError(
+            f"{what}: the engine's per-token log-probs differ from the model's own forward by up to {worst:.4g} "
+            f"(tolerance {tol:g}) on a start-up batch; this model transforms its logits in a way prefopt does not "
+            f"reproduce (e.g. a logit scale or multiplier, or an adapter on the output head), so training would be wrong"
+        )
+    return worst
+
+
+def check_output_head(model: nn.Module) -> None:
+    """Refuse an output head that computes more than ``hidden @ weight.T + bias`` (e.g. LoRA on lm_head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is not None and type(head).forward is not nn.Linear.forward:
+        raise ConfigError(
+            f"model.lora: the output head is a {type(head).__module__}.{type(head).__name__}, not a plain Linear; "
+            f"prefopt projects through the head's weight only, so its adapter would be ignored and get no gradient. "
+            f"Remove the output head (e.g. lm_head) from model.lora.target_modules"
+        )
+
+
+def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict], pairs: list, chunk_tokens: int,
+                kernel: str = "sdpa", what: str = "model") -> float:
+    """Start-up check on (up to) two pairs, batched as training batches them: the engine's log-probs equal the
+    model's own forward's on each sequence alone; returns the largest difference."""
+    from prefopt.batching import to_device
+    from prefopt.modeling import PreferenceModel
+
+    check_output_head(policy)
+    if not pairs:
+        return 0.0
+    take = list(range(min(2, len(pairs))))
+    device = next(policy.parameters()).device
+    batch = to_device(make_batch(pairs, take), device)
+    engine = PreferenceModel(policy, chunk_tokens=chunk_tokens, kernel=kernel)
+    was_training = policy.training
+    policy.eval()
+    try:
+        worst = check_engine_logps(lambda: engine(batch)["logps"], lambda: model_token_logps(policy, [pairs[i] for i in take]), what)
+        log.info("%s: the engine's log-probs match the model's own forward (largest difference %.2g)", what, worst)
+        return worst
+    finally:
+        policy.train(was_training)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def nonfinite_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors with a NaN or infinite value (one host sync)."""
+    named = list(named)
+    if not named:
+        return []
+    local = [p.detach()._local_tensor if hasattr(p, "_local_tensor") else p.detach() for _, p in named]  # FSDP: this process's shard
+    flags = torch.stack([torch.isfinite(t).all().cpu() for t in local])
+    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+
+
+def weights_finite(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A device flag, true when every weight is finite: one fused max-abs pass, no host read."""
+    local = [p.detach()._local_tensor if hasattr(p, "_local_tensor") else p.detach() for p in params]  # FSDP shards
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([n.float() for n in torch._foreach_norm(local, float("inf"))]).isfinite().all()
+
+
+def check_step(named: list[tuple[str, torch.Tensor]], step: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """After an applied optimiser step: stop if it made any weight non-finite (``reduce`` sums a count across processes)."""
+    bad = nonfinite_parameters(named)
+    count = torch.tensor(float(len(bad)))
+    if reduce is not None:
+        count = reduce(count)
+    if float(count) > 0:
+        example = f", e.g. {bad[0]}" if bad else ""
+        raise TrainingError(
+            f"step {step} made the weights non-finite ({int(count)} tensors{example}) although its loss and gradient were finite; "
+            f"stopping without saving them (earlier checkpoints are intact). Lower trainer.lr or set trainer.max_grad_norm"
+        )
+
+
+def check_final_weights(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Before the last checkpoint and the final model are written: refuse weights that are not finite."""
+    bad = nonfinite_parameters(model.named_parameters())
+    count = torch.tensor(float(len(bad)))
+    if reduce is not None:
+        count = reduce(count)
+    if float(count) > 0:
+        example = f", e.g. {bad[0]}" if bad else ""
+        raise TrainingError(
+            f"the trained weights are not finite ({int(count)} tensors{example}); the final model was not saved "
+            f"(earlier checkpoints are intact). Lower trainer.lr or set trainer.max_grad_norm"
+        )
+
+
+def check_skipped(steps: int, skipped: int) -> None:
+    """After the last checkpoint is written: refuse a run that skipped most of its steps."""
+    if steps and skipped * 2 > steps:
+        raise TrainingError(
+            f"{skipped} of {steps} steps were skipped (non-finite loss or gradient), so the model barely trained; "
+            f"the final model was not saved (the last checkpoint was). Lower trainer.lr or the loss's scale "
+            f"(e.g. loss.beta), or check the data"
+        )
+
+
+def step_summary(steps: int, bad: int, overflow: int = 0) -> dict[str, int]:
+    """Steps applied and skipped, for the summary."""
+    return {"steps_applied": steps - bad - overflow, "steps_skipped": bad + overflow}
+
+
+# ---------------------------------------------------------------- loss outputs
+
+
+def _provider(name: str) -> str:
+    try:
+        from prefopt.registry import get_registry
+
+        entry = get_registry().losses.get(name)
+        return f"{entry.dist} {entry.version}" if entry else "unknown package"
+    except Exception:  # noqa: BLE001 - only used in an error message
+        return "unknown package"
+
+
+class CheckedLoss:
+    """Wraps a loss: an exception or a malformed output names the loss and the package that provides it."""
+
+    def __init__(self, loss: Any) -> None:
+        self.inner = loss
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def _where(self) -> str:
+        name = getattr(self.inner, "name", type(self.inner).__name__)
+        terms = getattr(self.inner, "terms", None)
+        if terms:
+            return f"loss {name!r} (" + ", ".join(f"{l.name}: {_provider(l.name)}" for _, l in terms) + ")"
+        return f"loss {name!r} ({_provider(name)})"
+
+    def __call__(self, inputs: Any) -> Any:
+        from prefopt.losses.base import LossOutput
+
+        try:
+            out = self.inner(inputs)
+        except PrefoptError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{self._where()} raised {type(exc).__name__}: {exc}") from exc
+        n = int(inputs.policy_chosen_logps.shape[0])
+        problem = None
+        if not isinstance(out, LossOutput):
+            problem = f"returned {type(out).__name__}, expected a prefopt.LossOutput"
+        elif not isinstance(out.loss, torch.Tensor) or out.loss.ndim != 0 or not out.loss.is_floating_point():
+            problem = f"returned loss {_describe(out.loss)}, expected a scalar float tensor"
+        elif not isinstance(out.losses, torch.Tensor) or tuple(out.losses.shape) != (n,):
+            problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per pair"
+        elif not isinstance(out.metrics, dict):
+            problem = f"returned metrics {type(out.metrics).__name__}, expected a dict of scalar tensors"
+        else:
+            for key, value in out.metrics.items():
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    problem = f"returned metric {key!r} {_describe(value)}, expected a scalar tensor"
+                    break
+        if problem:
+            raise PluginError(f"{self._where()} {problem}")
+        return out
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"of type {type(value).__name__}"
+
+
+__all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final_weights", "check_skipped", "check_step", "check_output_head", "check_start",
+           "compare_logps", "model_token_logps", "nonfinite_parameters", "step_summary"]

@@ -1,0 +1,116 @@
+"""Checks of a validated config against the machine: paths, model weights, Hub access, devices, trackers.
+
+``prefopt validate`` runs them, and ``train`` runs them before any expensive work,
+so a run fails in seconds, with every problem named by its field, or not at all.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from prefopt.config import RunConfig
+from prefopt.errors import ConfigError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),
+                   "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
+HUB_TIMEOUT = 10.0  # seconds for one Hub lookup
+
+
+def looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``value`` is meant as a local path rather than a Hub name like ``org/name``."""
+    return (
+        os.path.isabs(value) or value.startswith((".", "~")) or "\\" in value or value.endswith("/")
+        or value.count("/") > 1 or value.lower().endswith(suffixes)
+    )
+
+
+def has_weights(path: Path) -> bool:
+    """Whether a local model directory holds weight files."""
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json")) or any(path.glob("*.bin.index.json"))
+
+
+def preflight(config: RunConfig, hub: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem ``train`` would meet later."""
+    problems: list[str] = []
+    for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if value and not Path(value).exists():
+            if looks_local(value, DATA_SUFFIXES):
+                problems.append(f"{field}: {value} does not exist")
+            elif hub:
+                problems.extend(_hub(field, value, "dataset"))
+    m = config.model
+    for field, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer), ("model.reference", m.reference)):
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            if field != "model.tokenizer" and (path / "config.json").exists() and not has_weights(path) and m.init != "random":
+                problems.append(
+                    f"{field}: {value} has a config.json but no weights (*.safetensors, *.bin); if you mean to train from "
+                    f"randomly initialised weights, set model.init: random"
+                )
+        elif path.exists():
+            problems.append(f"{field}: {value} is a file; expected a model directory or a Hub name")
+        elif looks_local(value):
+            problems.append(f"{field}: {value} does not exist (no such local directory)")
+        elif hub:
+            problems.extend(_hub(field, value, "model"))
+    if config.trainer.precision == "fp16" and not torch.cuda.is_available():
+        problems.append("trainer.precision: fp16 needs a CUDA device (it trains with loss scaling); use bf16 or fp32 on CPU")
+    for name in config.trainer.report_to:
+        modules = TRACKER_MODULES.get(name)
+        if modules and not any(importlib.util.find_spec(mod) for mod in modules):
+            problems.append(f"trainer.report_to: tracker {name!r} needs the {modules[0]} package (pip install {modules[0]})")
+    problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
+    problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _writable(field: str, value: str) -> list[str]:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        return [f"{field}: {value} is a file, not a directory"]
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{field}: {value} cannot be created: {existing} is a file"]
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return [f"{field}: {value} is not writable ({existing}: {exc.strerror or exc})"]
+    return []
+
+
+def _hub(field: str, name: str, kind: str) -> list[str]:
+    """One line if the Hub name cannot be found or reached (and there is no cached copy)."""
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub.errors import RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return []
+    local = f"point {field} at a local copy (a directory saved with save_pretrained, or data files)"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        probe = "config.json" if kind == "model" else "README.md"
+        if isinstance(try_to_load_from_cache(name, probe, repo_type=kind), str):
+            return []
+        return [f"{field}: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local}"]
+    try:
+        HfApi().repo_info(name, repo_type=kind, timeout=HUB_TIMEOUT)
+        return []
+    except RepositoryNotFoundError:
+        return [f"{field}: no {kind} named {name!r} on the Hugging Face Hub (or it is private: log in with `hf auth login`); "
+                f"or {local}"]
+    except Exception as exc:  # noqa: BLE001 - network errors of any kind
+        probe = "config.json" if kind == "model" else "README.md"
+        if isinstance(try_to_load_from_cache(name, probe, repo_type=kind), str):
+            return []  # reachable later from the cache
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return [f"{field}: cannot reach the Hugging Face Hub for {kind} {name!r} ({reason}); {local}, or set HF_HUB_OFFLINE=1 to use a cached copy"]

@@ -26,17 +26,59 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
-    """Write ``root/step-NNNNNNN`` atomically and prune to the last ``keep`` checkpoints."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    """The model's parameters are FSDP2 shards (DTensors): its state must be gathered by every process."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no FSDP2 either
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the first process only
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Whole weights of a sharded ``model`` on the first process (empty elsewhere); ``None`` if not sharded.
+    Collective: every process must call it."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def gather(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Trainable weights and optimiser state of a sharded ``model``, whole, on the first process; ``None``
+    if not sharded. Collective: every process must call it before the first one saves."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: t.contiguous() for n, t in full_state(model).items() if n in names}
+    return weights, get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_full_options())
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], keep: int,
+                    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+    """Write ``root/step-NNNNNNN`` atomically and prune to the last ``keep`` checkpoints.
+
+    ``gathered`` is what :func:`gather` returned for a sharded model (weights and optimiser state)."""
+    weights, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
     remove_temporaries(root)  # left by a run killed while saving
     try:
         tmp.mkdir()
-        weights = trainable_state(model)
         save_file(weights, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
@@ -140,8 +182,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     missing = set(trainable_state(model)) - set(weights)
     if missing:
         raise CheckpointError(f"checkpoint {path}: does not fit this model (missing {sorted(missing)[:3]} ...)")
-    model.load_state_dict(weights, strict=False)
     opt = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    if is_sharded(model):  # every process reads the whole state and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), opt["optimizer"], options=options)
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((path / "state.json").read_text())

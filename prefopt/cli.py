@@ -99,6 +99,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.distributed import is_main_process
     from prefopt.trainer import format_summary, train
 
     import shlex
@@ -112,18 +113,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, resume=args.resume, overwrite=args.overwrite, config_path=command, config_file=args.config)
     if summary.get("interrupted"):
         return 130
-    print(format_summary(summary))
+    if is_main_process():  # several processes return the same summary; one prints it
+        print(format_summary(summary))
     return 0
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
+    from prefopt.distributed import is_main_process
     from prefopt.trainer import precompute_reference
 
     from prefopt.preflight import preflight
 
     config = _load(args)
     preflight(config)
-    for name, what in precompute_reference(config).items():
+    done = precompute_reference(config)
+    for name, what in done.items() if is_main_process() else ():
         print(f"reference cache ({name}): {what}")
     return 0
 
@@ -185,10 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _setup_logging() -> None:
     import logging
-    import os
 
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # one process of several speaks
-        logging.getLogger("prefopt").setLevel(logging.WARNING)
+    from prefopt.distributed import is_main_process
+
+    if not is_main_process():  # one process of several speaks; the others only report errors
+        logging.getLogger("prefopt").setLevel(logging.ERROR)
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[prefopt] %(message)s"))

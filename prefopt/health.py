@@ -110,7 +110,8 @@ def nonfinite_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]
     named = list(named)
     if not named:
         return []
-    flags = torch.stack([torch.isfinite(p.detach()).all().cpu() for _, p in named])
+    local = [p.detach()._local_tensor if hasattr(p, "_local_tensor") else p.detach() for _, p in named]  # FSDP: this process's shard
+    flags = torch.stack([torch.isfinite(t).all().cpu() for t in local])
     return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
 
 

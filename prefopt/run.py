@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from prefopt import reference as ref
 from prefopt.batching import collate, completion_tokens, pack, to_device
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
+from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Feature, Tokens, needs_of, reference_for
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
@@ -75,15 +75,16 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # accelerate keeps its state per process and refuses a second Accelerator with another
     # precision; forget it so train() can run again in one process (the process group stays).
     AcceleratorState._reset_state()
-    # Started as one of several processes (torchrun) on a machine without CUDA: accelerate
-    # joins them only when told to use the CPU; otherwise each would train alone.
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=several and not torch.cuda.is_available(),
-        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-        log_with=trackers or None,
-        project_dir=config.trainer.output_dir,
-    )
+    check_launch()
+    with accelerate_without_fsdp():
+        accelerator = Accelerator(
+            **accelerator_options(),
+            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+            log_with=trackers or None,
+            project_dir=config.trainer.output_dir,
+        )
+    describe(accelerator)
+    return accelerator
 
 
 def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str,
@@ -96,7 +97,12 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
     cached = ref.load_cache(path, key, len(pairs), parts, per_token)
-    if cached is not None:
+    # Every process must take the same branch (computing is collective): on machines that do
+    # not share the cache directory, one that lacks the file makes all of them compute it.
+    missing = cached is None
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
+    if not missing:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
     module = PreferenceModel(ref_model, chunk_tokens=run_cfg.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
@@ -113,9 +119,10 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
     reduce = lambda t: accelerator.reduce(torch.nan_to_num(t, nan=0.0).to(accelerator.device), "sum").cpu()  # noqa: E731
     values = ref.RefCache(reduce(local.sums), reduce(local.tokens) if per_token else None, local.offsets, local.split)
-    if accelerator.is_main_process:
+    if accelerator.is_local_main_process:  # one writer per machine (atomic, so a shared directory is safe)
         ref.save_cache(path, key, values, parts)
-        log.info("reference cache (%s): wrote %s", name, path)
+        if accelerator.is_main_process:
+            log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()
     return values
 

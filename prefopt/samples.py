@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from prefopt import attention
+from prefopt import distributed
 from prefopt.tracking import log_text
 
 log = logging.getLogger("prefopt")
@@ -61,7 +62,7 @@ def make_sampler(run, unwrapped, out_dir: Path) -> Callable[[int], None]:
         log.warning("trainer.sample_prompts: no held-out data to sample prompts from; set data.eval or data.eval_fraction")
     if not n or not run.accelerator.is_main_process:
         return lambda step: None
-    if run.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if run.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM") or distributed.sharded(run.accelerator):
         log.warning("trainer.sample_prompts: sampling needs the whole policy on one process; not done with sharded training")
         return lambda step: None
     prompts = [run.eval_pairs[i].prompt_ids for i in range(n)]

@@ -113,6 +113,8 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
         for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
             sums[key] = sums.get(key, 0) + value.float() * weight
     grad_norm = acc.clip_grad_norm_(params, run.config.trainer.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over all shards, as a plain tensor
+        grad_norm = grad_norm.full_tensor()
     if not isinstance(grad_norm, torch.Tensor):
         grad_norm = torch.tensor(float(grad_norm), device=acc.device)
     finite = torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
-from prefopt import health
+from prefopt import distributed, health
 from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint
@@ -56,10 +56,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
     accelerator.wait_for_everyone()
     run = setup(config, accelerator)
     tc = config.trainer
-    model = run.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = accelerator.device.type == "cuda" and all(p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=fused or None)
+    fused = accelerator.device.type == "cuda" and not distributed.sharded(accelerator)  # FSDP: plain AdamW on the shards
+    model, optimizer, params = distributed.prepare(run, lambda ps: torch.optim.AdamW(
+        ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=(fused and all(p.is_floating_point() for p in ps)) or None))
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = [pair_length(p) for p in run.train_pairs]
     sizes = [pair_tokens(p) for p in run.train_pairs]
@@ -68,7 +67,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
@@ -131,8 +129,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
 
     def save(step: int) -> None:
         health.check_step(named, step, reduce_sum)  # never checkpoint non-finite weights
+        gathered = ckpt.gather(unwrapped, optimizer)  # every process, under FSDP
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, **run_facts, "config": current}, tc.keep_checkpoints)
+            ckpt.save_checkpoint(ckpt_root, step, unwrapped, optimizer, scheduler, {**state, **run_facts, "config": current}, tc.keep_checkpoints, gathered)
         accelerator.wait_for_everyone()
 
     def forwards(step: int) -> tuple[list[dict[str, Any]], list[float], float]:
@@ -217,8 +216,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
         sample(state["step"])
         if summary["after"]:
             log_metrics({"step": state["step"], **summary["after"]})
+        policy_state = ckpt.full_state(unwrapped.policy)  # every process, under FSDP; None otherwise
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).policy.save_pretrained(out, safe_serialization=True)
+            unwrapped.policy.save_pretrained(out, safe_serialization=True, state_dict=policy_state)
             run.tokenizer.save_pretrained(out)
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()

@@ -1,10 +1,6 @@
 """Two CPU processes (DDP over gloo, started by torchrun) train exactly like one process with the same global batch."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,23 +8,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dist_helpers import cpu_env, launch, torchrun
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"),
 ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cache(out: Path) -> dict[str, torch.Tensor]:
@@ -37,25 +24,16 @@ def _cache(out: Path) -> dict[str, torch.Tensor]:
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assets = write_assets(tmp_path / "assets", n_train=64, n_eval=16)
-    common = dict(max_steps=3, group_by_length=False, data__eval=assets["eval"])
+    # warm-up then cosine decay, two micro-batches per step, reference log-probs from the cache
+    common = dict(max_steps=6, warmup_steps=2, schedule="cosine", grad_accum=2, group_by_length=False,
+                  data__eval=assets["eval"], reference__mode="cache")
     single = make_config(assets, tmp_path / "single", batch_size=4, **common)
     ddp = make_config(assets, tmp_path / "ddp", batch_size=2, **common)  # 2 per process x 2 processes
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(ddp))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.pop("WORLD_SIZE", None)
-    # static rendezvous on a free local port (--standalone's c10d rendezvous can hang at exit)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "prefopt", "train", str(config)]
-    # Own process group, so a timeout kills the workers too, not only the launcher.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = launch(torchrun(2, "train", str(config)), cpu_env())
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
     from prefopt.trainer import train
@@ -68,13 +46,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         torch.set_num_threads(before)
 
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(ddp["trainer"]["output_dir"])
-    assert [r["step"] for r in two] == [1, 2, 3]  # one writer: the processes trained together, not side by side
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # one writer: the processes trained together, not side by side
+    # the schedule advances once per optimiser step, not once per process: warm-up over at step 2, then cosine to 0 at step 6
+    lrs = [r["lr"] for r in two]
+    assert lrs == pytest.approx([r["lr"] for r in one], rel=1e-12)
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
         assert b["num_tokens"] == a["num_tokens"]  # counted over both processes
-    assert [r["step"] for r in eval_rows(ddp["trainer"]["output_dir"])] == [0, 3]
+    assert [r["step"] for r in eval_rows(ddp["trainer"]["output_dir"])] == [0, 6]
     assert eval_rows(ddp["trainer"]["output_dir"])[1]["eval/loss"] == pytest.approx(eval_rows(single["trainer"]["output_dir"])[1]["eval/loss"], abs=1e-5)
     assert_weights_close(final_weights(single["trainer"]["output_dir"]), final_weights(ddp["trainer"]["output_dir"]))
 
@@ -86,3 +69,36 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert not torch.isnan(cache_two[name]).any()
         torch.testing.assert_close(cache_two[name], cache_one[name], atol=1e-5, rtol=1e-5)
     assert stderr.count("reference cache (train): wrote") == 1
+    # the before/after table and the "saved" line come from the main process only
+    assert stdout.count("held-out pairs") == 1 and stdout.count("saved to") == 1, stdout
+
+
+SCRIPT = """
+import os, sys, torch
+from prefopt.config import load_config
+from prefopt.run import setup
+run = setup(load_config(sys.argv[1] + f"/cfg-{os.environ['RANK']}.yaml", []))
+torch.save(run.caches["train"].sums, sys.argv[1] + f"/values-{os.environ['RANK']}.pt")
+run.accelerator.end_training()
+"""
+
+
+def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
+    # machines with their own cache directories: the first has the file, the second not. Reusing it
+    # on one and computing it (a collective) on the other would hang; all of them must compute it.
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
+    for rank in (0, 1):
+        raw = make_config(assets, tmp_path / f"node{rank}", batch_size=2, reference__mode="cache")
+        (tmp_path / f"cfg-{rank}.yaml").write_text(yaml.safe_dump(raw))
+    from prefopt.trainer import precompute_reference
+
+    precompute_reference(validate(yaml.safe_load((tmp_path / "cfg-0.yaml").read_text())))
+    (seeded,) = _cache(tmp_path / "node0").values()
+    (tmp_path / "run.py").write_text(SCRIPT)
+    cmd = torchrun(2, "x")
+    cmd[cmd.index("prefopt") - 1:] = [str(tmp_path / "run.py"), str(tmp_path)]  # the script instead of -m prefopt
+    proc = launch(cmd, cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reference log-probs: 100%" in proc.stderr  # the first process, which had the file, computed too
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"values-{rank}.pt"), seeded, atol=1e-5, rtol=1e-5)

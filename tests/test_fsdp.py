@@ -1,0 +1,98 @@
+"""FSDP2 on two CPU processes over gloo, launched with the shipped accelerate config: the same run as one
+process, crash-safe checkpoints of whole weights that resume under FSDP, and a from_pretrained final model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch
+from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
+from prefopt.config import validate
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"),
+]
+STEPS = 10
+
+
+def _fsdp(config: Path, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", "train", str(config), *args]
+
+
+def _pretrained(config: dict, path: Path) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(config)
+    torch.manual_seed(123)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(params.pop("model_type"), **params)).save_pretrained(path)
+    return str(path)
+
+
+def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
+    assets = write_assets(tmp_path / "assets", n_train=64, n_eval=8)
+    # a live reference, so the frozen copy is sharded too; warm-up, cosine decay, two micro-batches per step
+    common = dict(max_steps=STEPS, warmup_steps=2, schedule="cosine", grad_accum=2, save_every=2, group_by_length=False,
+                  data__eval=assets["eval"], reference__mode="live")
+    single = make_config(assets, tmp_path / "single", batch_size=4, **common)
+    fsdp = make_config(assets, tmp_path / "fsdp", batch_size=2, **common)  # 2 per process x 2 processes
+    # pretrained weights, loaded with from_pretrained in every process (as a real model would be)
+    pretrained = _pretrained(single["model"]["config"], tmp_path / "pretrained")
+    for raw in (single, fsdp):
+        raw["model"] = {"name_or_path": pretrained, "tokenizer": assets["tokenizer"]}
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    out = Path(fsdp["trainer"]["output_dir"])
+
+    # crash: kill -9 every process of the launch once the first checkpoint is complete
+    victim = subprocess.Popen(_fsdp(config), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step-0000002").exists() and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        kill_tree(victim)  # launcher and workers: nothing is flushed or saved
+        log = victim.communicate()[0]
+    assert (out / "checkpoints" / "step-0000002").exists(), log[-3000:]
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    proc = launch(_fsdp(config, "--resume"), cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("[prefopt] 2 processes (FSDP2 on cpu)") == 1
+    assert "resuming from" in proc.stderr
+    assert proc.stdout.count("saved to") == 1
+
+    from prefopt.trainer import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(validate(single))
+    finally:
+        torch.set_num_threads(before)
+
+    one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(out)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # one row per step across the crash
+    for a, b in zip(one, two, strict=True):
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
+    assert two[-1]["loss"] < two[0]["loss"] - 0.05  # it learned something
+    assert eval_rows(out)[-1]["eval/loss"] == pytest.approx(eval_rows(single["trainer"]["output_dir"])[-1]["eval/loss"], abs=1e-5)
+    # the final model: whole weights in an ordinary from_pretrained directory
+    assert_weights_close(final_weights(single["trainer"]["output_dir"]), final_weights(out))
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(loaded.state_dict()["lm_head.weight"], final_weights(out)["lm_head.weight"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS

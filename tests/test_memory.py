@@ -1,0 +1,70 @@
+"""The memory estimate: parameter counts from model configs, and per-process bytes checked against what runs hold."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dist_helpers import cpu_env, launch, torchrun
+from engine_helpers import make_config, write_assets
+from prefopt import memory
+
+
+def test_parameter_counts_of_the_documented_models():
+    # published sizes: Qwen2-0.5B ties its embeddings (counted once), Llama-3.1-8B does not
+    assert memory.count_parameters(memory.MODELS["Qwen2-0.5B"]) == 494_032_768
+    assert memory.count_parameters(memory.MODELS["Llama-3.1-8B"]) == 8_030_261_248
+
+
+def test_estimate_shards_everything_under_fsdp_and_adds_buckets_under_ddp():
+    one = memory.estimate(1000)
+    assert (one.weights, one.gradients, one.optimizer, one.buckets, one.reference) == (4000, 4000, 8000, 0, 4000)
+    ddp = memory.estimate(1000, processes=4)
+    assert ddp.buckets == 4000 and ddp.total == one.total + 4000
+    fsdp = memory.estimate(1001, processes=4, sharded=True, live_reference=False)
+    assert (fsdp.weights, fsdp.optimizer, fsdp.buckets, fsdp.reference) == (1001, 2002, 0, 0)
+
+
+def _configs(tmp_path) -> dict[str, str]:
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
+    paths = {}
+    for mode in ("live", "cache"):
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump(make_config(assets, tmp_path / mode, batch_size=2, reference__mode=mode)))
+        paths[mode] = str(path)
+    return paths
+
+
+def _check(result: dict) -> None:
+    est = result["estimate"]
+    assert result["measured"] == {k: est[k] for k in ("weights", "gradients", "optimizer", "reference")}
+    assert est["weights"] == 4 * result["parameters"] > 0
+
+
+def test_one_process_holds_what_the_estimate_says(tmp_path):
+    paths = _configs(tmp_path)
+    live, cache = memory.measure_run(paths["live"]), memory.measure_run(paths["cache"])
+    _check(live)
+    _check(cache)
+    assert live["measured"]["reference"] == live["measured"]["weights"] and cache["measured"]["reference"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_fsdp_processes_each_hold_half_of_every_state_reference_included(tmp_path):
+    paths = _configs(tmp_path)
+    whole = memory.measure_run(paths["live"])["measured"]
+    cmd = torchrun(2, "--measure", paths["live"])
+    cmd[cmd.index("prefopt")] = "prefopt.memory"
+    proc = launch(cmd, cpu_env(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2"), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["sharded"] and r["processes"] == 2 and r["estimate"]["buckets"] == 0
+        for key in ("weights", "gradients", "optimizer", "reference"):
+            # each shard is half of every tensor, rounded up to whole rows
+            assert r["measured"][key] == pytest.approx(whole[key] / 2, rel=0.02), key
+            assert r["measured"][key] == pytest.approx(r["estimate"][key], rel=0.02), key

@@ -133,6 +133,36 @@ def read_flags(run: Run, result: StepResult, stop: bool, weights_ok: torch.Tenso
     return bad == 0, stopping > 0, broken == 0
 
 
+class LogWindow:
+    """The steps since the last log row: metrics summed on the device, tokens and padding on the host."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.tokens, self.padding = 0, 0, 0.0
+
+    def add(self, result: StepResult, tokens: int, padding: float) -> None:
+        for key, value in {**result.metrics, "grad_norm": result.grad_norm}.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.steps += 1
+        self.tokens += tokens
+        self.padding += padding
+
+    def row(self, run: Run) -> dict[str, Any]:
+        """Means over the window's steps and the processes (``num_tokens`` summed): one collective, one host read; then empty."""
+        acc = run.accelerator
+        keys = sorted(self.sums)
+        local = torch.stack([self.sums[k].float() for k in keys] + [torch.tensor(float(self.tokens), device=acc.device)])
+        values = acc.reduce(local, "sum").tolist()
+        n, world = self.steps, acc.num_processes
+        row = {**{k: v / n / world for k, v in zip(keys, values[:-1])},
+               "num_tokens": int(values[-1]), "padding_fraction": round(self.padding / n, 4)}
+        self._reset()
+        return row
+
+
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Loss and reward metrics on the held-out pairs (``eval/`` prefixed), averaged over pairs."""

@@ -27,7 +27,7 @@ from prefopt.lock import DirectoryLock
 from prefopt.resume import check_resume, config_differences, drop_metrics_after, prepare_output
 from prefopt.run import make_accelerator, precompute_reference, setup
 from prefopt.samples import make_sampler
-from prefopt.step import evaluate, forward_backward, read_flags
+from prefopt.step import LogWindow, evaluate, forward_backward, read_flags
 from prefopt.tracking import tracker_config
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
@@ -114,19 +114,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
             epoch_cache[epoch] = [b[rank * tc.batch_size : (rank + 1) * tc.batch_size] for b in batches]
         return epoch_cache[epoch][j]
 
-    def log_row(state: dict[str, Any], window: dict[str, Any], steps_per_epoch: int, lr: float) -> dict[str, Any]:
-        """Means of the metrics since the last log, reduced over processes: one collective, one host read."""
-        keys = sorted(window["sums"])
-        local = [window["sums"][k] for k in keys] + [torch.tensor(float(window["tokens"]), device=accelerator.device)]
-        values = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in local]), "sum").tolist()
-        n = window["steps"]
-        means = {k: v / n / world for k, v in zip(keys, values[:-1])}
-        row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": lr,
-               "grad_norm": means.pop("grad_norm"), "num_tokens": int(values[-1]), "padding_fraction": round(window["padding"] / n, 4),
-               "bad_steps": state["bad_steps"], **means}
-        window.update(sums={}, steps=0, tokens=0, padding=0.0)
-        return row
-
     def save(step: int) -> None:
         health.check_step(named, step, reduce_sum)  # never checkpoint non-finite weights
         gathered = ckpt.gather(unwrapped, optimizer)  # every process, under FSDP
@@ -147,7 +134,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
     bar = tqdm(total=total, initial=state["step"], desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
     started, interrupted = time.time(), None
-    window: dict[str, Any] = {"sums": {}, "steps": 0, "tokens": 0, "padding": 0.0}  # metrics since the last log, on device
+    window = LogWindow()
     upcoming = forwards(state["step"]) if state["step"] < total else None
     pending = None  # device flag of the last applied step: did it leave the weights finite (read with the next step's flags)
     with GracefulStop() as stop:
@@ -175,14 +162,11 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
                 log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", step + 1, state["bad_steps"])
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
-            for key, value in {**result.metrics, "grad_norm": result.grad_norm}.items():
-                window["sums"][key] = window["sums"].get(key, 0) + value
-            window["steps"] += 1
-            window["tokens"] += sum(b["num_tokens"] for b in batches)
-            window["padding"] += padding
+            window.add(result, sum(b["num_tokens"] for b in batches), padding)
             bar.update(1)
             if state["step"] % tc.log_every == 0 or state["step"] == total:
-                row = log_row(state, window, steps_per_epoch, scheduler.get_last_lr()[0])
+                row = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
+                       "bad_steps": state["bad_steps"], **window.row(run)}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
                                 margin=f"{row.get('rewards/margins', float('nan')):.3f}")
                 if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] != total:

@@ -105,6 +105,12 @@ def packed_attention(
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (L, heads, dim)
+        if q.dtype == torch.float32:  # rotary embeddings in fp32 promote q and k; FlashAttention takes bf16/fp16
+            device = q.device.type
+            if not torch.is_autocast_enabled(device):
+                raise ConfigError("trainer.attention: varlen (FlashAttention) needs trainer.precision bf16 or fp16")
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         cu = kwargs["cu_seq_lens_q"]
         out = varlen_attn(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_q"], scale=scaling,
                           window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])

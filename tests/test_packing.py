@@ -222,8 +222,10 @@ def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
         assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
         assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
         calls.append(q.shape)
+        q, k, v = q.float(), k.float(), v.float()  # the stand-in computes in fp32, so only the layout differs
         out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
                                               is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
                for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
@@ -234,11 +236,16 @@ def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
     policy = _model("qwen2", kv_heads=2)  # grouped-query attention: 4 query heads, 2 key/value heads
     use_packed_attention(policy)
     batch = pack(pairs, range(4), 2, 32)
+    from prefopt.errors import ConfigError
+
     with torch.no_grad():
-        expected = PreferenceModel(policy, kernel="sdpa")(batch)["logps"]
-        got = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: q, k, v reach the kernel in bf16
+            expected = PreferenceModel(policy, kernel="sdpa")(batch)["logps"]
+            got = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
+        with pytest.raises(ConfigError, match="varlen .* needs trainer.precision bf16 or fp16"):
+            PreferenceModel(policy, kernel="varlen")(batch)  # fp32 without autocast
     assert len(calls) == policy.config.num_hidden_layers
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=0.03, rtol=0.03)
 
 
 def test_attention_choice_is_explicit():

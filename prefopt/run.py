@@ -181,7 +181,10 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config.model.lora))
         health.check_output_head(policy)
     if config.trainer.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel)

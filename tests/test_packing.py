@@ -259,3 +259,17 @@ def test_attention_choice_is_explicit():
         choose_kernel("varlen", torch.device("cpu"), True)
     with pytest.raises(ConfigError, match="eager needs padded"):
         choose_kernel("eager", torch.device("cpu"), True)
+
+
+def test_gradient_checkpointing_recomputes_packed_attention_exactly(assets, tmp_path):
+    """Recomputed layers in backward get the packed-attention arguments again: same losses and gradients."""
+    from engine_helpers import read_metrics
+
+    common = dict(max_steps=2, reference__mode="live", loss={"name": "tdpo", "variant": "tdpo1"})
+    plain = make_config(assets, tmp_path / "plain", **common)
+    checkpointed = make_config(assets, tmp_path / "gc", gradient_checkpointing=True, **common)
+    _train(plain)
+    _train(checkpointed)
+    a, b = read_metrics(plain["trainer"]["output_dir"]), read_metrics(checkpointed["trainer"]["output_dir"])
+    for x, y in zip(a, b, strict=True):
+        assert (x["loss"], x["grad_norm"]) == pytest.approx((y["loss"], y["grad_norm"]), abs=1e-6)

@@ -151,21 +151,30 @@ def pair_tokens(p: "Pair") -> int:
     return 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
 
-def split_by_tokens(indices: Sequence[int], tokens: Sequence[int], budget: int | None) -> list[list[int]]:
+def split_by_tokens(indices: Sequence[int], tokens: Sequence[int], budget: int | None, at_least: int = 1) -> list[list[int]]:
     """Cut a step's pairs into consecutive forwards of at most ``budget`` tokens (a pair is never split).
 
-    A pair longer than the budget gets a forward of its own.
+    A pair longer than the budget gets a forward of its own. With ``at_least``, forwards are
+    split further (the one with most tokens first) until there are that many, so processes
+    can all run the same number of forwards; it cannot exceed the number of pairs.
     """
-    if budget is None:
-        return [list(indices)]
     out: list[list[int]] = [[]]
     used = 0
     for i in indices:
-        if out[-1] and used + tokens[i] > budget:
+        if budget is not None and out[-1] and used + tokens[i] > budget:
             out.append([])
             used = 0
         out[-1].append(i)
         used += tokens[i]
+    while len(out) < at_least:
+        g = max((g for g in out if len(g) > 1), key=lambda g: sum(tokens[i] for i in g))
+        total, half = sum(tokens[i] for i in g), 0
+        cut = 1
+        while cut < len(g) - 1 and half + tokens[g[cut - 1]] < total / 2:
+            half += tokens[g[cut - 1]]
+            cut += 1
+        at = out.index(g)
+        out[at : at + 1] = [g[:cut], g[cut:]]
     return out
 
 

@@ -181,9 +181,6 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
         params = [p for p in run.model.parameters() if p.requires_grad]
         model, optimizer = accelerator.prepare(run.model, make_optimizer(params))
         return model, optimizer, params
-    if run.config.trainer.max_tokens_per_forward is not None:
-        raise ConfigError("FSDP with trainer.max_tokens_per_forward is not supported: processes could run different "
-                          "numbers of forwards in a step, and each forward needs all of them; use grad_accum")
     if run.config.trainer.precision == "fp16":
         raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
     _check_eval_balanced(len(run.eval_pairs), run.config.trainer.batch_size, accelerator.num_processes)

@@ -106,13 +106,13 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
             log_metrics({"step": 0, **state["before"]})
     epoch_cache: dict[int, list[list[int]]] = {}
 
-    def micro_batch(m: int) -> list[int]:
+    def micro_batch(m: int, of: int = rank) -> list[int]:
+        """Micro-batch ``m`` of process ``of``: its slice of the ``m``-th global batch."""
         epoch, j = divmod(m, steps_per_epoch * tc.grad_accum)
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            batches = batch_order(lengths, tc.batch_size * world, tc.seed, epoch, tc.group_by_length)
-            epoch_cache[epoch] = [b[rank * tc.batch_size : (rank + 1) * tc.batch_size] for b in batches]
-        return epoch_cache[epoch][j]
+            epoch_cache[epoch] = batch_order(lengths, tc.batch_size * world, tc.seed, epoch, tc.group_by_length)
+        return epoch_cache[epoch][j][of * tc.batch_size : (of + 1) * tc.batch_size]
 
     def save(step: int) -> None:
         health.check_step(named, step, reduce_sum)  # never checkpoint non-finite weights
@@ -125,7 +125,10 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
         """The batches of one optimiser step on this process, each one's share of its pairs, and padding."""
         groups = [micro_batch(step * tc.grad_accum + k) for k in range(tc.grad_accum)]
         if tc.max_tokens_per_forward is not None:
-            groups = split_by_tokens([i for g in groups for i in g], sizes, tc.max_tokens_per_forward)
+            # every process runs as many forwards as the one that needs most (FSDP gathers weights in each)
+            pairs = [[i for k in range(tc.grad_accum) for i in micro_batch(step * tc.grad_accum + k, r)] for r in range(world)]
+            most = max(len(split_by_tokens(p, sizes, tc.max_tokens_per_forward)) for p in pairs)
+            groups = split_by_tokens(pairs[rank], sizes, tc.max_tokens_per_forward, at_least=most)
         n = sum(len(g) for g in groups)
         batches = [run.make_batch(run.train_pairs, g) for g in groups]
         padding = sum(b["padding"] * b["input_ids"].numel() for b in batches) / sum(b["input_ids"].numel() for b in batches)

@@ -96,3 +96,40 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(loaded.state_dict()["lm_head.weight"], final_weights(out)["lm_head.weight"])
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_process(tmp_path):
+    """Processes whose pairs need different numbers of forwards under the budget all run the same number
+    (FSDP gathers weights in every forward), and the steps equal one process's."""
+    from transformers import AutoTokenizer
+
+    from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
+    from prefopt.data import load_data
+    from prefopt.trainer import train
+
+    assets = write_assets(tmp_path / "assets", n_train=48, n_eval=4)
+    common = dict(max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16)
+    single = make_config(assets, tmp_path / "single", batch_size=8, **common)
+    fsdp = make_config(assets, tmp_path / "fsdp", batch_size=4, **common)  # 4 per process x 2 processes
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+
+    # the budget really splits the processes' pairs into different numbers of forwards in some step
+    cfg = validate(fsdp)
+    pairs, _, _ = load_data(cfg.data, AutoTokenizer.from_pretrained(assets["tokenizer"]), 0)
+    order = batch_order([pair_length(p) for p in pairs], 8, 0, 0, False)
+    counts = [[len(split_by_tokens(b[r * 4 : (r + 1) * 4], [pair_tokens(p) for p in pairs], 120)) for r in (0, 1)] for b in order[:4]]
+    assert any(a != b for a, b in counts), counts
+
+    proc = launch(_fsdp(config), cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(validate(single))
+    finally:
+        torch.set_num_threads(before)
+    one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)

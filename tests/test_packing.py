@@ -136,10 +136,14 @@ def test_default_row_rounding_is_small_and_coarse(tokens):
 
 def test_split_by_tokens_keeps_pairs_whole_and_within_budget():
     tokens = [10, 30, 25, 5, 50, 8]
-    groups = split_by_tokens(range(6), tokens, 40)
-    assert [i for g in groups for i in g] == list(range(6))
-    assert groups == [[0, 1], [2, 3, 5][:2], [4], [5]] or all(sum(tokens[i] for i in g) <= 40 or len(g) == 1 for g in groups)
+    assert split_by_tokens(range(6), tokens, 40) == [[0, 1], [2, 3], [4], [5]]  # 50 > 40: a forward of its own
     assert split_by_tokens(range(3), tokens, None) == [[0, 1, 2]]
+    # as many forwards as another process needs: the largest splits first, order kept
+    assert split_by_tokens(range(6), tokens, 40, at_least=5) == [[0], [1], [2, 3], [4], [5]]
+    assert split_by_tokens(range(6), tokens, None, at_least=3) == [[0, 1], [2], [3, 4, 5]]  # halves by tokens: 65 | 63, then 40 | 25
+    for k in range(1, 7):
+        groups = split_by_tokens(range(6), tokens, 1000, at_least=k)
+        assert len(groups) == k and [i for g in groups for i in g] == list(range(6))
 
 
 @pytest.fixture(scope="module")

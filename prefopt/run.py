@@ -117,8 +117,16 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
 
     counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs] if per_token else None
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
-    reduce = lambda t: accelerator.reduce(torch.nan_to_num(t, nan=0.0).to(accelerator.device), "sum").cpu()  # noqa: E731
-    values = ref.RefCache(reduce(local.sums), reduce(local.tokens) if per_token else None, local.offsets, local.split)
+    owned = torch.zeros(len(pairs), dtype=torch.bool)
+    owned[[i for b in mine for i in b]] = True
+    # pairs another process computed count as zero here; a NaN the model gave stays NaN
+    sums = torch.where(owned[:, None], local.sums, 0.0)
+    reduce = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
+    values = ref.RefCache(reduce(sums), reduce(local.tokens) if per_token else None, local.offsets, local.split)
+    bad = (~torch.isfinite(values.sums)).any(-1).nonzero()
+    if len(bad):
+        raise ConfigError(f"data.{'eval' if name == 'eval' else 'train'}: the reference model's log-probs are not finite for "
+                          f"{len(bad)} pairs (first: row {pairs[int(bad[0])].row}); check the reference weights and precision")
     if accelerator.is_local_main_process:  # one writer per machine (atomic, so a shared directory is safe)
         ref.save_cache(path, key, values, parts)
         if accelerator.is_main_process:

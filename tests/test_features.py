@@ -97,3 +97,21 @@ def test_a_policy_only_feature_loads_no_reference(assets, tmp_path):
     assert SEEN and not any(s["ref"] or s["tokens"] for s in SEEN)
     rows = read_metrics(raw["trainer"]["output_dir"])
     assert rows[-1]["entropy/chosen"] > rows[0]["entropy/chosen"]  # maximising entropy raises it
+
+
+def test_a_non_finite_reference_log_prob_is_refused_naming_the_row(assets, tmp_path, monkeypatch):
+    from prefopt import reference as ref
+    from prefopt.errors import ConfigError
+    from prefopt.run import setup
+
+    real = ref.compute_ref_logps
+
+    def one_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.sums[3, 1] = float("nan")  # as a bf16 overflow on one long row would give
+        return out
+
+    monkeypatch.setattr(ref, "compute_ref_logps", one_nan)
+    with pytest.raises(ConfigError, match=r"data.train: the reference model's log-probs are not finite for 1 pairs \(first: row \d+\)"):
+        setup(validate(make_config(assets, tmp_path)))
+    assert not list((tmp_path / "cache").glob("*.safetensors"))  # nothing cached

@@ -115,3 +115,28 @@ def test_a_non_finite_reference_log_prob_is_refused_naming_the_row(assets, tmp_p
     with pytest.raises(ConfigError, match=r"data.train: the reference model's log-probs are not finite for 1 pairs \(first: row \d+\)"):
         setup(validate(make_config(assets, tmp_path)))
     assert not list((tmp_path / "cache").glob("*.safetensors"))  # nothing cached
+
+
+def test_per_token_cache_shares_of_several_processes_add_up_to_the_whole(assets, tmp_path):
+    """fill_cache's collective: each process fills its batches (zeros elsewhere) and the shares are summed."""
+    from prefopt import reference as ref
+    from prefopt.batching import completion_tokens
+    from prefopt.run import setup
+
+    run = setup(validate(make_config(assets, tmp_path, loss={"name": "sft"})))
+    pairs = run.train_pairs[:10]
+    counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs]
+    batches = [run.make_batch(pairs, list(range(s, min(s + 3, 10)))) for s in range(0, 10, 3)]
+
+    def forward(batch):
+        with torch.no_grad():
+            return run.model(batch)["logps"]
+
+    whole = ref.compute_ref_logps(forward, batches, 10, False, counts)
+    shares = [ref.compute_ref_logps(forward, batches[r::2], 10, False, counts) for r in (0, 1)]
+    summed = shares[0].tokens + shares[1].tokens
+    torch.testing.assert_close(summed, whole.tokens, atol=0, rtol=0)
+    torch.testing.assert_close(whole.sums.sum(-1), torch.stack([whole.tokens[a:b].sum() for a, b in zip(whole.offsets[:-1], whole.offsets[1:])]), atol=1e-4, rtol=1e-5)
+    tokens = whole.batch_tokens([4, 1], run.make_batch(pairs, [4, 1]))
+    c, r = tokens.sum()
+    torch.testing.assert_close(torch.stack([c, r], -1), whole.sums[[4, 1]], atol=1e-5, rtol=1e-5)

@@ -106,10 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # the resume command printed on interruption repeats the --set overrides
     command = shlex.join([args.config, *(x for item in args.set for x in ("--set", item))])
-    from prefopt.losscheck import smoke_test
-
     config = _load(args)
-    smoke_test(config.build_loss())  # seconds, before any model is loaded
     summary = train(config, resume=args.resume, overwrite=args.overwrite, config_path=command, config_file=args.config)
     if summary.get("interrupted"):
         return 130

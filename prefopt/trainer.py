@@ -42,9 +42,11 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     The config is checked first (as ``prefopt validate`` does); the main process holds a
     lock on ``trainer.output_dir`` for the whole run; ``config_file`` is never moved by ``--overwrite``.
     """
+    from prefopt.losscheck import smoke_test
     from prefopt.preflight import preflight
 
     preflight(config)
+    smoke_test(config.build_loss())  # the loss on synthetic inputs of exactly its declared features: seconds, before any model
     main = int(os.environ.get("RANK", "0")) == 0
     with DirectoryLock(config.trainer.output_dir) if main else nullcontext():
         return _train(config, resume, overwrite, config_path, [config_file] if config_file else [])

@@ -64,3 +64,18 @@ class _Overflow(DPO):
 def test_a_broken_loss_is_named(cls, message):
     with pytest.raises(LossCheckError, match=message):
         smoke_test(cls())
+
+
+def test_train_runs_the_check_before_loading_any_model(tmp_path, monkeypatch):
+    """The Python API checks the loss as `prefopt train` does: before any model or data is loaded."""
+    import prefopt.run
+    from engine_helpers import make_config, write_assets
+    from prefopt.config import validate
+    from prefopt.testing import registered
+    from prefopt.trainer import train
+
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=0)
+    monkeypatch.setattr(prefopt.run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with registered(_Scalar), pytest.raises(LossCheckError, match=r"loss 'scalar_dpo' .* failed on synthetic inputs"):
+        train(validate(make_config(assets, tmp_path, loss={"name": "scalar_dpo"})))
+    assert not (tmp_path / "run").exists()

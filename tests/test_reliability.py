@@ -85,6 +85,8 @@ def _nan_on(monkeypatch, calls: set[int] | None) -> list[int]:
     original = DPO.forward
 
     def forward(self, inputs):
+        if type(inputs).__name__ == "TrackedInputs":  # the check on synthetic inputs before training
+            return original(self, inputs)
         seen.append(len(seen) + 1)
         out = original(self, inputs)
         if calls is None or seen[-1] in calls:

@@ -207,7 +207,12 @@ def test_malformed_loss_output_names_the_loss_and_package(tok, tmp_path, monkeyp
     from prefopt.trainer import train
 
     original = DPO.forward
-    monkeypatch.setattr(DPO, "forward", lambda self, inputs: bad(original(self, inputs)))
+
+    def forward(self, inputs):  # right on the synthetic inputs of the check before training, wrong in training
+        out = original(self, inputs)
+        return out if type(inputs).__name__ == "TrackedInputs" else bad(out)
+
+    monkeypatch.setattr(DPO, "forward", forward)
     with pytest.raises(PluginError, match=r"loss 'dpo' \(prefopt [^)]*\) " + message):
         train(config(tok, tmp_path, **{"trainer.max_steps": 1}))
 

@@ -158,8 +158,9 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
+    # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
     health.check_start(policy, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
-                       config.trainer.logprob_chunk_tokens, kernel, "model")
+                       config.trainer.logprob_chunk_tokens, "sdpa", "model")
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     if mode != "none":
@@ -167,7 +168,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
             health.check_start(ref_model, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
-                               config.trainer.logprob_chunk_tokens, kernel, "model.reference")
+                               config.trainer.logprob_chunk_tokens, "sdpa", "model.reference")
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = ref.weights_fingerprint(source)

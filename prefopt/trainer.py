@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -47,7 +46,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
 
     preflight(config)
     smoke_test(config.build_loss())  # the loss on synthetic inputs of exactly its declared features: seconds, before any model
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = distributed.is_main_process()  # before the Accelerator exists: from the launcher's environment
     with DirectoryLock(config.trainer.output_dir) if main else nullcontext():
         return _train(config, resume, overwrite, config_path, [config_file] if config_file else [])
 

@@ -217,25 +217,26 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
         assert syncs.count == 1, dict(syncs.ops)
 
 
+def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
+    """A CPU stand-in with varlen_attn's signature and semantics (fp32 inside, so only the layout differs)."""
+    import torch.nn.functional as F
+
+    assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+    q, k, v = q.float(), k.float(), v.float()
+    out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                          is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+           for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+    return torch.cat(out).to(torch.bfloat16)
+
+
 def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
     """The CUDA branch, run on CPU against a stand-in with varlen_attn's signature and semantics."""
     import torch.nn.attention.varlen as varlen
-    import torch.nn.functional as F
 
     calls = []
-
-    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
-        assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
-        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
-        assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
-        calls.append(q.shape)
-        q, k, v = q.float(), k.float(), v.float()  # the stand-in computes in fp32, so only the layout differs
-        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                              is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
-               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
-        return torch.cat(out)
-
-    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: (calls.append(a[0].shape), fake_varlen(*a, **k))[1])
     pairs = _pairs(4, 64, seed=7)
     policy = _model("qwen2", kv_heads=2)  # grouped-query attention: 4 query heads, 2 key/value heads
     use_packed_attention(policy)
@@ -277,3 +278,18 @@ def test_gradient_checkpointing_recomputes_packed_attention_exactly(assets, tmp_
     a, b = read_metrics(plain["trainer"]["output_dir"]), read_metrics(checkpointed["trainer"]["output_dir"])
     for x, y in zip(a, b, strict=True):
         assert (x["loss"], x["grad_norm"]) == pytest.approx((y["loss"], y["grad_norm"]), abs=1e-6)
+
+
+def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_path, monkeypatch):
+    """What auto picks on a GPU (varlen, bf16), with the stand-in kernel: the start-up check (on the host, before the
+    model moves) must not call the device kernel; the cache, training and evaluation go through it."""
+    import torch.nn.attention.varlen as varlen
+
+    import prefopt.attention as attention
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: (calls.append(1), fake_varlen(*a, **k))[1])
+    monkeypatch.setattr(attention, "choose_kernel", lambda *a: ("varlen", "as on a GPU"))
+    raw = make_config(assets, tmp_path, precision="bf16", max_steps=2, data__eval=assets["eval"])
+    summary = _train(raw)
+    assert summary["steps"] == 2 and calls

@@ -5,8 +5,9 @@ buffer depend on batch size and sequence length and are not counted; neither is 
 
 The policy trains in fp32 (``trainer.precision`` only sets autocast), so per parameter a process
 holds 4 bytes of weights, 4 of gradient and 8 of AdamW moments for the policy, 4 bytes of DDP
-gradient buckets, and, for a live reference, its weights in the training precision (4 bytes in
-fp32, 2 in bf16 or fp16).
+gradient buckets, and, for a live reference, its weights (4 bytes in fp32; in bf16 or fp16 its
+linear layers take 2, counted here as the whole model: embeddings and norms stay fp32, and under
+FSDP all of it).
 """
 from __future__ import annotations
 

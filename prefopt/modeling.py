@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prefopt import attention
 from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
 from prefopt.logprobs import token_features
@@ -59,11 +60,22 @@ def _has_weights(source: str) -> bool:
 
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A frozen, eval-mode copy of ``model``, optionally cast to ``dtype``."""
+    """A frozen, eval-mode copy of ``model``; with ``dtype``, its linear layers' weights held in that dtype.
+
+    Autocast rounds a linear layer's fp32 weights to its dtype on every forward; holding them
+    rounded already gives the same numbers without the casts, in half the memory. Embeddings
+    and norms stay as they are (autocast leaves them in fp32), so the copy computes exactly
+    what the fp32 model computes under autocast: a live reference equals a cached one.
+    """
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     if dtype is not None:
-        ref.to(dtype)
+        embeddings = ref.get_input_embeddings() if hasattr(ref, "get_input_embeddings") else None
+        tied = embeddings.weight if embeddings is not None else None
+        for module in ref.modules():
+            # nn.Linear, and transformers' Conv1D (GPT-2), whose addmm autocast casts the same way
+            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module.weight is not tied:
+                module.to(dtype)
     return ref.eval()
 
 
@@ -104,6 +116,9 @@ class PreferenceModel(nn.Module):
         """Final hidden states at the completion-predicting positions ``(N, H)``, and the LM head."""
         backbone, head = _backbone_and_head(model)
         if "cu_seqlens" in batch:
+            if model.config._attn_implementation != attention.NAME:  # e.g. a reference copied before packing was set up
+                attention.register()
+                model.config._attn_implementation = attention.NAME
             out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                            cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
                            max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],

@@ -39,8 +39,10 @@ def greedy(model: torch.nn.Module, prompt_ids: list[int], tokenizer, max_new_tok
     ids = torch.tensor([prompt_ids], device=device)
     was_training = model.training
     model.eval()
+    # a reference held in the training precision (its linear layers) runs under autocast, as in training
+    held = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), None)
     try:
-        with attention.standard(model):
+        with attention.standard(model), torch.autocast(device.type, dtype=held or torch.bfloat16, enabled=held is not None):
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

@@ -293,3 +293,21 @@ def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_pa
     raw = make_config(assets, tmp_path, precision="bf16", max_steps=2, data__eval=assets["eval"])
     summary = _train(raw)
     assert summary["steps"] == 2 and calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_reference_held_in_bf16_computes_what_the_policy_computes_under_autocast(arch):
+    """The live reference keeps its linear layers in the training precision (no casts per forward, less memory)
+    and still gives the fp32 policy's numbers under autocast: at step 0, log-ratios and KL are exactly zero."""
+    policy = _model(arch)
+    reference = frozen_copy(policy, torch.bfloat16)
+    linear = [m for m in reference.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    assert linear and all(m.weight.dtype == torch.bfloat16 or m.weight is reference.get_input_embeddings().weight for m in linear)
+    held = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert held < 0.8 * sum(p.numel() * 4 for p in reference.parameters())
+    use_packed_attention(policy)
+    batch = pack(_pairs(4, 64, seed=2), range(4), 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = PreferenceModel(policy, reference)(batch, reference="kl")
+    assert torch.equal(out["logps"], out["ref_logps"])
+    assert out["kl"].abs().max() < 1e-6

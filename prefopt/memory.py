@@ -142,7 +142,8 @@ def measure_run(config_path: str) -> dict[str, Any]:
     gc.collect()
     measured = measure(model, optimizer)
     est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator),
-                   live_reference=run.mode == "live", reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") else FP32)
+                   live_reference=run.mode == "live",
+                   reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") and not distributed.sharded(accelerator) else FP32)
     result = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "reference": run.mode,
               "sharded": distributed.sharded(accelerator),
               "parameters": n_params, "measured": measured, "estimate": est.__dict__ | {"total": est.total},

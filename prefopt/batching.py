@@ -52,7 +52,6 @@ def _token_fields(rows: list[tuple[list[int], list[int]]], starts: list[int], in
         "token_seq": torch.tensor(seq, dtype=torch.long),
         "token_position": torch.tensor(position, dtype=torch.long),
         "completion_lengths": torch.tensor(lengths, dtype=torch.long),
-        "index": torch.tensor(list(indices), dtype=torch.long),
         "index_host": list(indices),
     }
 

@@ -38,18 +38,22 @@ class Run:
     eval_pairs: list
     caches: dict[str, ref.RefCache] = field(default_factory=dict)
     kernel: str = "sdpa"
+    needs: frozenset[Feature] = frozenset()  # what the loss reads (computed once)
 
-    def make_batch(self, pairs: list, indices: Any) -> dict[str, Any]:
-        """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded)."""
-        return make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices)
+    def make_batch(self, pairs: list, indices: Any, split: str | None = None) -> dict[str, Any]:
+        """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded), on the host.
 
-    def cached_reference(self, split: str, batch: dict[str, Any], needs: frozenset[Feature]) -> Tokens | torch.Tensor:
-        """A batch's reference log-probs from the cache: per-token if the loss reads them, else ``(B, 2)`` sums."""
-        cache, device = self.caches[split], self.accelerator.device
-        if Feature.REF_TOKEN_LOGPS in needs:
-            host = cache.batch_tokens(batch["index_host"], batch)
-            return host.like(host.values.to(device, non_blocking=True))
-        return cache.pair_sums(batch["index_host"]).to(device, non_blocking=True)
+        With ``split`` and a cached reference, the batch carries its reference log-probs
+        (``ref_sums``, and ``ref_tokens`` when the loss reads them per token), so they travel
+        to the device with it.
+        """
+        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices)
+        cache = self.caches.get(split) if split is not None and self.mode == "cache" else None
+        if cache is not None:
+            batch["ref_sums"] = cache.pair_sums(batch["index_host"])
+            if Feature.REF_TOKEN_LOGPS in self.needs:
+                batch["ref_tokens"] = cache.batch_tokens(batch["index_host"], batch).values
+        return batch
 
 
 def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any) -> dict[str, Any]:
@@ -196,7 +200,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel)
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs)
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prefopt.batching import to_device
-from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens, needs_of
+from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
 from prefopt.run import Run
 
 
@@ -74,16 +74,18 @@ def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: froz
     return inputs
 
 
-def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any], split: str) -> LossOutput:
+def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
     """One forward of a batch through the model and the loss plugin."""
-    device = run.accelerator.device
-    batch = to_device(batch, device)
-    needs = needs_of(run.loss)
-    plan = Plan.of(needs, run.mode)
+    batch = to_device(batch, run.accelerator.device)
+    plan = Plan.of(run.needs, run.mode)
     with run.accelerator.autocast():
         out = model(batch, reference=plan.reference, stats=plan.stats)
-    cached = run.cached_reference(split, batch, needs) if run.mode == "cache" else None
-    return run.loss(loss_inputs(out, batch, needs, cached))
+    cached = None
+    if "ref_tokens" in batch:
+        cached = Tokens(batch["ref_tokens"], batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
+    elif "ref_sums" in batch:
+        cached = batch["ref_sums"]
+    return run.loss(loss_inputs(out, batch, run.needs, cached))
 
 
 @dataclass
@@ -108,7 +110,7 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
     for i, (batch, weight) in enumerate(zip(forwards, weights)):
         last = i == len(forwards) - 1
         with acc.no_sync(model) if not last and acc.num_processes > 1 else nullcontext():
-            output = compute_loss(run, model, batch, "train")
+            output = compute_loss(run, model, batch)
             acc.backward(output.loss * weight)
         for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
             sums[key] = sums.get(key, 0) + value.float() * weight
@@ -175,7 +177,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     count = torch.zeros((), device=run.accelerator.device)
     for s in range(0, len(idx), bs):
         b = idx[s : s + bs]
-        out = compute_loss(run, model, run.make_batch(run.eval_pairs, b), "eval")
+        out = compute_loss(run, model, run.make_batch(run.eval_pairs, b, "eval"))
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
             totals[key] = totals.get(key, 0) + value.float() * len(b)
         count += len(b)

@@ -131,7 +131,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, p
             most = max(len(split_by_tokens(p, sizes, tc.max_tokens_per_forward)) for p in pairs)
             groups = split_by_tokens(pairs[rank], sizes, tc.max_tokens_per_forward, at_least=most)
         n = sum(len(g) for g in groups)
-        batches = [run.make_batch(run.train_pairs, g) for g in groups]
+        batches = [run.make_batch(run.train_pairs, g, "train") for g in groups]
         padding = sum(b["padding"] * b["input_ids"].numel() for b in batches) / sum(b["input_ids"].numel() for b in batches)
         return batches, [len(g) / n for g in groups], padding
 

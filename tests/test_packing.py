@@ -205,7 +205,7 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
     model, optimizer = acc.prepare(model, optimizer)
     groups = split_by_tokens(range(8), [pair_tokens(p) for p in run.train_pairs], 80)
     assert len(groups) > 1
-    batches = [run.make_batch(run.train_pairs, g) for g in groups]
+    batches = [run.make_batch(run.train_pairs, g, "train") for g in groups]
     weights = [len(g) / 8 for g in groups]
     for _ in range(2):  # the second step runs with warm optimiser state
         with SyncCounter() as syncs:

@@ -30,9 +30,8 @@ def _sequences(pairs: Sequence["Pair"]) -> list[tuple[list[int], list[int]]]:
 
 def _targets(prompt: list[int], completion: list[int]) -> list[int]:
     """Per position: the next token if it is a completion token, else IGNORE_INDEX (the last position has none)."""
-    n = len(prompt) + len(completion)
     ids = prompt + completion
-    return [ids[i + 1] if i + 1 >= len(prompt) else IGNORE_INDEX for i in range(n - 1)] + [IGNORE_INDEX]
+    return [ids[i + 1] if i + 1 >= len(prompt) else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX] * bool(ids)
 
 
 def _token_fields(rows: list[tuple[list[int], list[int]]], starts: list[int], indices: Sequence[int]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from prefopt import distributed
 from prefopt.batching import to_device
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
 from prefopt.run import Run
@@ -171,6 +172,8 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     if len(run.eval_pairs) < run.accelerator.num_processes:  # every process needs a share
         return {}
     model.eval()
+    if not distributed.sharded(run.accelerator):
+        model = run.accelerator.unwrap_model(model)  # no DDP hooks: processes may run different numbers of batches
     bs = run.config.trainer.batch_size
     idx = list(range(len(run.eval_pairs)))[run.accelerator.process_index :: run.accelerator.num_processes]
     totals: dict[str, torch.Tensor] = {}

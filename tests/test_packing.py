@@ -311,3 +311,16 @@ def test_a_reference_held_in_bf16_computes_what_the_policy_computes_under_autoca
         out = PreferenceModel(policy, reference)(batch, reference="kl")
     assert torch.equal(out["logps"], out["ref_logps"])
     assert out["kl"].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_completion_tokens_are_the_targets_at_token_index_even_with_empty_sequences(layout):
+    """Gathering the targets at token_index gives every completion token in order, whatever the lengths (empty ones too)."""
+    pairs = [Pair([5, 6], [7, 8, 9], [10], row=0), Pair([], [11, 12], [13], row=1), Pair([], [], [14, 15, 16], row=2),
+             Pair([17], [], [18, 19], row=3)]
+    batch = pack(pairs, range(4), 2, 8) if layout == "packed" else collate(pairs, range(4), 2)
+    assert batch["targets"].shape == batch["input_ids"].shape
+    want = [t for p in pairs for t in (p.chosen_ids if p.prompt_ids else p.chosen_ids[1:])]
+    want += [t for p in pairs for t in (p.rejected_ids if p.prompt_ids else p.rejected_ids[1:])]
+    assert batch["targets"].reshape(-1)[batch["token_index"]].tolist() == want
+    assert batch["completion_lengths"].tolist() == [3, 1, 0, 0, 1, 0, 2, 2]

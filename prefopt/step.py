@@ -108,9 +108,12 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
     """
     acc = run.accelerator
     sums: dict[str, torch.Tensor] = {}
+    fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2: no no_sync(); say whether to reduce-scatter
     for i, (batch, weight) in enumerate(zip(forwards, weights)):
         last = i == len(forwards) - 1
-        with acc.no_sync(model) if not last and acc.num_processes > 1 else nullcontext():
+        if fsdp:
+            model.set_requires_gradient_sync(last)
+        with acc.no_sync(model) if not last and acc.num_processes > 1 and not fsdp else nullcontext():
             output = compute_loss(run, model, batch)
             acc.backward(output.loss * weight)
         for key, value in {"loss": output.loss.detach(), **output.metrics}.items():

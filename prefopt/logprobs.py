@@ -134,36 +134,39 @@ class _ChunkLogpsKL(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
-class _ChunkStats(torch.autograd.Function):
-    """Per-token entropy and log(sum_v p_v^2) of the policy for one chunk, with their gradients.
+class _ChunkLogpsStats(torch.autograd.Function):
+    """Log-probs of the targets with the policy's per-token entropy and log(sum_v p_v^2), from one projection.
 
-    Run only for losses that declare them. Backward uses
-    d H / d z = -p (log p + H) and d log(sum p^2) / d z = 2 (p^2 / sum(p^2) - p).
+    For losses that declare those features. Backward recomputes the chunk's logits once and uses
+    d logp_t / d z = onehot(t) - p, d H / d z = -p (log p + H), d log(sum p^2) / d z = 2 (p^2 / sum(p^2) - p).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, target):  # type: ignore[override]
         dtype = _matmul_dtype(hidden)
         logp = _head_logits(hidden, weight, bias, dtype).log_softmax(-1)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
         logsumsq = (2 * logp).logsumexp(-1)
-        ctx.save_for_backward(hidden, weight, bias, entropy, logsumsq)
+        ctx.save_for_backward(hidden, weight, bias, target, entropy, logsumsq)
         ctx.dtype = dtype
-        return entropy, logsumsq
+        return picked, entropy, logsumsq
 
     @staticmethod
-    def backward(ctx, grad_entropy, grad_logsumsq):  # type: ignore[override]
-        hidden, weight, bias, entropy, logsumsq = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy, grad_logsumsq):  # type: ignore[override]
+        hidden, weight, bias, target, entropy, logsumsq = ctx.saved_tensors
         dtype = ctx.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         logp = _head_logits(h, w, bias, dtype).log_softmax(-1)
         p = logp.exp()
         g = (logp + entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
         g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(p).mul_(2 * grad_logsumsq.unsqueeze(-1)))
+        g.sub_(p.mul_(grad_logp.unsqueeze(-1)))
         del p, logp
+        g.scatter_add_(-1, target.unsqueeze(-1), grad_logp.unsqueeze(-1).to(g.dtype))
         g = g.to(dtype)
         gh, gw, gb = _head_grads(ctx, g, h, w, hidden, weight, bias)
-        return gh, gw, gb
+        return gh, gw, gb, None
 
 
 def token_features(
@@ -186,16 +189,19 @@ def token_features(
     outs: dict[str, list[torch.Tensor]] = {"logps": [], "kl": [], "ref_logps": [], "entropy": [], "logsumsq": []}
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        if ref_hidden is None:
-            outs["logps"].append(_logps_chunk(hidden[sl], head.weight, head.bias, target[sl]))
-        else:
+        if ref_hidden is not None:
             assert ref_head is not None
             lp, kl, rlp = _ChunkLogpsKL.apply(hidden[sl], head.weight, head.bias, ref_hidden[sl], ref_head.weight, ref_head.bias, target[sl])
-            outs["logps"].append(lp)
             outs["kl"].append(kl)
             outs["ref_logps"].append(rlp)
+            if stats:  # a second projection; rare (a loss reading both the KL and the policy's statistics)
+                _, ent, lss = _ChunkLogpsStats.apply(hidden[sl], head.weight, head.bias, target[sl])
+        elif stats:
+            lp, ent, lss = _ChunkLogpsStats.apply(hidden[sl], head.weight, head.bias, target[sl])
+        else:
+            lp = _logps_chunk(hidden[sl], head.weight, head.bias, target[sl])
+        outs["logps"].append(lp)
         if stats:
-            ent, lss = _ChunkStats.apply(hidden[sl], head.weight, head.bias)
             outs["entropy"].append(ent)
             outs["logsumsq"].append(lss)
     empty = hidden.new_zeros(0, dtype=torch.float32)

@@ -13,7 +13,7 @@ Everything here is built on the host, so the step needs no device-to-host reads.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -149,13 +149,16 @@ def pair_tokens(p: "Pair") -> int:
     return 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
 
-def split_by_tokens(indices: Sequence[int], tokens: Sequence[int], budget: int | None, at_least: int = 1) -> list[list[int]]:
+def split_by_tokens(indices: Sequence[int], tokens: Sequence[int] | Mapping[int, int], budget: int | None,
+                    at_least: int = 1) -> list[list[int]]:
     """Cut a step's pairs into consecutive forwards of at most ``budget`` tokens (a pair is never split).
 
     A pair longer than the budget gets a forward of its own. With ``at_least``, forwards are
     split further (the one with most tokens first) until there are that many, so processes
     can all run the same number of forwards; it cannot exceed the number of pairs.
     """
+    if budget is None and at_least <= 1:
+        return [list(indices)]
     out: list[list[int]] = [[]]
     used = 0
     for i in indices:

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from prefopt import accelerators, attention, distributed, health
 from prefopt import reference as ref
-from prefopt.batching import collate, completion_tokens, pack, to_device
+from prefopt.batching import collate, completion_tokens, pack, pair_tokens, split_by_tokens, to_device
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
 from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
@@ -113,7 +113,9 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     idx = list(range(len(pairs)))
     mine = [idx[s : s + bs] for s in range(0, len(idx), bs)][accelerator.process_index :: accelerator.num_processes]
-    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, b) for b in mine]
+    budget = run_cfg.trainer.max_tokens_per_forward  # the training budget bounds these forwards too
+    sizes = {i: pair_tokens(pairs[i]) for b in mine for i in b} if budget else {}
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g) for b in mine for g in split_by_tokens(b, sizes, budget)]
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
         with accelerator.autocast(), torch.inference_mode():

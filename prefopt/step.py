@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prefopt import distributed
-from prefopt.batching import to_device
+from prefopt.batching import pair_tokens, split_by_tokens, to_device
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
 from prefopt.run import Run
 
@@ -181,12 +181,15 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     idx = list(range(len(run.eval_pairs)))[run.accelerator.process_index :: run.accelerator.num_processes]
     totals: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=run.accelerator.device)
+    # The training token budget holds here too, except under FSDP, whose processes must run matched forwards.
+    budget = None if distributed.sharded(run.accelerator) else run.config.trainer.max_tokens_per_forward
+    sizes = {i: pair_tokens(run.eval_pairs[i]) for i in idx} if budget else {}
     for s in range(0, len(idx), bs):
-        b = idx[s : s + bs]
-        out = compute_loss(run, model, run.make_batch(run.eval_pairs, b, "eval"))
-        for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-            totals[key] = totals.get(key, 0) + value.float() * len(b)
-        count += len(b)
+        for b in split_by_tokens(idx[s : s + bs], sizes, budget):
+            out = compute_loss(run, model, run.make_batch(run.eval_pairs, b, "eval"))
+            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                totals[key] = totals.get(key, 0) + value.float() * len(b)
+            count += len(b)
     model.train()
     keys = sorted(totals)
     stacked = run.accelerator.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")

@@ -324,3 +324,24 @@ def test_completion_tokens_are_the_targets_at_token_index_even_with_empty_sequen
     want += [t for p in pairs for t in (p.rejected_ids if p.prompt_ids else p.rejected_ids[1:])]
     assert batch["targets"].reshape(-1)[batch["token_index"]].tolist() == want
     assert batch["completion_lengths"].tolist() == [3, 1, 0, 0, 1, 0, 2, 2]
+
+
+def test_evaluation_and_the_reference_cache_keep_the_token_budget(assets, tmp_path, monkeypatch):
+    """No forward outside training goes over max_tokens_per_forward either (held-out data, cache), and the held-out
+    metrics are those of whole batches."""
+    from prefopt.modeling import PreferenceModel
+
+    widths = []
+    real = PreferenceModel._hidden
+
+    def spy(self, model, batch):
+        widths.append(batch["num_tokens"])
+        return real(self, model, batch)
+
+    budget = 120
+    whole = _train(make_config(assets, tmp_path / "whole", max_steps=1, data__eval=assets["eval"]))
+    monkeypatch.setattr(PreferenceModel, "_hidden", spy)
+    split = _train(make_config(assets, tmp_path / "split", max_steps=1, data__eval=assets["eval"], max_tokens_per_forward=budget))
+    assert widths and max(widths) <= budget
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
+        assert split["before"][key] == pytest.approx(whole["before"][key], abs=1e-5), key

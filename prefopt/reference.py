@@ -211,12 +211,15 @@ def compute_ref_logps(
         split = torch.tensor([c for c, _ in token_counts])
         tokens = torch.zeros(int(offsets[-1]))
     for batch in tqdm(batches, desc="reference log-probs", disable=not show_progress):
-        values = forward(batch).float().cpu()
+        values = forward(batch).float()
         cu, index = batch["cu_completion"], batch["index_host"]
         b = len(index)
-        # summed exactly as the engine sums the policy's, so policy == reference gives equal sums
-        chosen, rejected = Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], cu).sum()
-        sums[index, 0], sums[index, 1] = chosen, rejected
+        # summed on the device exactly as the engine sums the policy's, so policy == reference gives equal sums
+        dev = values.device
+        layout = (batch["token_seq"].to(dev), batch["token_position"].to(dev), batch["completion_lengths"].to(dev), cu)
+        chosen, rejected = Tokens(values, *layout).sum()
+        sums[index, 0], sums[index, 1] = chosen.cpu(), rejected.cpu()
+        values = values.cpu()
         for s in range(2 * b):
             pair, side = index[s % b], s // b
             part = values[cu[s] : cu[s + 1]]

@@ -114,9 +114,8 @@ class Tokens:
         return Tokens(values, self.seq, self.position, self.lengths, self.offsets)
 
     def sum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-completion sums: ``(chosen (B,), rejected (B,))``."""
-        out = torch.zeros(2 * self.num_pairs, dtype=self.values.dtype, device=self.values.device)
-        out = out.index_add(0, self.seq, self.values)
+        """Per-completion sums: ``(chosen (B,), rejected (B,))``; deterministic on every device (no atomics)."""
+        out = self._rows(0.0).sum(-1)
         return out[: self.num_pairs], out[self.num_pairs :]
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +126,14 @@ class Tokens:
 
     def padded(self, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values (2B, T), mask (2B, T))``: completion ``s`` in row ``s``, left-aligned, ``fill`` after it."""
-        width = max((b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])), default=0)
-        rows = 2 * self.num_pairs
-        out = self.values.new_full((rows, width), fill)
-        out = out.index_put((self.seq, self.position), self.values)
-        mask = torch.zeros(rows, width, dtype=torch.bool, device=self.values.device)
+        out = self._rows(fill)
+        mask = torch.zeros(out.shape, dtype=torch.bool, device=self.values.device)
         mask[self.seq, self.position] = True
         return out, mask
+
+    def _rows(self, fill: float) -> torch.Tensor:
+        width = max((b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])), default=0)
+        return self.values.new_full((2 * self.num_pairs, width), fill).index_put((self.seq, self.position), self.values)
 
 
 class LossConfig(pydantic.BaseModel):

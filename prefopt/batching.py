@@ -197,8 +197,3 @@ def batch_order(
     if group_by_length:
         rng.shuffle(batches)
     return batches
-
-
-def padding_fraction(batch: dict[str, Any]) -> float:
-    """Fraction of padded positions in a batch (known on the host)."""
-    return float(batch["padding"])

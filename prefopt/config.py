@@ -93,7 +93,7 @@ class TrainerConfig(_Section):
         None, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes "
         "(null: a step of 1/32 of the row's power of two, at least 8: under 1/16 of the row is padding).")
     attention: Literal["auto", "varlen", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+, else sdpa.")
+        "auto", description="Attention kernel: auto picks varlen (FlashAttention over packed rows) on CUDA sm80+ in bf16/fp16, else sdpa.")
     compile: bool = Field(False, description="torch.compile each decoder layer (regional); compilations are logged. Off until measured on a GPU.")
     liger: bool = Field(False, description="Liger's RMSNorm, RoPE and SwiGLU kernels on the policy (CUDA, prefopt[liger]). Off until measured on a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")

@@ -51,12 +51,17 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedM
     return model
 
 
+def has_weights(path: Path) -> bool:
+    """Whether a local model directory holds weight files (sharded or not)."""
+    return any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"))
+
+
 def _has_weights(source: str) -> bool:
     """False only for a local directory with a config.json and no weight files (a model to initialise)."""
     path = Path(source)
     if not (path.is_dir() and (path / "config.json").exists()):
         return True  # a Hub name or a checkpoint: let from_pretrained resolve it
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json"))
+    return has_weights(path)
 
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

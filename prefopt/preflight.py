@@ -14,6 +14,7 @@ import torch
 
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError
+from prefopt.modeling import has_weights
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),
@@ -27,11 +28,6 @@ def looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
         os.path.isabs(value) or value.startswith((".", "~")) or "\\" in value or value.endswith("/")
         or value.count("/") > 1 or value.lower().endswith(suffixes)
     )
-
-
-def has_weights(path: Path) -> bool:
-    """Whether a local model directory holds weight files."""
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json")) or any(path.glob("*.bin.index.json"))
 
 
 def preflight(config: RunConfig, hub: bool = True) -> None:

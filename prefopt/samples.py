@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from prefopt import attention
-from prefopt import distributed
+from prefopt import attention, distributed
 from prefopt.tracking import log_text
 
 log = logging.getLogger("prefopt")
@@ -33,16 +32,19 @@ FILE = "samples.jsonl"
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, prompt_ids: list[int], tokenizer, max_new_tokens: int) -> str:
-    """The greedy completion of one prompt, decoded without special tokens."""
+def greedy(model: torch.nn.Module, prompt_ids: list[int], tokenizer, max_new_tokens: int,
+           precision: Callable[[], Any] = nullcontext) -> str:
+    """The greedy completion of one prompt, decoded without special tokens.
+
+    ``precision()`` is the run's autocast context, so the policy and a reference held in the
+    training precision decode with the numbers they train with (equal at step 0).
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     was_training = model.training
     model.eval()
-    # a reference held in the training precision (its linear layers) runs under autocast, as in training
-    held = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), None)
     try:
-        with attention.standard(model), torch.autocast(device.type, dtype=held or torch.bfloat16, enabled=held is not None):
+        with attention.standard(model), precision():
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -76,10 +78,10 @@ def make_sampler(run, unwrapped, out_dir: Path) -> Callable[[int], None]:
 
     def reference_text(i: int, policy_text: str, step: int) -> str | None:
         if unwrapped.reference is not None:
-            return greedy(unwrapped.reference, prompts[i], run.tokenizer, tc.sample_max_new_tokens)
+            return greedy(unwrapped.reference, prompts[i], run.tokenizer, tc.sample_max_new_tokens, run.accelerator.autocast)
         if unwrapped.ref_is_adapter:
             with unwrapped.policy.disable_adapter():
-                return greedy(unwrapped.policy, prompts[i], run.tokenizer, tc.sample_max_new_tokens)
+                return greedy(unwrapped.policy, prompts[i], run.tokenizer, tc.sample_max_new_tokens, run.accelerator.autocast)
         if reference_is_initial_policy:
             if step == 0:
                 remembered[i] = policy_text
@@ -89,7 +91,7 @@ def make_sampler(run, unwrapped, out_dir: Path) -> Callable[[int], None]:
     def sample(step: int) -> None:
         rows = []
         for i, ids in enumerate(prompts):
-            policy_text = greedy(unwrapped.policy, ids, run.tokenizer, tc.sample_max_new_tokens)
+            policy_text = greedy(unwrapped.policy, ids, run.tokenizer, tc.sample_max_new_tokens, run.accelerator.autocast)
             rows.append({"step": step, "prompt": run.tokenizer.decode(ids),
                          "policy": policy_text, "reference": reference_text(i, policy_text, step)})
         with path.open("a", encoding="utf-8") as f:

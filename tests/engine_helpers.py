@@ -22,6 +22,19 @@ def easy_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+PLAIN_WORDS = "the cat dog sat ran on a mat log good bad happy sad big small red blue green".split()
+
+
+def word_rows(seed: int, n: int, prompt: tuple[int, int] = (3, 8), completion: tuple[int, int] = (2, 6)) -> list[dict[str, str]]:
+    """Rows of random words: prompts of ``prompt`` words, completions of ``completion`` words (inclusive ranges)."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(PLAIN_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    return [{"prompt": text(*prompt), "chosen": text(*completion), "rejected": text(*completion)} for _ in range(n)]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import random
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine_helpers import word_rows, write_jsonl
 from prefopt import checkpoint as ckpt
 from prefopt import plugins
 from prefopt import reference as ref
@@ -24,21 +24,8 @@ from prefopt.resume import prepare_output as _prepare_output
 from prefopt.trainer import TrainingError, setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the cat dog sat ran on a mat log good bad happy sad big small red blue green".split()
-
-
 def _rows(seed: int, n: int = 24) -> list[dict]:
-    rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-    return [{"prompt": text(3, 8), "chosen": text(2, 6), "rejected": text(2, 6)} for _ in range(n)]
-
-
-def _write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return word_rows(seed, n)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +34,8 @@ def project(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("rel")
     rows = _rows(0)
-    _write_rows(d / "train.jsonl", rows)
-    _write_rows(d / "other.jsonl", _rows(1))
+    write_jsonl(d / "train.jsonl", rows)
+    write_jsonl(d / "other.jsonl", _rows(1))
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     build_tokenizer(texts, 300).save_pretrained(d / "tok")
     build_tokenizer(texts, 290).save_pretrained(d / "tok2")

@@ -3,33 +3,20 @@ from __future__ import annotations
 
 import json
 import re
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine_helpers import word_rows, write_jsonl
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PluginError
 from prefopt.health import TrainingError, check_engine_logps
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
 
-WORDS = "the cat dog sat ran on a mat log good bad happy sad big small red blue green".split()
-
-
 def _rows(seed: int, n: int = 16) -> list[dict]:
-    rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-    return [{"prompt": text(3, 6), "chosen": text(2, 4), "rejected": text(2, 4)} for _ in range(n)]
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return word_rows(seed, n, prompt=(3, 6), completion=(2, 4))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +36,7 @@ def raw_config(tok: Path, tmp: Path, **overrides) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     train = tmp / "train.jsonl"
     if not train.exists():
-        _write(train, _rows(0))
+        write_jsonl(train, _rows(0))
     raw = {
         "model": {"config": model_config("llama", 300, 32, 1, 2, max_position=64), "tokenizer": str(tok)},
         "data": {"train": str(train), "max_length": 48},
@@ -83,10 +70,10 @@ def test_resume_refuses_changed_training_data(tok, tmp_path):
 
     train(config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.max_steps": 2}))
     rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in _rows(0)]
-    _write(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(ConfigError, match=r"--resume: the training data changed since the checkpoint \(data.train: .*train.jsonl\)"):
         train(config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.max_steps": 3}), resume=True)
-    _write(tmp_path / "train.jsonl", _rows(0))  # restored: resumes
+    write_jsonl(tmp_path / "train.jsonl", _rows(0))  # restored: resumes
     assert train(config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.max_steps": 3}), resume=True)["steps"] == 3
 
 
@@ -229,7 +216,7 @@ def _prep(cfg, **kw):
 def test_overwrite_never_moves_a_directory_holding_config_data_cache_or_model(tok, tmp_path):
     proj = tmp_path / "proj"
     (proj / "data").mkdir(parents=True)
-    _write(proj / "data" / "train.jsonl", _rows(0))
+    write_jsonl(proj / "data" / "train.jsonl", _rows(0))
     (proj / "run.yaml").write_text("x")
     (proj / "model").mkdir()
     base = raw_config(tok, tmp_path, **{"data.train": str(proj / "data" / "train.jsonl"), "trainer.output_dir": str(proj)})
@@ -255,7 +242,7 @@ def test_train_overwrite_on_the_project_directory_touches_nothing(tok, tmp_path,
 
     proj = tmp_path / "proj"
     (proj / "data").mkdir(parents=True)
-    _write(proj / "data" / "train.jsonl", _rows(0))
+    write_jsonl(proj / "data" / "train.jsonl", _rows(0))
     raw = raw_config(tok, tmp_path, **{"data.train": "data/train.jsonl", "trainer.output_dir": "."})  # relative to run.yaml: proj itself
     (proj / "run.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import resource
 import time
 import warnings
-from collections import Counter
 from typing import Any
 
 import torch

@@ -18,7 +18,7 @@ from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
 from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Feature, Tokens, needs_of, reference_for
+from prefopt.losses.base import Feature, needs_of, reference_for
 from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
 
 log = logging.getLogger("prefopt")

@@ -64,3 +64,18 @@ def launch(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subproc
             kill_tree(proc)
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def train_one_process(raw: dict) -> dict:
+    """Train ``raw`` (a run-config mapping) in this process with one thread, as each launched process runs."""
+    import torch
+
+    from prefopt.config import validate
+    from prefopt.trainer import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(validate(raw))
+    finally:
+        torch.set_num_threads(before)

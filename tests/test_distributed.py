@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist_helpers import cpu_env, launch, torchrun
+from dist_helpers import cpu_env, launch, torchrun, train_one_process
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
 
@@ -36,14 +36,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
-    from prefopt.trainer import train
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(validate(single))
-    finally:
-        torch.set_num_threads(before)
+    train_one_process(single)
 
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(ddp["trainer"]["output_dir"])
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # one writer: the processes trained together, not side by side

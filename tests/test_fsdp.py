@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch
+from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch, train_one_process
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
 
@@ -72,14 +72,7 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
     assert "resuming from" in proc.stderr
     assert proc.stdout.count("saved to") == 1
 
-    from prefopt.trainer import train
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(validate(single))
-    finally:
-        torch.set_num_threads(before)
+    train_one_process(single)
 
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(out)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # one row per step across the crash
@@ -105,7 +98,6 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
 
     from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
     from prefopt.data import load_data
-    from prefopt.trainer import train
 
     assets = write_assets(tmp_path / "assets", n_train=48, n_eval=4)
     common = dict(max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16)
@@ -123,12 +115,7 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
 
     proc = launch(_fsdp(config), cpu_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(validate(single))
-    finally:
-        torch.set_num_threads(before)
+    train_one_process(single)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):

@@ -1,7 +1,6 @@
 """Runs that would lose work or end silently wrong are refused with a clear message."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from prefopt import Loss, LossConfig, LossInputs, LossOutput, Reference, build_loss
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO, IPO, SFT, TDPO
-from prefopt.losses.base import Feature, log_ratios, ref_logps, reward_metrics
+from prefopt.losses.base import Feature, ref_logps, reward_metrics
 from prefopt.registry import get_registry
 from prefopt.testing import check_loss, registered
 

@@ -2,8 +2,9 @@
 
 The engine computes exactly the features the loss declares (see
 :class:`prefopt.losses.base.Feature`) and hands them over in the batch's own token
-layout. :func:`optimizer_step` is the hot path: it queues the forwards, backwards and
-clipping of one optimiser step and reads one small flag tensor back to the host.
+layout. :func:`forward_backward` and :func:`read_flags` are the hot path: they queue the
+forwards, backwards and clipping of one optimiser step and read one small flag tensor back
+to the host.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ class Plan:
         return cls(ref, bool(needs & {Feature.TOKEN_ENTROPY, Feature.TOKEN_LOGSUMSQ}))
 
 
-def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature],
-                cached: Tokens | torch.Tensor | None = None) -> LossInputs:
-    """The declared features of one batch, from the model's flat outputs (and a cached reference)."""
+def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature]) -> LossInputs:
+    """The declared features of one batch, from the model's flat outputs and the batch's cached reference
+    (``ref_tokens`` or ``ref_sums``, see :meth:`prefopt.run.Run.make_batch`)."""
     def tokens(values: torch.Tensor) -> Tokens:
         return Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
 
@@ -52,14 +53,13 @@ def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: froz
         inputs.chosen_tokens, inputs.rejected_tokens = n[: policy.num_pairs], n[policy.num_pairs :]
     if Feature.POLICY_TOKEN_LOGPS in needs:
         inputs.policy_token_logps = policy
-    ref = tokens(out["ref_logps"]) if "ref_logps" in out else None
-    if isinstance(cached, Tokens):
-        ref = cached
+    ref = out.get("ref_logps", batch.get("ref_tokens"))
+    ref = tokens(ref) if ref is not None else None
     if Feature.REF_LOGPS in needs:
         if ref is not None:
             inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref.sum()
-        elif cached is not None:
-            inputs.ref_chosen_logps, inputs.ref_rejected_logps = cached[:, 0], cached[:, 1]
+        elif "ref_sums" in batch:
+            inputs.ref_chosen_logps, inputs.ref_rejected_logps = batch["ref_sums"][:, 0], batch["ref_sums"][:, 1]
     if Feature.REF_TOKEN_LOGPS in needs:
         inputs.ref_token_logps = ref
     if "kl" in out:
@@ -81,12 +81,7 @@ def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> Los
     plan = Plan.of(run.needs, run.mode)
     with run.accelerator.autocast():
         out = model(batch, reference=plan.reference, stats=plan.stats)
-    cached = None
-    if "ref_tokens" in batch:
-        cached = Tokens(batch["ref_tokens"], batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
-    elif "ref_sums" in batch:
-        cached = batch["ref_sums"]
-    return run.loss(loss_inputs(out, batch, run.needs, cached))
+    return run.loss(loss_inputs(out, batch, run.needs))
 
 
 @dataclass

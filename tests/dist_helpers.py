@@ -70,12 +70,11 @@ def train_one_process(raw: dict) -> dict:
     """Train ``raw`` (a run-config mapping) in this process with one thread, as each launched process runs."""
     import torch
 
-    from prefopt.config import validate
-    from prefopt.trainer import train
+    from engine_helpers import train_raw
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(validate(raw))
+        return train_raw(raw)
     finally:
         torch.set_num_threads(before)

@@ -35,6 +35,25 @@ def word_rows(seed: int, n: int, prompt: tuple[int, int] = (3, 8), completion: t
     return [{"prompt": text(*prompt), "chosen": text(*completion), "rejected": text(*completion)} for _ in range(n)]
 
 
+def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with each ``"section.field": value`` of ``overrides`` set (nested sections created); returns ``raw``."""
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return raw
+
+
+def train_raw(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Validate and train a run-config mapping in this process; returns the summary."""
+    from prefopt.config import validate
+    from prefopt.trainer import train
+
+    return train(validate(raw), **kwargs)
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

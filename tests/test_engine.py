@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
+from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, train_raw, write_assets
 from prefopt.config import validate
 from prefopt.errors import ConfigError
 
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return write_assets(tmp_path_factory.mktemp("assets"), n_train=96, n_eval=24)
-
-
-def _train(raw: dict, **kwargs) -> dict:
-    from prefopt.trainer import train
-
-    return train(validate(raw), **kwargs)
 
 
 def _cache_files(out: Path) -> list[Path]:
@@ -42,7 +36,7 @@ def dpo_run(assets, tmp_path_factory):
     """One DPO run on the Llama shape with held-out data, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("dpo")
     raw = make_config(assets, out, max_steps=8, data__eval=assets["eval"], reference__batch_size=32)
-    return raw, _train(raw), out
+    return raw, train_raw(raw), out
 
 
 # --- each built-in loss moves the right way, with the reference mode chosen from what it declares ---
@@ -89,7 +83,7 @@ def test_dpo_llama_learns_the_easy_preference(dpo_run):
 def test_builtin_losses_move_the_right_way(case, assets, tmp_path):
     arch, loss, mode = CASES[case]
     raw = make_config(assets, tmp_path, arch=arch, loss=loss, max_steps=8, reference__batch_size=32)
-    summary = _train(raw)
+    summary = train_raw(raw)
     assert summary["reference"] == mode
     rows = read_metrics(raw["trainer"]["output_dir"])
     assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
@@ -150,7 +144,7 @@ def test_reference_mode_none_never_loads_a_reference(assets, tmp_path):
 def test_cache_and_live_reference_give_the_same_losses(dpo_run, assets, tmp_path):
     raw_cache, _, _ = dpo_run
     raw = make_config(assets, tmp_path, max_steps=4, reference__mode="live")
-    assert _train(raw)["reference"] == "live"
+    assert train_raw(raw)["reference"] == "live"
     assert _cache_files(tmp_path) == []
     live, cached = read_metrics(raw["trainer"]["output_dir"]), read_metrics(raw_cache["trainer"]["output_dir"])[:4]
     for a, b in zip(live, cached):
@@ -162,8 +156,8 @@ def test_gradient_accumulation_equals_the_larger_batch(assets, tmp_path):
     common = dict(max_steps=3, group_by_length=False, reference__batch_size=32, max_grad_norm=None)
     big = make_config(assets, tmp_path / "big", batch_size=8, grad_accum=1, **common)
     small = make_config(assets, tmp_path / "small", batch_size=4, grad_accum=2, **common)
-    _train(big)
-    _train(small)
+    train_raw(big)
+    train_raw(small)
     rows_big, rows_small = read_metrics(big["trainer"]["output_dir"]), read_metrics(small["trainer"]["output_dir"])
     for a, b in zip(rows_big, rows_small, strict=True):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"):
@@ -178,7 +172,7 @@ def test_resume_after_a_crash_continues_the_same_run(assets, tmp_path, monkeypat
 
     common = dict(max_steps=6, save_every=2, schedule="linear", warmup_steps=2, reference__batch_size=32)
     whole = make_config(assets, tmp_path / "whole", **common)
-    _train(whole)
+    train_raw(whole)
 
     broken = make_config(assets, tmp_path / "broken", **common)
     real, calls = trainer.forward_backward, {"n": 0}
@@ -191,15 +185,15 @@ def test_resume_after_a_crash_continues_the_same_run(assets, tmp_path, monkeypat
 
     monkeypatch.setattr(trainer, "forward_backward", crash_on_fifth_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _train(broken)
+        train_raw(broken)
     monkeypatch.setattr(trainer, "forward_backward", real)
     out = Path(broken["trainer"]["output_dir"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-0000002", "step-0000004"]
     assert not (out / "model.safetensors").exists()
 
     with pytest.raises(ConfigError, match="--resume"):
-        _train(broken)  # a non-empty output_dir is refused without --resume / --overwrite
-    summary = _train(broken, resume=True)
+        train_raw(broken)  # a non-empty output_dir is refused without --resume / --overwrite
+    summary = train_raw(broken, resume=True)
     assert summary["steps"] == 6
     rows_whole, rows_resumed = read_metrics(whole["trainer"]["output_dir"]), read_metrics(out)
     assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4, 5, 6]
@@ -235,13 +229,13 @@ def test_non_empty_output_dir_is_refused(assets, tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "something.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty.*--resume.*--overwrite"):
-        _train(raw)
+        train_raw(raw)
     assert (run_dir / "something.txt").read_text() == "keep me"
 
 
 def test_bf16_runs_on_cpu_with_finite_losses(assets, tmp_path):
     raw = make_config(assets, tmp_path, max_steps=3, precision="bf16", reference__batch_size=32, warmup_steps=2)
-    summary = _train(raw)
+    summary = train_raw(raw)
     rows = read_metrics(raw["trainer"]["output_dir"])
     assert [r["lr"] for r in rows] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # constant schedule after a linear warmup
     assert summary["steps"] == 3 and summary["bad_steps"] == 0
@@ -255,7 +249,7 @@ def test_bf16_runs_on_cpu_with_finite_losses(assets, tmp_path):
 def test_fp16_without_cuda_is_a_clear_config_error(assets, tmp_path):
     raw = make_config(assets, tmp_path, precision="fp16")
     with pytest.raises(ConfigError, match="fp16.*CUDA"):
-        _train(raw)
+        train_raw(raw)
 
 
 @pytest.mark.cuda
@@ -265,7 +259,7 @@ def test_mixed_precision_on_cuda(assets, tmp_path, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     raw = make_config(assets, tmp_path, max_steps=4, precision=precision, reference__batch_size=32)
-    summary = _train(raw)
+    summary = train_raw(raw)
     rows = read_metrics(raw["trainer"]["output_dir"])
     assert summary["steps"] == 4 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[0]["loss"] == pytest.approx(LN2, abs=0.05)

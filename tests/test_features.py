@@ -5,7 +5,7 @@ import pytest
 import torch
 from pydantic import Field
 
-from engine_helpers import make_config, read_metrics, write_assets
+from engine_helpers import make_config, read_metrics, train_raw, write_assets
 from prefopt.config import validate
 from prefopt.losses.base import Feature, Loss, LossConfig, LossInputs, LossOutput, preference_loss, reward_metrics
 from prefopt.testing import registered
@@ -52,20 +52,14 @@ def assets(tmp_path_factory):
     return write_assets(tmp_path_factory.mktemp("assets"), n_train=48, n_eval=8)
 
 
-def _train(raw: dict) -> dict:
-    from prefopt.trainer import train
-
-    return train(validate(raw))
-
-
 def test_per_token_reference_from_the_cache_equals_the_live_one(assets, tmp_path):
     with registered(TokenMeanDPO):
         cached = make_config(assets, tmp_path / "cached", loss={"name": "token-mean-dpo"}, max_steps=3, reference__batch_size=5)
         live = make_config(assets, tmp_path / "live", loss={"name": "token-mean-dpo"}, max_steps=3, reference__mode="live")
         SEEN.clear()
-        assert _train(cached)["reference"] == "cache"
+        assert train_raw(cached)["reference"] == "cache"
         assert SEEN and not any(any(s.values()) for s in SEEN)  # nothing undeclared was computed or passed
-        assert _train(live)["reference"] == "live"
+        assert train_raw(live)["reference"] == "live"
     from safetensors import safe_open
 
     [cache_file] = (tmp_path / "cached" / "cache").glob("*.safetensors")
@@ -80,7 +74,7 @@ def test_per_token_reference_from_the_cache_equals_the_live_one(assets, tmp_path
 
 def test_sum_only_losses_cache_no_per_token_values(assets, tmp_path):
     raw = make_config(assets, tmp_path, max_steps=1)
-    _train(raw)
+    train_raw(raw)
     from safetensors import safe_open
 
     [cache_file] = (tmp_path / "cache").glob("*.safetensors")
@@ -92,7 +86,7 @@ def test_a_policy_only_feature_loads_no_reference(assets, tmp_path):
     with registered(EntropyBonus):
         raw = make_config(assets, tmp_path, loss={"name": "entropy-bonus"}, max_steps=2, lr=1e-2)
         SEEN.clear()
-        summary = _train(raw)
+        summary = train_raw(raw)
     assert summary["reference"] == "none" and not (tmp_path / "cache").exists()
     assert SEEN and not any(s["ref"] or s["tokens"] for s in SEEN)
     rows = read_metrics(raw["trainer"]["output_dir"])

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import make_config, write_assets
+from engine_helpers import make_config, train_raw, write_assets
 from prefopt.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import validate
 from prefopt.data import Pair
@@ -151,12 +151,6 @@ def assets(tmp_path_factory):
     return write_assets(tmp_path_factory.mktemp("assets"), n_train=64, n_eval=8)
 
 
-def _train(raw: dict) -> dict:
-    from prefopt.trainer import train
-
-    return train(validate(raw))
-
-
 def test_token_budget_forwards_train_like_one_batch(assets, tmp_path):
     """A step split into token-budget forwards gives the losses, gradients and weights of the unsplit batch."""
     from engine_helpers import assert_weights_close, final_weights, read_metrics
@@ -164,8 +158,8 @@ def test_token_budget_forwards_train_like_one_batch(assets, tmp_path):
     common = dict(max_steps=3, group_by_length=False, reference__batch_size=32, batch_size=8, schedule="cosine", warmup_steps=1)
     whole = make_config(assets, tmp_path / "whole", **common)
     split = make_config(assets, tmp_path / "split", max_tokens_per_forward=60, **common)
-    _train(whole)
-    _train(split)
+    train_raw(whole)
+    train_raw(split)
     a, b = read_metrics(whole["trainer"]["output_dir"]), read_metrics(split["trainer"]["output_dir"])
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm", "lr", "num_tokens"):
@@ -179,8 +173,8 @@ def test_packed_and_padded_runs_train_the_same_model(assets, tmp_path):
     common = dict(max_steps=3, reference__batch_size=8, loss={"name": "tdpo", "variant": "tdpo2"})
     packed = make_config(assets, tmp_path / "packed", **common)
     padded = make_config(assets, tmp_path / "padded", packing=False, **common)
-    _train(packed)
-    _train(padded)
+    train_raw(packed)
+    train_raw(padded)
     a, b = read_metrics(packed["trainer"]["output_dir"]), read_metrics(padded["trainer"]["output_dir"])
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "rewards/margins", "kl/chosen", "grad_norm"):
@@ -273,8 +267,8 @@ def test_gradient_checkpointing_recomputes_packed_attention_exactly(assets, tmp_
     common = dict(max_steps=2, reference__mode="live", loss={"name": "tdpo", "variant": "tdpo1"})
     plain = make_config(assets, tmp_path / "plain", **common)
     checkpointed = make_config(assets, tmp_path / "gc", gradient_checkpointing=True, **common)
-    _train(plain)
-    _train(checkpointed)
+    train_raw(plain)
+    train_raw(checkpointed)
     a, b = read_metrics(plain["trainer"]["output_dir"]), read_metrics(checkpointed["trainer"]["output_dir"])
     for x, y in zip(a, b, strict=True):
         assert (x["loss"], x["grad_norm"]) == pytest.approx((y["loss"], y["grad_norm"]), abs=1e-6)
@@ -291,7 +285,7 @@ def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_pa
     monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: (calls.append(1), fake_varlen(*a, **k))[1])
     monkeypatch.setattr(attention, "choose_kernel", lambda *a: ("varlen", "as on a GPU"))
     raw = make_config(assets, tmp_path, precision="bf16", max_steps=2, data__eval=assets["eval"])
-    summary = _train(raw)
+    summary = train_raw(raw)
     assert summary["steps"] == 2 and calls
 
 
@@ -339,9 +333,9 @@ def test_evaluation_and_the_reference_cache_keep_the_token_budget(assets, tmp_pa
         return real(self, model, batch)
 
     budget = 120
-    whole = _train(make_config(assets, tmp_path / "whole", max_steps=1, data__eval=assets["eval"]))
+    whole = train_raw(make_config(assets, tmp_path / "whole", max_steps=1, data__eval=assets["eval"]))
     monkeypatch.setattr(PreferenceModel, "_hidden", spy)
-    split = _train(make_config(assets, tmp_path / "split", max_steps=1, data__eval=assets["eval"], max_tokens_per_forward=budget))
+    split = train_raw(make_config(assets, tmp_path / "split", max_steps=1, data__eval=assets["eval"], max_tokens_per_forward=budget))
     assert widths and max(widths) <= budget
     for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
         assert split["before"][key] == pytest.approx(whole["before"][key], abs=1e-5), key

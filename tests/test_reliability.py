@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import word_rows, write_jsonl
+from engine_helpers import set_dotted, word_rows, write_jsonl
 from prefopt import checkpoint as ckpt
 from prefopt import plugins
 from prefopt import reference as ref
@@ -53,13 +53,7 @@ def make_config(project: Path, out: Path, **overrides):
         "reference": {"cache_dir": str(out / "cache")},
         "trainer": {"output_dir": str(out / "run"), "batch_size": 4, "max_steps": 4, "lr": 1e-3, "schedule": "constant"},
     }
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return validate(raw)
+    return validate(set_dotted(raw, overrides))
 
 
 def _metrics(config) -> list[dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import word_rows, write_jsonl
+from engine_helpers import set_dotted, word_rows, write_jsonl
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PluginError
 from prefopt.health import TrainingError, check_engine_logps
@@ -43,13 +43,7 @@ def raw_config(tok: Path, tmp: Path, **overrides) -> dict:
         "reference": {"cache_dir": str(tmp / "cache")},
         "trainer": {"output_dir": str(tmp / "run"), "batch_size": 4, "max_steps": 3, "lr": 1e-3, "schedule": "constant"},
     }
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return raw
+    return set_dotted(raw, overrides)
 
 
 def config(tok: Path, tmp: Path, **overrides):

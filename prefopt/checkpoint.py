@@ -37,10 +37,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _full_options():
+def _full_options(trainable_only: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the first process only
+    # whole tensors, on the first process only; frozen weights (a live reference) are then never gathered
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -58,10 +59,11 @@ def gather(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], 
     if not sharded. Collective: every process must call it before the first one saves."""
     if not is_sharded(model):
         return None
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    weights = {n: t.contiguous() for n, t in full_state(model).items() if n in names}
+    state = get_model_state_dict(model, options=_full_options(trainable_only=True))
+    weights = {n: t.contiguous() for n, t in state.items() if n in names}
     return weights, get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_full_options())
 
 

@@ -134,16 +134,6 @@ def sharded(accelerator: Any) -> bool:
     return fsdp_requested() and accelerator.num_processes > 1
 
 
-def _check_eval_balanced(n_eval: int, batch_size: int, world: int) -> None:
-    # every process must run as many forwards as the others: each one gathers shards from all
-    if n_eval < world:
-        return  # evaluation is skipped on every process
-    batches = {-(-len(range(r, n_eval, world)) // batch_size) for r in range(world)}
-    if len(batches) > 1:
-        raise ConfigError(f"FSDP: the {n_eval} held-out pairs give some processes more eval batches than others "
-                          f"(batch_size {batch_size} x {world} processes); use a multiple of {batch_size * world} held-out pairs")
-
-
 def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """Shard a :class:`prefopt.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
     and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit."""
@@ -183,7 +173,6 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
         return model, optimizer, params
     if run.config.trainer.precision == "fp16":
         raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
-    _check_eval_balanced(len(run.eval_pairs), run.config.trainer.batch_size, accelerator.num_processes)
     model = shard(run.model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects
     return model, accelerator.prepare(make_optimizer(params)), params

@@ -164,30 +164,44 @@ class LogWindow:
         return row
 
 
+def eval_forwards(sizes: Sequence[int], batch_size: int, budget: int | None, world: int) -> list[list[list[int]]]:
+    """Each process's held-out forwards: its pairs (every ``world``-th), ``batch_size`` at a time,
+    each batch cut to the token ``budget``. ``sizes``: every held-out pair's tokens."""
+    plans = []
+    for rank in range(world):
+        idx = list(range(rank, len(sizes), world))
+        plans.append([f for s in range(0, len(idx), batch_size) for f in split_by_tokens(idx[s : s + batch_size], sizes, budget)])
+    return plans
+
+
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Loss and reward metrics on the held-out pairs (``eval/`` prefixed), averaged over pairs."""
-    if len(run.eval_pairs) < run.accelerator.num_processes:  # every process needs a share
+    pairs, acc = run.eval_pairs, run.accelerator
+    if not pairs:
         return {}
+    sharded = distributed.sharded(acc)
     model.eval()
-    if not distributed.sharded(run.accelerator):
-        model = run.accelerator.unwrap_model(model)  # no DDP hooks: processes may run different numbers of batches
-    bs = run.config.trainer.batch_size
-    idx = list(range(len(run.eval_pairs)))[run.accelerator.process_index :: run.accelerator.num_processes]
+    if not sharded:
+        model = acc.unwrap_model(model)  # no DDP hooks: processes may run different numbers of forwards
+    tc = run.config.trainer
+    budget = tc.max_tokens_per_forward
+    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    plans = eval_forwards(sizes, tc.batch_size, budget, acc.num_processes)
+    mine: list[list[int] | None] = list(plans[acc.process_index])
+    # Filler forwards (None) count nothing: under FSDP every forward gathers shards from all processes,
+    # so each runs as many as the busiest; a process without pairs runs one to learn the metric names.
+    mine += [None] * ((max(map(len, plans)) if sharded else 1) - len(mine))
     totals: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), device=run.accelerator.device)
-    # The training token budget holds here too, except under FSDP, whose processes must run matched forwards.
-    budget = None if distributed.sharded(run.accelerator) else run.config.trainer.max_tokens_per_forward
-    sizes = {i: pair_tokens(run.eval_pairs[i]) for i in idx} if budget else {}
-    for s in range(0, len(idx), bs):
-        for b in split_by_tokens(idx[s : s + bs], sizes, budget):
-            out = compute_loss(run, model, run.make_batch(run.eval_pairs, b, "eval"))
-            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-                totals[key] = totals.get(key, 0) + value.float() * len(b)
-            count += len(b)
+    count = torch.zeros((), device=acc.device)
+    for b in mine:
+        out = compute_loss(run, model, run.make_batch(pairs, b or [0], "eval"))
+        n = len(b) if b else 0
+        for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+            totals[key] = totals.get(key, 0) + value.float() * n
+        count += n
     model.train()
     keys = sorted(totals)
-    stacked = run.accelerator.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")
+    stacked = acc.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")
     values = stacked.tolist()
     return {f"eval/{k}": v / values[-1] for k, v in zip(keys, values[:-1])}
-

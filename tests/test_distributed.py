@@ -95,3 +95,48 @@ def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
     assert "reference log-probs: 100%" in proc.stderr  # the first process, which had the file, computed too
     for rank in (0, 1):
         torch.testing.assert_close(torch.load(tmp_path / f"values-{rank}.pt"), seeded, atol=1e-5, rtol=1e-5)
+
+
+EVAL_SCRIPT = """
+import json, os, sys
+from prefopt import distributed
+from prefopt.config import load_config
+from prefopt.run import setup
+from prefopt.step import evaluate
+run = setup(load_config(sys.argv[1] + "/cfg.yaml", []))
+model, _, _ = distributed.prepare(run, lambda params: __import__("torch").optim.AdamW(params))
+metrics = evaluate(run, model)
+open(sys.argv[1] + f"/eval-{os.environ['RANK']}.json", "w").write(json.dumps(metrics))
+model = None
+run.accelerator.free_memory()
+run.accelerator.end_training()
+"""
+
+
+def test_held_out_pairs_fewer_than_processes_are_evaluated_like_one_process(tmp_path):
+    """One held-out pair, two processes: the second has no share and must still take part in the reduction."""
+    import json
+
+    from prefopt.config import load_config
+    from prefopt.run import setup
+    from prefopt.step import evaluate
+
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=1)
+    raw = make_config(assets, tmp_path / "out", batch_size=2, data__eval=assets["eval"], reference__mode="cache")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "run.py").write_text(EVAL_SCRIPT)
+    cmd = torchrun(2, "x")
+    cmd[cmd.index("prefopt") - 1:] = [str(tmp_path / "run.py"), str(tmp_path)]
+    proc = launch(cmd, cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = [json.loads((tmp_path / f"eval-{r}.json").read_text()) for r in (0, 1)]
+    assert two[0] == two[1] and "eval/loss" in two[0]
+
+    run = setup(load_config(tmp_path / "cfg.yaml", []))
+    try:
+        one = evaluate(run, run.model)
+    finally:
+        run.accelerator.end_training()
+    assert two[0].keys() == one.keys()
+    for key in one:
+        assert two[0][key] == pytest.approx(one[key], abs=1e-5), key

@@ -93,14 +93,15 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
 
 def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_process(tmp_path):
     """Processes whose pairs need different numbers of forwards under the budget all run the same number
-    (FSDP gathers weights in every forward), and the steps equal one process's."""
+    (FSDP gathers weights in every forward), and the steps equal one process's. So does evaluation,
+    on held-out pairs that split unevenly (5 and 4: different numbers of forwards per process)."""
     from transformers import AutoTokenizer
 
     from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
     from prefopt.data import load_data
 
-    assets = write_assets(tmp_path / "assets", n_train=48, n_eval=4)
-    common = dict(max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16)
+    assets = write_assets(tmp_path / "assets", n_train=48, n_eval=9)
+    common = dict(max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16, data__eval=assets["eval"])
     single = make_config(assets, tmp_path / "single", batch_size=8, **common)
     fsdp = make_config(assets, tmp_path / "fsdp", batch_size=4, **common)  # 4 per process x 2 processes
     config = tmp_path / "fsdp.yaml"
@@ -120,3 +121,45 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
+    evals = eval_rows(single["trainer"]["output_dir"]), eval_rows(fsdp["trainer"]["output_dir"])
+    assert len(evals[0]) == len(evals[1]) == 2  # before and after training
+    for a, b in zip(*evals, strict=True):
+        for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
+
+
+def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, monkeypatch):
+    """Saving under FSDP gathers whole tensors on the first process: only trainable ones, so a live
+    reference costs no memory at save time. In-process, one-process group, same sharding as a run."""
+    from torch.distributed.tensor import DTensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt import checkpoint as ckpt
+    from prefopt.distributed import shard
+    from prefopt.modeling import PreferenceModel, frozen_copy
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        policy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2))
+        before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
+        model = shard(PreferenceModel(policy, frozen_copy(policy)), accelerator)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        frozen = {p.to_local().data_ptr() for p in model.reference.parameters()}
+        gathered: list[int] = []
+        original = DTensor.redistribute
+
+        def redistribute(self, *args, **kwargs):
+            gathered.append(self.to_local().data_ptr())
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(DTensor, "redistribute", redistribute)
+        weights, _ = ckpt.gather(model, optimizer)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert gathered and not frozen & set(gathered)
+    assert set(weights) == {f"policy.{n}" for n in before}
+    for n, t in before.items():
+        torch.testing.assert_close(weights[f"policy.{n}"], t, rtol=0, atol=0)

@@ -122,12 +122,18 @@ def test_fsdp_options_prefopt_cannot_honour_are_refused(env):
         distributed.check_launch()
 
 
-def test_fsdp_refuses_held_out_data_that_would_give_processes_unequal_eval_batches():
-    distributed._check_eval_balanced(8, 2, 2)  # 4 pairs each: 2 batches each
-    distributed._check_eval_balanced(7, 2, 2)  # 4 and 3 pairs: 2 batches each
-    distributed._check_eval_balanced(1, 2, 2)  # fewer pairs than processes: no process evaluates
-    with pytest.raises(ConfigError, match="9 held-out pairs .* use a multiple of 4 held-out pairs"):
-        distributed._check_eval_balanced(9, 2, 2)  # 5 and 4 pairs: 3 batches and 2
+def test_held_out_forwards_cover_every_pair_once_within_the_budget():
+    from prefopt.step import eval_forwards
+
+    # 9 pairs over 2 processes, 2 per batch: 5 and 4 pairs, 3 forwards and 2
+    assert eval_forwards([0] * 9, 2, None, 2) == [[[0, 2], [4, 6], [8]], [[1, 3], [5, 7]]]
+    sizes = [10, 50, 30, 20, 40, 10, 30, 60, 5]
+    plans = eval_forwards(sizes, 4, 45, 2)
+    assert sorted(i for plan in plans for f in plan for i in f) == list(range(9))
+    for rank, plan in enumerate(plans):
+        assert all(i % 2 == rank for f in plan for i in f)
+        assert all(sum(sizes[i] for i in f) <= 45 or len(f) == 1 for f in plan)
+    assert plans == [[[0, 2], [4], [6], [8]], [[1], [3, 5], [7]]]  # unequal counts: FSDP pads with filler forwards
 
 
 def test_accelerate_builds_its_state_without_fsdp_and_every_process_loads_the_whole_model(env):

@@ -80,15 +80,21 @@ def check_output_head(model: nn.Module) -> None:
 
 def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict], pairs: list, chunk_tokens: int,
                 kernel: str = "sdpa", what: str = "model") -> float:
-    """Start-up check on (up to) two pairs, batched as training batches them: the engine's log-probs equal the
-    model's own forward's on each sequence alone; returns the largest difference."""
-    from prefopt.batching import to_device
+    """Start-up check on the two shortest pairs, batched as training batches them: the engine's log-probs equal
+    the model's own forward's on each sequence alone; returns the largest difference.
+
+    It runs where the model was loaded (the host, in fp32, once per process): what it checks, how the
+    model turns hidden states into logits, shows on any length, and short pairs keep a large model's
+    start quick."""
+    import heapq
+
+    from prefopt.batching import pair_tokens, to_device
     from prefopt.modeling import PreferenceModel
 
     check_output_head(policy)
     if not pairs:
         return 0.0
-    take = list(range(min(2, len(pairs))))
+    take = sorted(heapq.nsmallest(2, range(len(pairs)), key=lambda i: pair_tokens(pairs[i])))
     device = next(policy.parameters()).device
     batch = to_device(make_batch(pairs, take), device)
     engine = PreferenceModel(policy, chunk_tokens=chunk_tokens, kernel=kernel)

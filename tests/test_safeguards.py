@@ -150,6 +150,32 @@ def test_engine_logprob_check_compares_by_value():
         check_engine_logps(lambda: same, lambda: same[:2])
 
 
+def test_start_up_check_runs_on_the_two_shortest_pairs():
+    """It runs on the host before training: the shortest pairs keep that cheap for a large model."""
+    from types import SimpleNamespace
+
+    from prefopt.batching import pack
+    from prefopt.health import check_start
+    from prefopt.run import use_packed_attention
+    from prefopt.tiny import model_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    params = model_config("llama", 50, 16, 1, 2, max_position=64)
+    policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(params.pop("model_type"), **params))
+    use_packed_attention(policy)
+    pair = lambda n: SimpleNamespace(prompt_ids=[3, 4], chosen_ids=list(range(5, 5 + n)), rejected_ids=[7] * n)  # noqa: E731
+    pairs = [pair(n) for n in (9, 4, 12, 2, 6)]
+    seen = []
+
+    def make_batch(ps, idx):
+        seen.append(list(idx))
+        return pack([ps[i] for i in idx], list(idx), 0)
+
+    assert check_start(policy, make_batch, pairs, 512) < 1e-4
+    assert seen == [[1, 3]]
+
+
 def test_model_with_scaled_logits_is_refused_at_start(tok, tmp_path):
     from prefopt.run import setup
     from prefopt.tiny import model_config

@@ -1,8 +1,9 @@
 """Optional accelerators of the policy, off by default until the GPU benchmark shows they help.
 
 - ``trainer.compile``: regional ``torch.compile`` of each decoder layer (one compiled
-  region reused by every layer; shapes are bucketed by ``trainer.pad_to_multiple_of``).
-  Every compilation is counted and logged; a recompile says which shape or value caused it.
+  region reused by every layer). Packed widths and sequence counts become dynamic after
+  one recompile (see :mod:`prefopt.attention`). Every compilation is counted and logged;
+  a recompile says which shape or value caused it.
 - ``trainer.liger``: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (``prefopt[liger]``).
   Not its fused cross-entropy: prefopt computes log-probs itself (``prefopt.logprobs``).
 """
@@ -20,7 +21,6 @@ from prefopt.errors import ConfigError
 
 log = logging.getLogger("prefopt")
 COMPILES: Counter[str] = Counter()  # "graphs" compiled, of which "recompiles"
-_callback_registered = False
 
 
 def apply(policy: nn.Module, trainer: Any, device: torch.device) -> nn.Module:
@@ -69,13 +69,11 @@ def _on_compile_end(args: Any) -> None:
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each decoder layer in place (``dynamic=None``: a shape that changes is made dynamic
     after its first recompile, so packed widths do not each compile again); returns the number of layers."""
-    global _callback_registered
-    if not _callback_registered:
-        from torch._dynamo.callback import on_compile_end
+    from torch._dynamo.callback import callback_handler, on_compile_end
 
+    if _on_compile_end not in callback_handler.end_callbacks:  # once per process (torch._dynamo.reset() clears it)
         on_compile_end(_on_compile_end)
         torch._logging.set_logs(recompiles=True)  # the reason of each recompile, through torch's own logging
-        _callback_registered = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend)

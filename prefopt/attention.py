@@ -96,12 +96,12 @@ def packed_attention(
     """Causal attention within each packed sequence; ``query`` is ``(1, heads, L, dim)``."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ConfigError("trainer.packing: this model's attention (soft-capping or sinks) is not supported packed; set trainer.packing: false")
-    if "prefopt_cu_host" not in kwargs:
+    kernel = kwargs.get("prefopt_kernel")
+    if kernel is None:
         raise RuntimeError("this model is set up for packed batches (prefopt_packed attention); "
                            "call it on other inputs inside prefopt.attention.standard(model)")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    cu_host: list[int] = kwargs["prefopt_cu_host"]
-    if kwargs.get("prefopt_kernel") == "varlen":
+    if kernel == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (L, heads, dim)
@@ -116,14 +116,22 @@ def packed_attention(
                           window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
         return out.unsqueeze(0), None
     p = dropout if module.training else 0.0
+    return _per_sequence(query, key, value, kwargs["prefopt_cu_host"], window, p, scaling), None
+
+
+@torch.compiler.disable
+def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_host: torch.Tensor, window: int | None,
+                  dropout: float, scaling: float | None) -> torch.Tensor:
+    """One SDPA call per sequence, ``(1, L, heads, dim)``; ``cu_host``: the boundaries, an int64 CPU tensor.
+    Left out of compiled regions: a loop over the boundaries would make every batch composition a recompile."""
     gqa = key.shape[1] != query.shape[1]
     parts = []
-    for s, e in zip(cu_host[:-1], cu_host[1:]):
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if window and e - s > window:
-            i = torch.arange(e - s, device=q.device)
+    for q, k, v in zip(*(t.tensor_split(cu_host[1:-1], dim=2) for t in (query, key, value))):
+        n = q.shape[2]
+        if window and n > window:
+            i = torch.arange(n, device=q.device)
             mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa))
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
         else:
-            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling, enable_gqa=gqa))
-    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(parts, 2).transpose(1, 2).contiguous()

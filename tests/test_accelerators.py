@@ -49,3 +49,45 @@ def test_liger_without_cuda_or_package_is_a_clear_config_error(assets, tmp_path)
         pytest.skip("a CUDA device is visible: Liger may run here")
     with pytest.raises(ConfigError, match="trainer.liger"):
         setup(validate(make_config(assets, tmp_path, reference__mode="live", liger=True), "test"))
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "sdpa"])
+def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel):
+    """New row widths and sequence counts (every batch, with packing and a token budget) cost one recompile,
+    not one each: nothing batch-specific reaches a compiled layer as a Python value. ``aot_eager`` traces
+    the kernels' fake implementations as inductor would; the varlen op runs on CPU kernels (tests/varlen_cpu.py)."""
+    import varlen_cpu
+    from test_packing import _model, _pairs
+
+    from prefopt.batching import pack
+    from prefopt.modeling import PreferenceModel
+    from prefopt.run import use_packed_attention
+
+    varlen_cpu.register()
+    torch._dynamo.reset()
+    policy = _model("qwen2", kv_heads=2)
+    use_packed_attention(policy)
+    batches = [pack(pairs, range(len(pairs)), 2) for pairs in (_pairs(2 + i % 5, 64, seed=i) for i in range(12))]
+    assert len({b["input_ids"].shape[1] for b in batches}) >= 6 and len({len(b["cu_host"]) for b in batches}) >= 4
+
+    def run(model: PreferenceModel) -> list[torch.Tensor]:
+        out = []
+        for b in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kernel == "varlen"):  # FlashAttention: bf16 only
+                logps = model(b)["logps"]
+            logps.sum().backward()
+            out.append(logps.detach())
+            if len(out) == 2:
+                settled = accelerators.COMPILES["graphs"]
+        assert accelerators.COMPILES["graphs"] == settled, "recompiled after the shapes became dynamic"
+        return out
+
+    eager = run(PreferenceModel(policy, kernel=kernel))
+    before = accelerators.COMPILES["graphs"]
+    accelerators.compile_layers(policy, backend="aot_eager")
+    compiled = run(PreferenceModel(policy, kernel=kernel))
+    assert accelerators.COMPILES["graphs"] > before
+    tol = 5e-3 if kernel == "varlen" else 1e-5  # bf16: the traced graph may round intermediates differently
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    torch._dynamo.reset()

@@ -211,26 +211,12 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
         assert syncs.count == 1, dict(syncs.ops)
 
 
-def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
-    """A CPU stand-in with varlen_attn's signature and semantics (fp32 inside, so only the layout differs)."""
-    import torch.nn.functional as F
+def test_varlen_branch_lays_out_tensors_as_the_kernel_expects():
+    """The CUDA branch through torch's varlen_attn, on CPU kernels that check FlashAttention's input layout."""
+    import varlen_cpu
 
-    assert q.ndim == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and window_size == (-1, 0)
-    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
-    assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
-    q, k, v = q.float(), k.float(), v.float()
-    out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                          is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
-           for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
-    return torch.cat(out).to(torch.bfloat16)
-
-
-def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
-    """The CUDA branch, run on CPU against a stand-in with varlen_attn's signature and semantics."""
-    import torch.nn.attention.varlen as varlen
-
-    calls = []
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: (calls.append(a[0].shape), fake_varlen(*a, **k))[1])
+    varlen_cpu.register()
+    varlen_cpu.calls.clear()
     pairs = _pairs(4, 64, seed=7)
     policy = _model("qwen2", kv_heads=2)  # grouped-query attention: 4 query heads, 2 key/value heads
     use_packed_attention(policy)
@@ -243,8 +229,43 @@ def test_varlen_branch_lays_out_tensors_as_the_kernel_expects(monkeypatch):
             got = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
         with pytest.raises(ConfigError, match="varlen .* needs trainer.precision bf16 or fp16"):
             PreferenceModel(policy, kernel="varlen")(batch)  # fp32 without autocast
-    assert len(calls) == policy.config.num_hidden_layers
+    assert len(varlen_cpu.calls) == policy.config.num_hidden_layers
     torch.testing.assert_close(got, expected, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"], ids=["grouped-query", "sliding-window"])
+def test_the_real_varlen_op_gives_the_per_sequence_log_probs_and_gradients(arch):
+    """The GPU branch through torch's own ``varlen_attn`` (its custom op, autograd formula and argument checks),
+    with CPU kernels standing in for FlashAttention's (``tests/varlen_cpu.py``), under fp16 autocast."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import varlen_cpu
+
+    varlen_cpu.register()
+    if arch == "qwen2":
+        policy = _model("qwen2", kv_heads=2)
+    else:  # a window of 4 tokens: shorter than most sequences
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "mistral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, sliding_window=4))
+    use_packed_attention(policy)
+    batch = pack(_pairs(4, 64, seed=7), range(4), 2, 32)
+    got = {}
+    for kernel in ("sdpa", "varlen"):
+        policy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            logps = PreferenceModel(policy, kernel=kernel)(batch)["logps"]
+        logps.sum().backward()
+        got[kernel] = logps.detach(), torch.cat([p.grad.flatten() for p in policy.parameters()])
+    (a, grad_a), (b, grad_b) = got["sdpa"], got["varlen"]
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+    assert (grad_b - grad_a).norm() < 2e-3 * grad_a.norm()
+    if arch == "mistral":  # the window matters here: without it the numbers differ
+        policy.config.sliding_window = None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            unwindowed = PreferenceModel(policy, kernel="varlen")(batch)["logps"]
+        assert (unwindowed - b).abs().max() > 1e-2
 
 
 def test_attention_choice_is_explicit():
@@ -277,16 +298,16 @@ def test_gradient_checkpointing_recomputes_packed_attention_exactly(assets, tmp_
 def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_path, monkeypatch):
     """What auto picks on a GPU (varlen, bf16), with the stand-in kernel: the start-up check (on the host, before the
     model moves) must not call the device kernel; the cache, training and evaluation go through it."""
-    import torch.nn.attention.varlen as varlen
+    import varlen_cpu
 
     import prefopt.attention as attention
 
-    calls = []
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: (calls.append(1), fake_varlen(*a, **k))[1])
+    varlen_cpu.register()
+    varlen_cpu.calls.clear()
     monkeypatch.setattr(attention, "choose_kernel", lambda *a: ("varlen", "as on a GPU"))
     raw = make_config(assets, tmp_path, precision="bf16", max_steps=2, data__eval=assets["eval"])
     summary = train_raw(raw)
-    assert summary["steps"] == 2 and calls
+    assert summary["steps"] == 2 and varlen_cpu.calls
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

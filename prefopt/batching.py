@@ -75,8 +75,8 @@ def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_
     """All ``2B`` sequences end to end in one row ``(1, L)``; ``L`` rounded up by :func:`row_width`.
 
     The rounding tail is one extra dummy sequence of padding that no target reads, so the
-    number of distinct shapes stays bounded. ``cu_seqlens`` (host list and int32 tensor)
-    delimit the sequences for variable-length attention.
+    number of distinct shapes stays bounded. ``cu_seqlens`` (an int32 tensor for the device,
+    ``cu_host`` a copy that stays on the host) delimit the sequences.
     """
     rows = _sequences(pairs)
     ids: list[int] = []
@@ -102,7 +102,7 @@ def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "targets": torch.tensor([targets], dtype=torch.long),
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "cu_host": cu,
+        "cu_host": torch.tensor(cu),
         "max_seqlen": max_len,
         "num_tokens": real,
         "padding": 1.0 - real / width,
@@ -134,10 +134,10 @@ def collate(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int) -> dic
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors to ``device`` (pinned and non-blocking on CUDA); host values stay."""
+    """Tensors to ``device`` (pinned and non-blocking on CUDA); host values, and tensors named ``*_host``, stay."""
     cuda = torch.device(device).type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+            if isinstance(v, torch.Tensor) and not k.endswith("_host") else v for k, v in batch.items()}
 
 
 def pair_length(p: "Pair") -> int:

@@ -126,7 +126,7 @@ class PreferenceModel(nn.Module):
                 model.config._attn_implementation = attention.NAME
             # Host-side boundaries for the per-sequence kernel, as a CPU tensor: compiled layers make its length
             # dynamic once, where a Python list would be guarded on (a recompile per batch composition).
-            host = {"prefopt_cu_host": torch.tensor(batch["cu_host"])} if self.kernel != "varlen" else {}
+            host = {"prefopt_cu_host": batch["cu_host"]} if self.kernel != "varlen" else {}
             out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                            cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
                            max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],

@@ -127,7 +127,8 @@ def read_flags(run: Run, result: StepResult, stop: bool, weights_ok: torch.Tenso
     the step's one host read."""
     device = result.finite.device
     ok = weights_ok.to(device) if weights_ok is not None else torch.ones((), dtype=torch.bool, device=device)
-    flags = torch.stack([(~result.finite).float(), torch.tensor(float(stop), device=device), (~ok).float()])
+    # torch.full, not torch.tensor: a host value copied to a CUDA device would block until the queue drains
+    flags = torch.stack([(~result.finite).float(), torch.full((), float(stop), device=device), (~ok).float()])
     if run.accelerator.num_processes > 1:
         flags = run.accelerator.reduce(flags, "sum")
     bad, stopping, broken = flags.tolist()

@@ -1,7 +1,8 @@
 """Counting the operations that make the host wait for the device.
 
 On CUDA these block the CPU until queued kernels finish (``.item()``, ``.tolist()``,
-``bool(t)``, ``nonzero`` and other data-dependent shapes, copies to the host). The
+``bool(t)``, ``nonzero`` and other data-dependent shapes, copies to the host, and
+blocking copies to the device, such as ``torch.tensor(x, device="cuda")``). The
 counter sees them on any device, so a CPU test can bound what a GPU step would wait for.
 """
 from __future__ import annotations
@@ -29,9 +30,10 @@ SYNC_OPS = {
 class SyncCounter(TorchDispatchMode):
     """``with SyncCounter() as c: ...`` then ``c.count`` (``c.ops`` says which); ``.tolist()`` counts once.
 
-    ``device_only``: count only reads of non-CPU tensors (on CUDA, the ones that make the
-    host wait for the GPU). Without it every read counts, which is how a CPU run stands in
-    for a GPU one.
+    ``device_only``: count only reads of non-CPU tensors and blocking copies to a non-CPU
+    device (on CUDA, what makes the host wait for the GPU). Without it every read counts, and
+    so does every tensor made from Python data (on a GPU it would be copied to the device):
+    that is how a CPU run stands in for a GPU one.
     """
 
     def __init__(self, device_only: bool = False) -> None:
@@ -69,7 +71,14 @@ class SyncCounter(TorchDispatchMode):
         if func in SYNC_OPS and self._counts(args):
             self.ops[str(func.overloadpacket.__name__)] += 1
         if func is _aten._to_copy.default and kwargs and kwargs.get("device") is not None:
-            src = args[0].device
-            if src.type != "cpu" and torch.device(kwargs["device"]).type == "cpu":
+            src, dst = args[0].device.type, torch.device(kwargs["device"]).type
+            if src != "cpu" and dst == "cpu":
                 self.ops["to_host"] += 1
+            elif src == "cpu" and dst != "cpu" and not kwargs.get("non_blocking", False):
+                self.ops["to_device"] += 1
+        elif func is _aten.copy_.default and args[0].device.type != "cpu" and args[1].device.type == "cpu" and not (
+                len(args) > 2 and args[2]):
+            self.ops["to_device"] += 1
+        elif func is _aten.lift_fresh.default and not self.device_only:
+            self.ops["from_python"] += 1  # torch.tensor(...) inside the counted code
         return func(*args, **(kwargs or {}))

@@ -211,6 +211,27 @@ def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
         assert syncs.count == 1, dict(syncs.ops)
 
 
+def test_the_sync_counter_sees_reads_and_blocking_copies_to_a_device():
+    """What makes a CUDA host wait: reads, and copies from host memory that are not non-blocking
+    (the ``meta`` device stands in for a GPU). In stand-in mode, a tensor made from Python data counts
+    too (on a GPU it would be such a copy); one filled on the device does not."""
+    from prefopt.syncs import SyncCounter
+
+    host = torch.ones(3)
+    with SyncCounter(device_only=True) as c:
+        host.to("meta")
+        torch.empty(3, device="meta").copy_(host)
+        host.to("meta", non_blocking=True)
+        host.sum().item()  # a CPU tensor: the GPU is not waited for
+    assert dict(c.ops) == {"to_device": 2}
+    with SyncCounter() as c:
+        torch.tensor(1.0)
+        torch.full((), 1.0)
+        host.sum().item()
+        host.tolist()
+    assert dict(c.ops) == {"from_python": 1, "_local_scalar_dense": 1, "tolist": 1}
+
+
 def test_varlen_branch_lays_out_tensors_as_the_kernel_expects():
     """The CUDA branch through torch's varlen_attn, on CPU kernels that check FlashAttention's input layout."""
     import varlen_cpu

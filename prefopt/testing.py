@@ -18,8 +18,9 @@ import torch
 
 from prefopt import plugins, registry
 from prefopt.hookspecs import hookimpl
-from prefopt.losscheck import CASES, Case, Synthetic, run_on, shape
+from prefopt.losscheck import CASES, Case, Synthetic, run_on, shape, synthetic_inputs
 from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs
+from prefopt.syncs import SyncCounter
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -63,7 +64,8 @@ def check_loss(loss_cls: type[Loss], config: ConfigLike = None, *, configs: Sequ
     on zero-token completions; ``losses`` is ``(B,)`` and ``loss`` its mean (or what
     ``reduction`` states); metrics are finite detached scalars, with the reward metrics
     for a loss that reads the rejected completion; every declared feature is read and
-    no undeclared one; per-pair losses depend only on their own pair; and at the
+    no undeclared one; forward and backward read nothing back to the host (a GPU sync);
+    per-pair losses depend only on their own pair; and at the
     reference point a step down the loss raises each chosen log-ratio and lowers each
     rejected one (unless ``sign_exempt`` gives the reason it need not).
     """
@@ -134,6 +136,7 @@ def _check_configured(loss: Loss, where: str) -> None:
             missing = [m for m in REWARD_METRICS if m not in out.metrics]
             _expect(not missing, f"{where}: a preference loss must report the metrics {', '.join(missing)}")
     _check_reads(needs, reads, where)
+    _check_no_host_reads(loss, CASES["ordinary"], needs, where)
     _check_independent(loss, CASES["ordinary"], needs, where)
     if type(loss).sign_exempt is None:
         _check_sign(loss, CASES["ordinary"], needs, where)
@@ -163,6 +166,16 @@ def _check_reads(needs: frozenset[Feature], reads: set[str], where: str) -> None
         fields = [n for n, f in FIELD_FEATURE.items() if f is feature]
         _expect(bool(reads & set(fields)), f"{where}: declares Feature.{feature.name} but never reads LossInputs.{' or LossInputs.'.join(fields)}; "
                 "leave it out of its features (the engine computes every declared feature)")
+
+
+def _check_no_host_reads(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
+    """Forward and backward keep every value on the device: on a GPU each host read stalls the step."""
+    syn = synthetic_inputs(case, needs)
+    with SyncCounter() as reads:
+        loss(syn.inputs).loss.backward()
+    _expect(reads.count == 0, f"{where}: reads values back to the host in forward or backward ({', '.join(sorted(reads.ops))}), "
+            "a GPU sync per step; keep them tensors (no .item(), float(), .tolist(), bool(), torch.tensor(...) of them, "
+            "or shapes that depend on values)")
 
 
 def _check_independent(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:

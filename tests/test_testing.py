@@ -113,6 +113,15 @@ class AttachedMetric(Good):
         return LossOutput(out.loss, out.losses, {**out.metrics, "loss/raw": out.loss})
 
 
+class ReadsToHost(Good):
+    name = "readstohost"
+
+    def forward(self, inputs):
+        out = super().forward(inputs)
+        scale = float(inputs.policy_chosen_logps.abs().max()) > 1e3  # a Python branch on a device value
+        return LossOutput(out.loss * (0.5 if scale else 1.0), out.losses * (0.5 if scale else 1.0), out.metrics)
+
+
 class UndocumentedConfig(Good):
     name = "undocumented"
 
@@ -138,6 +147,7 @@ class PermissiveConfig(Good):
         (ScalarLosses, r"per-pair losses must have shape \(4,\), got \(\)"),
         (NoRewardMetrics, r"must report the metrics rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies"),
         (AttachedMetric, r"metric 'loss/raw' must be detached"),
+        (ReadsToHost, r"reads values back to the host in forward or backward \(_local_scalar_dense\), a GPU sync per step"),
         (UndocumentedConfig, r"config fields without a description: beta"),
         (PermissiveConfig, r"must forbid unknown keys"),
     ],

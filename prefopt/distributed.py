@@ -134,9 +134,27 @@ def sharded(accelerator: Any) -> bool:
     return fsdp_requested() and accelerator.num_processes > 1
 
 
+_LOW = {torch.bfloat16, torch.float16}
+
+
+def _low_precision_units(module: torch.nn.Module, skip: set[int]) -> list[torch.nn.Module]:
+    """The largest submodules of ``module`` whose parameters are all bf16/fp16 (none in ``skip``)."""
+    out = []
+    for child in module.children():
+        dtypes = {p.dtype for p in child.parameters()}
+        if id(child) in skip or not dtypes & _LOW:
+            continue
+        out += [child] if dtypes <= _LOW else _low_precision_units(child, skip)
+    return out
+
+
 def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """Shard a :class:`prefopt.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
-    and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit."""
+    and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit.
+
+    A unit needs one dtype for all its parameters. A live reference holds its linear layers in the
+    training precision and its norms and embeddings in fp32, so in each of its layers the attention
+    and the MLP are units of their own."""
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -156,7 +174,14 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
         if not layers:
             raise ConfigError(f"FSDP: cannot find the decoder layers of {type(sub).__name__} (no _no_split_modules)")
         for layer in layers:
+            if len({p.dtype for p in layer.parameters()}) > 1:
+                for unit in _low_precision_units(layer, set()):
+                    fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        # Outside the layers (an untied LM head, read by the log-prob kernels without a forward that
+        # would unshard it), back to fp32 for the root unit: exact, and cast to bf16 again for the matmul.
+        for module in _low_precision_units(sub, {id(layer) for layer in layers}):
+            module.float()
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     return model
 

@@ -6,8 +6,8 @@ buffer depend on batch size and sequence length and are not counted; neither is 
 The policy trains in fp32 (``trainer.precision`` only sets autocast), so per parameter a process
 holds 4 bytes of weights, 4 of gradient and 8 of AdamW moments for the policy, 4 bytes of DDP
 gradient buckets, and, for a live reference, its weights (4 bytes in fp32; in bf16 or fp16 its
-linear layers take 2, counted here as the whole model: embeddings and norms stay fp32, and under
-FSDP all of it).
+linear layers take 2, counted here as the whole model: embeddings, norms and, under FSDP, an
+untied output head stay fp32).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def measure_run(config_path: str) -> dict[str, Any]:
     measured = measure(model, optimizer)
     est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator),
                    live_reference=run.mode == "live",
-                   reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") and not distributed.sharded(accelerator) else FP32)
+                   reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") else FP32)
     result = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "reference": run.mode,
               "sharded": distributed.sharded(accelerator),
               "parameters": n_params, "measured": measured, "estimate": est.__dict__ | {"total": est.total},

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt import accelerators, attention, distributed, health
+from prefopt import accelerators, attention, health
 from prefopt import reference as ref
 from prefopt.batching import collate, completion_tokens, pack, pair_tokens, split_by_tokens, to_device
 from prefopt.config import RunConfig
@@ -206,11 +206,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:
-    """The dtype a frozen reference's linear layers are held in: the training precision (no per-forward casts).
-
-    ``None`` (as loaded) under FSDP, whose units need one dtype for all their parameters."""
-    if distributed.fsdp_requested():
-        return None
+    """The dtype a frozen reference's linear layers are held in: the training precision (no per-forward casts)."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.trainer.precision]
 
 

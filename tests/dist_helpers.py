@@ -34,6 +34,12 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "prefopt", *args]
 
 
+def torchrun_script(nproc: int, script: Path, text: str, *args: str) -> list[str]:
+    """Write ``text`` to ``script`` and return the torchrun command that runs it in ``nproc`` processes."""
+    script.write_text(text)
+    return torchrun(nproc)[:-2] + [str(script), *args]  # the script in place of "-m prefopt"
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of its own,
     so killing the launcher's process group alone would leave the workers running."""

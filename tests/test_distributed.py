@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist_helpers import cpu_env, launch, torchrun, train_one_process
+from dist_helpers import cpu_env, launch, torchrun, torchrun_script, train_one_process
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
 
@@ -87,9 +87,7 @@ def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
 
     precompute_reference(validate(yaml.safe_load((tmp_path / "cfg-0.yaml").read_text())))
     (seeded,) = _cache(tmp_path / "node0").values()
-    (tmp_path / "run.py").write_text(SCRIPT)
-    cmd = torchrun(2, "x")
-    cmd[cmd.index("prefopt") - 1:] = [str(tmp_path / "run.py"), str(tmp_path)]  # the script instead of -m prefopt
+    cmd = torchrun_script(2, tmp_path / "run.py", SCRIPT, str(tmp_path))
     proc = launch(cmd, cpu_env(), timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "reference log-probs: 100%" in proc.stderr  # the first process, which had the file, computed too
@@ -124,9 +122,7 @@ def test_held_out_pairs_fewer_than_processes_are_evaluated_like_one_process(tmp_
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=1)
     raw = make_config(assets, tmp_path / "out", batch_size=2, data__eval=assets["eval"], reference__mode="cache")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "run.py").write_text(EVAL_SCRIPT)
-    cmd = torchrun(2, "x")
-    cmd[cmd.index("prefopt") - 1:] = [str(tmp_path / "run.py"), str(tmp_path)]
+    cmd = torchrun_script(2, tmp_path / "run.py", EVAL_SCRIPT, str(tmp_path))
     proc = launch(cmd, cpu_env(), timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = [json.loads((tmp_path / f"eval-{r}.json").read_text()) for r in (0, 1)]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch, train_one_process
+from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch, torchrun_script, train_one_process
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
 
@@ -128,24 +130,37 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
 
 
+@contextmanager
+def _one_process_group(tmp_path: Path) -> Iterator[object]:
+    """An in-process, one-process gloo group (FSDP2 shards as in a run, over one rank); yields a stand-in accelerator."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _tiny_llama(tied: bool = False) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
 def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, monkeypatch):
     """Saving under FSDP gathers whole tensors on the first process: only trainable ones, so a live
-    reference costs no memory at save time. In-process, one-process group, same sharding as a run."""
+    reference costs no memory at save time."""
     from torch.distributed.tensor import DTensor
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from prefopt import checkpoint as ckpt
     from prefopt.distributed import shard
     from prefopt.modeling import PreferenceModel, frozen_copy
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        policy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=2))
+    with _one_process_group(tmp_path) as accelerator:
+        policy = _tiny_llama()
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-        accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1})()
-        model = shard(PreferenceModel(policy, frozen_copy(policy)), accelerator)
+        model = shard(PreferenceModel(policy, frozen_copy(policy, torch.bfloat16)), accelerator)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         frozen = {p.to_local().data_ptr() for p in model.reference.parameters()}
         gathered: list[int] = []
@@ -157,9 +172,69 @@ def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, 
 
         monkeypatch.setattr(DTensor, "redistribute", redistribute)
         weights, _ = ckpt.gather(model, optimizer)
-    finally:
-        torch.distributed.destroy_process_group()
     assert gathered and not frozen & set(gathered)
     assert set(weights) == {f"policy.{n}" for n in before}
     for n, t in before.items():
         torch.testing.assert_close(weights[f"policy.{n}"], t, rtol=0, atol=0)
+
+
+SHARDED_REFERENCE = """
+import sys, torch
+from torch.distributed.tensor import DTensor
+from prefopt.distributed import shard
+from prefopt.modeling import PreferenceModel, frozen_copy
+from prefopt.run import use_packed_attention
+sys.path.insert(0, sys.argv[2])
+from test_fsdp import _packed_batch, _tiny_llama
+torch.distributed.init_process_group("gloo")
+accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 2})()
+result = {}
+for tied in (False, True):
+    policy = _tiny_llama(tied)
+    use_packed_attention(policy)
+    model = shard(PreferenceModel(policy, frozen_copy(policy, torch.bfloat16)), accelerator)
+    dtypes = {n: (type(p).__name__, p.dtype) for n, p in model.reference.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_packed_batch(), reference="kl")
+    result[tied] = {"dtypes": dtypes, **{k: out[k] for k in ("logps", "ref_logps", "kl")}}
+torch.save(result, sys.argv[1] + f"/out-{torch.distributed.get_rank()}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def _packed_batch() -> dict:
+    import random
+
+    from prefopt.batching import pack
+    from prefopt.data import Pair
+
+    rng = random.Random(0)
+    words = lambda n: [rng.randrange(3, 64) for _ in range(n)]  # noqa: E731
+    return pack([Pair(words(4), words(5), words(3), row=i) for i in range(3)], range(3), 2)
+
+
+def test_a_sharded_live_reference_is_held_in_the_training_precision_and_equals_the_policy(tmp_path):
+    """Under FSDP too the live reference keeps its linear layers in bf16 (half the memory and the all-gather
+    traffic): in each of its layers the attention and the MLP are units of their own, so every unit has one
+    dtype. On two processes, at step 0 it computes exactly what the fp32 policy computes under autocast, and
+    what the unsharded reference computes; with its own LM head and with one tied to the embeddings."""
+    from prefopt.modeling import PreferenceModel, frozen_copy
+    from prefopt.run import use_packed_attention
+
+    proc = launch(torchrun_script(2, tmp_path / "run.py", SHARDED_REFERENCE, str(tmp_path), str(Path(__file__).parent)),
+                  cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [torch.load(tmp_path / f"out-{r}.pt") for r in (0, 1)]
+    for tied in (False, True):
+        dtypes = results[0][tied]["dtypes"]
+        assert all(kind == "DTensor" for kind, _ in dtypes.values())
+        for name, (_, dtype) in dtypes.items():
+            assert dtype == (torch.bfloat16 if "proj" in name else torch.float32), name  # the head: see shard()
+        policy = _tiny_llama(tied)
+        use_packed_attention(policy)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            unsharded = PreferenceModel(policy, frozen_copy(policy, torch.bfloat16))(_packed_batch(), reference="kl")
+        for r in results:
+            assert torch.equal(r[tied]["logps"], r[tied]["ref_logps"])
+            assert r[tied]["kl"].abs().max() < 1e-6
+            torch.testing.assert_close(r[tied]["ref_logps"], unsharded["ref_logps"], rtol=1e-6, atol=1e-6)

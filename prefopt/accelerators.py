@@ -71,7 +71,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     after its first recompile, so packed widths do not each compile again); returns the number of layers."""
     from torch._dynamo.callback import callback_handler, on_compile_end
 
-    if _on_compile_end not in callback_handler.end_callbacks:  # once per process (torch._dynamo.reset() clears it)
+    if _on_compile_end not in getattr(callback_handler, "end_callbacks", ()):  # once (torch._dynamo.reset() clears it)
         on_compile_end(_on_compile_end)
         torch._logging.set_logs(recompiles=True)  # the reason of each recompile, through torch's own logging
     layers = decoder_layers(model)

@@ -140,12 +140,13 @@ def _one_process_group(tmp_path: Path) -> Iterator[object]:
         torch.distributed.destroy_process_group()
 
 
-def _tiny_llama(tied: bool = False) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama(tied: bool = False, model_type: str = "llama") -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied))
 
 
 def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, monkeypatch):
@@ -189,14 +190,14 @@ from test_fsdp import _packed_batch, _tiny_llama
 torch.distributed.init_process_group("gloo")
 accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 2})()
 result = {}
-for tied in (False, True):
-    policy = _tiny_llama(tied)
+for tied, kind in ((False, "llama"), (True, "llama"), (False, "qwen3")):
+    policy = _tiny_llama(tied, kind)
     use_packed_attention(policy)
     model = shard(PreferenceModel(policy, frozen_copy(policy, torch.bfloat16)), accelerator)
     dtypes = {n: (type(p).__name__, p.dtype) for n, p in model.reference.named_parameters()}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(_packed_batch(), reference="kl")
-    result[tied] = {"dtypes": dtypes, **{k: out[k] for k in ("logps", "ref_logps", "kl")}}
+    result[tied, kind] = {"dtypes": dtypes, **{k: out[k] for k in ("logps", "ref_logps", "kl")}}
 torch.save(result, sys.argv[1] + f"/out-{torch.distributed.get_rank()}.pt")
 torch.distributed.destroy_process_group()
 """
@@ -217,7 +218,8 @@ def test_a_sharded_live_reference_is_held_in_the_training_precision_and_equals_t
     """Under FSDP too the live reference keeps its linear layers in bf16 (half the memory and the all-gather
     traffic): in each of its layers the attention and the MLP are units of their own, so every unit has one
     dtype. On two processes, at step 0 it computes exactly what the fp32 policy computes under autocast, and
-    what the unsharded reference computes; with its own LM head and with one tied to the embeddings."""
+    what the unsharded reference computes; with its own LM head, with one tied to the embeddings, and with
+    norms inside the attention (Qwen3: its projections become units one by one)."""
     from prefopt.modeling import PreferenceModel, frozen_copy
     from prefopt.run import use_packed_attention
 
@@ -225,16 +227,16 @@ def test_a_sharded_live_reference_is_held_in_the_training_precision_and_equals_t
                   cpu_env(), timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [torch.load(tmp_path / f"out-{r}.pt") for r in (0, 1)]
-    for tied in (False, True):
-        dtypes = results[0][tied]["dtypes"]
+    for tied, kind in ((False, "llama"), (True, "llama"), (False, "qwen3")):
+        dtypes = results[0][tied, kind]["dtypes"]
         assert all(kind == "DTensor" for kind, _ in dtypes.values())
         for name, (_, dtype) in dtypes.items():
             assert dtype == (torch.bfloat16 if "proj" in name else torch.float32), name  # the head: see shard()
-        policy = _tiny_llama(tied)
+        policy = _tiny_llama(tied, kind)
         use_packed_attention(policy)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             unsharded = PreferenceModel(policy, frozen_copy(policy, torch.bfloat16))(_packed_batch(), reference="kl")
-        for r in results:
-            assert torch.equal(r[tied]["logps"], r[tied]["ref_logps"])
-            assert r[tied]["kl"].abs().max() < 1e-6
-            torch.testing.assert_close(r[tied]["ref_logps"], unsharded["ref_logps"], rtol=1e-6, atol=1e-6)
+        for r in (r[tied, kind] for r in results):
+            assert torch.equal(r["logps"], r["ref_logps"])
+            assert r["kl"].abs().max() < 1e-6
+            torch.testing.assert_close(r["ref_logps"], unsharded["ref_logps"], rtol=1e-6, atol=1e-6)

@@ -179,6 +179,25 @@ def split_by_tokens(indices: Sequence[int], tokens: Sequence[int] | Mapping[int,
     return out
 
 
+def forward_plans(sizes: Sequence[int], batch_size: int, budget: int | None, world: int,
+                  matched: bool = False) -> list[list[list[int] | None]]:
+    """Each process's forwards over pairs ``0..len(sizes)-1`` outside training (held-out data, the
+    reference cache): its pairs (every ``world``-th), ``batch_size`` at a time, each batch cut to the
+    token ``budget``. ``sizes``: every pair's tokens (read only with a budget).
+
+    ``matched`` (FSDP, where every forward gathers shards from all processes): each process gets as
+    many forwards as the busiest, the extra ones ``None`` (a filler forward whose results count nothing).
+    """
+    plans: list[list[list[int] | None]] = []
+    for rank in range(world):
+        idx = list(range(rank, len(sizes), world))
+        plans.append([f for s in range(0, len(idx), batch_size) for f in split_by_tokens(idx[s : s + batch_size], sizes, budget)])
+    if matched:
+        most = max(map(len, plans))
+        plans = [plan + [None] * (most - len(plan)) for plan in plans]
+    return plans
+
+
 def batch_order(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True, mega: int = 64
 ) -> list[list[int]]:

@@ -187,8 +187,8 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
 
 
 def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> tuple[torch.nn.Module, Any, list[torch.nn.Parameter]]:
-    """The run's model and optimiser ready to train (DDP through accelerate, or sharded with FSDP2),
-    and the trainable parameters to clip."""
+    """The run's model and optimiser ready to train (DDP through accelerate, or sharded with FSDP2, where
+    the sharded policy then computes a pending reference cache), and the trainable parameters to clip."""
     accelerator = run.accelerator
     if not sharded(accelerator):
         if fsdp_requested():
@@ -199,5 +199,6 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
     if run.config.trainer.precision == "fp16":
         raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
     model = shard(run.model, accelerator)
+    run.fill_pending_cache(model)  # a cached reference, computed by the sharded policy
     params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects
     return model, accelerator.prepare(make_optimizer(params)), params

@@ -200,7 +200,8 @@ def compute_ref_logps(
 ) -> RefCache:
     """Reference log-probs of every pair index in ``batches``: sums ``(n, 2)``, NaN for pairs not in them.
 
-    ``forward(batch)`` returns flat per-token log-probs in the batch's layout. With
+    ``forward(batch)`` returns flat per-token log-probs in the batch's layout; a batch marked
+    ``filler`` (FSDP: every process runs as many forwards) is run and not recorded. With
     ``token_counts`` (completion tokens of each pair's chosen and rejected) per-token values
     are kept too, zero for pairs not in ``batches`` (so shares of several processes add up).
     """
@@ -212,6 +213,8 @@ def compute_ref_logps(
         tokens = torch.zeros(int(offsets[-1]))
     for batch in tqdm(batches, desc="reference log-probs", disable=not show_progress):
         values = forward(batch).float()
+        if batch.get("filler"):
+            continue
         cu, index = batch["cu_completion"], batch["index_host"]
         b = len(index)
         # summed on the device exactly as the engine sums the policy's, so policy == reference gives equal sums

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt import accelerators, attention, health
+from prefopt import accelerators, attention, distributed, health
 from prefopt import reference as ref
-from prefopt.batching import collate, completion_tokens, pack, pair_tokens, split_by_tokens, to_device
+from prefopt.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
 from prefopt.data import fingerprint, load_data
 from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
@@ -39,6 +40,29 @@ class Run:
     caches: dict[str, ref.RefCache] = field(default_factory=dict)
     kernel: str = "sdpa"
     needs: frozenset[Feature] = frozenset()  # what the loss reads (computed once)
+    pending_cache: tuple[str, bool] | None = None  # under FSDP: (weights fingerprint, per-token) to fill once sharded
+
+    def fill_pending_cache(self, model: torch.nn.Module) -> None:
+        """Under FSDP, compute the reference cache with the sharded policy (at step 0, the reference):
+        each process holds a shard, never the whole model, on its device. Collective."""
+        if self.pending_cache is None:
+            return
+        weights_fp, per_token = self.pending_cache
+        acc = self.accelerator
+
+        def forward(batch: dict[str, Any]) -> torch.Tensor:
+            # no_grad, not inference_mode: FSDP reuses the policy's all-gather buffers in training
+            with acc.autocast(), torch.no_grad():
+                return model(to_device(batch, acc.device))["logps"]
+
+        if acc.is_main_process:
+            log.info("reference cache: computed by the sharded policy (FSDP) where not on disk")
+        model.eval()
+        for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+            if pairs:
+                self.caches[name] = fill_cache(self.config, acc, forward, self.tokenizer, pairs, name, weights_fp, per_token, matched=True)
+        model.train()
+        self.pending_cache = None
 
     def make_batch(self, pairs: list, indices: Any, split: str | None = None) -> dict[str, Any]:
         """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded), on the host.
@@ -91,9 +115,12 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
-def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer, pairs: list, name: str,
-               weights_fp: str, per_token: bool = False, kernel: str = "sdpa") -> ref.RefCache:
-    """Reference log-probs of ``pairs`` from the disk cache, computing (once, across processes) and saving them if needed."""
+def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[dict[str, Any]], torch.Tensor], tokenizer,
+               pairs: list, name: str, weights_fp: str, per_token: bool = False, matched: bool = False) -> ref.RefCache:
+    """Reference log-probs of ``pairs`` from the disk cache, computing (once, across processes) and saving them if needed.
+
+    ``forward(batch)``: the reference's flat per-token log-probs of a host batch; ``matched``: every process
+    runs as many forwards (a sharded model gathers its shards in each)."""
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
@@ -109,22 +136,16 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, ref_model: torch.nn
     if not missing:
         log.info("reference cache (%s): reusing %s", name, path)
         return cached
-    module = PreferenceModel(ref_model, chunk_tokens=run_cfg.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
-    idx = list(range(len(pairs)))
-    mine = [idx[s : s + bs] for s in range(0, len(idx), bs)][accelerator.process_index :: accelerator.num_processes]
     budget = run_cfg.trainer.max_tokens_per_forward  # the training budget bounds these forwards too
-    sizes = {i: pair_tokens(pairs[i]) for b in mine for i in b} if budget else {}
-    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g) for b in mine for g in split_by_tokens(b, sizes, budget)]
-
-    def forward(batch: dict[str, Any]) -> torch.Tensor:
-        with accelerator.autocast(), torch.inference_mode():
-            return module(to_device(batch, accelerator.device))["logps"]
+    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    mine = forward_plans(sizes, bs, budget, accelerator.num_processes, matched)[accelerator.process_index]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g or [0]) | ({"filler": True} if g is None else {}) for g in mine]
 
     counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs] if per_token else None
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
     owned = torch.zeros(len(pairs), dtype=torch.bool)
-    owned[[i for b in mine for i in b]] = True
+    owned[[i for g in mine if g for i in g]] = True
     # pairs another process computed count as zero here; a NaN the model gave stays NaN
     sums = torch.where(owned[:, None], local.sums, 0.0)
     reduce = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
@@ -169,6 +190,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
                        config.trainer.logprob_chunk_tokens, "sdpa", "model")
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
+    pending = None
     if mode != "none":
         ref_model = load_model(config.model, config.model.reference) if config.model.reference else None
         if ref_model is not None:
@@ -179,9 +201,18 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = ref.weights_fingerprint(source)
             per_token = Feature.REF_TOKEN_LOGPS in needs
-            for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-                if pairs:
-                    caches[name] = fill_cache(config, accelerator, source, tokenizer, pairs, name, weights_fp, per_token, kernel)
+            if ref_model is None and distributed.sharded(accelerator):
+                pending = (weights_fp, per_token)  # by the sharded policy: Run.fill_pending_cache
+            else:
+                module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
+
+                def forward(batch: dict[str, Any]) -> torch.Tensor:
+                    with accelerator.autocast(), torch.inference_mode():
+                        return module(to_device(batch, accelerator.device))["logps"]
+
+                for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+                    if pairs:
+                        caches[name] = fill_cache(config, accelerator, forward, tokenizer, pairs, name, weights_fp, per_token)
         elif ref_model is not None:
             reference = frozen_copy(ref_model, _precision_dtype(config))
         elif config.model.lora is None:
@@ -202,7 +233,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs)
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs, pending)
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:
@@ -215,6 +246,8 @@ def precompute_reference(config: RunConfig) -> dict[str, str]:
     run = setup(config)
     if run.mode != "cache":
         raise ConfigError(f"reference.mode: the run uses mode {run.mode!r}; only 'cache' has anything to precompute")
+    if run.pending_cache is not None:  # FSDP: the sharded policy computes it
+        distributed.prepare(run, lambda params: torch.optim.SGD(params, lr=0.0))
     return {name: f"{len(t.sums)} pairs" for name, t in run.caches.items()}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from prefopt import distributed
-from prefopt.batching import pair_tokens, split_by_tokens, to_device
+from prefopt.batching import forward_plans, pair_tokens, to_device
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
 from prefopt.run import Run
 
@@ -165,16 +165,6 @@ class LogWindow:
         return row
 
 
-def eval_forwards(sizes: Sequence[int], batch_size: int, budget: int | None, world: int) -> list[list[list[int]]]:
-    """Each process's held-out forwards: its pairs (every ``world``-th), ``batch_size`` at a time,
-    each batch cut to the token ``budget``. ``sizes``: every held-out pair's tokens."""
-    plans = []
-    for rank in range(world):
-        idx = list(range(rank, len(sizes), world))
-        plans.append([f for s in range(0, len(idx), batch_size) for f in split_by_tokens(idx[s : s + batch_size], sizes, budget)])
-    return plans
-
-
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Loss and reward metrics on the held-out pairs (``eval/`` prefixed), averaged over pairs."""
@@ -188,11 +178,9 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     tc = run.config.trainer
     budget = tc.max_tokens_per_forward
     sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
-    plans = eval_forwards(sizes, tc.batch_size, budget, acc.num_processes)
-    mine: list[list[int] | None] = list(plans[acc.process_index])
-    # Filler forwards (None) count nothing: under FSDP every forward gathers shards from all processes,
-    # so each runs as many as the busiest; a process without pairs runs one to learn the metric names.
-    mine += [None] * ((max(map(len, plans)) if sharded else 1) - len(mine))
+    mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded)[acc.process_index]
+    if not mine:  # no held-out pair here: one filler forward, for the metric names of the reduction
+        mine = [None]
     totals: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=acc.device)
     for b in mine:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch, torchrun_script, train_one_process
 from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
@@ -24,11 +25,11 @@ pytestmark = [
 STEPS = 10
 
 
-def _fsdp(config: Path, *args: str) -> list[str]:
+def _fsdp(config: Path, *args: str, command: str = "train") -> list[str]:
     import sys
 
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"),
-            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", "train", str(config), *args]
+            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", command, str(config), *args]
 
 
 def _pretrained(config: dict, path: Path) -> str:
@@ -95,8 +96,9 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
 
 def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_process(tmp_path):
     """Processes whose pairs need different numbers of forwards under the budget all run the same number
-    (FSDP gathers weights in every forward), and the steps equal one process's. So does evaluation,
-    on held-out pairs that split unevenly (5 and 4: different numbers of forwards per process)."""
+    (FSDP gathers weights in every forward), and the steps equal one process's. So do evaluation, on
+    held-out pairs that split unevenly (5 and 4: different numbers of forwards per process), and the
+    reference cache, computed by the sharded policy (``precompute-ref`` under FSDP, then reused)."""
     from transformers import AutoTokenizer
 
     from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
@@ -116,9 +118,18 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     counts = [[len(split_by_tokens(b[r * 4 : (r + 1) * 4], [pair_tokens(p) for p in pairs], 120)) for r in (0, 1)] for b in order[:4]]
     assert any(a != b for a, b in counts), counts
 
+    pre = launch(_fsdp(config, command="precompute-ref"), cpu_env(), timeout=300)
+    assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
+    assert pre.stderr.count("reference cache (train): wrote") == 1
+    assert "computed by the sharded policy" in pre.stderr
     proc = launch(_fsdp(config), cpu_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reference cache (train): reusing" in proc.stderr and "wrote" not in proc.stderr
     train_one_process(single)
+    caches = [{p.name: load_file(str(p)) for p in sorted(Path(c["reference"]["cache_dir"]).glob("*.safetensors"))} for c in (single, fsdp)]
+    assert len(caches[1]) == 2 and caches[1].keys() == caches[0].keys()  # train and eval, same fingerprints
+    for name in caches[0]:
+        torch.testing.assert_close(caches[1][name]["ref_logps"], caches[0][name]["ref_logps"], atol=1e-5, rtol=1e-5)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):

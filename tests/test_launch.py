@@ -122,13 +122,14 @@ def test_fsdp_options_prefopt_cannot_honour_are_refused(env):
         distributed.check_launch()
 
 
-def test_held_out_forwards_cover_every_pair_once_within_the_budget():
-    from prefopt.step import eval_forwards
+def test_forwards_outside_training_cover_every_pair_once_within_the_budget():
+    from prefopt.batching import forward_plans
 
-    # 9 pairs over 2 processes, 2 per batch: 5 and 4 pairs, 3 forwards and 2
-    assert eval_forwards([0] * 9, 2, None, 2) == [[[0, 2], [4, 6], [8]], [[1, 3], [5, 7]]]
+    # 9 pairs over 2 processes, 2 per batch: 5 and 4 pairs, 3 forwards and 2 (matched: a filler)
+    assert forward_plans([0] * 9, 2, None, 2) == [[[0, 2], [4, 6], [8]], [[1, 3], [5, 7]]]
+    assert forward_plans([0] * 9, 2, None, 2, matched=True) == [[[0, 2], [4, 6], [8]], [[1, 3], [5, 7], None]]
     sizes = [10, 50, 30, 20, 40, 10, 30, 60, 5]
-    plans = eval_forwards(sizes, 4, 45, 2)
+    plans = forward_plans(sizes, 4, 45, 2)
     assert sorted(i for plan in plans for f in plan for i in f) == list(range(9))
     for rank, plan in enumerate(plans):
         assert all(i % 2 == rank for f in plan for i in f)

@@ -317,18 +317,29 @@ def test_gradient_checkpointing_recomputes_packed_attention_exactly(assets, tmp_
 
 
 def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_path, monkeypatch):
-    """What auto picks on a GPU (varlen, bf16), with the stand-in kernel: the start-up check (on the host, before the
-    model moves) must not call the device kernel; the cache, training and evaluation go through it."""
+    """What auto picks on a GPU (varlen, bf16), through torch's varlen op on CPU kernels: the cache, training and
+    evaluation go through it; so does a live reference with the token KL (TDPO), and gradient checkpointing
+    recomputes the varlen layers exactly."""
     import varlen_cpu
+    from engine_helpers import read_metrics
 
     import prefopt.attention as attention
 
     varlen_cpu.register()
     varlen_cpu.calls.clear()
     monkeypatch.setattr(attention, "choose_kernel", lambda *a: ("varlen", "as on a GPU"))
-    raw = make_config(assets, tmp_path, precision="bf16", max_steps=2, data__eval=assets["eval"])
+    raw = make_config(assets, tmp_path / "cached", precision="bf16", max_steps=2, data__eval=assets["eval"])
     summary = train_raw(raw)
     assert summary["steps"] == 2 and varlen_cpu.calls
+    live = dict(precision="bf16", max_steps=2, reference__mode="live", loss={"name": "tdpo", "variant": "tdpo1"})
+    plain, checkpointed = (make_config(assets, tmp_path / name, gradient_checkpointing=gc, **live)
+                           for name, gc in (("plain", False), ("gc", True)))
+    train_raw(plain)
+    train_raw(checkpointed)
+    a, b = read_metrics(plain["trainer"]["output_dir"]), read_metrics(checkpointed["trainer"]["output_dir"])
+    assert a[0]["kl/chosen"] == 0.0  # the bf16 reference equals the policy under autocast at step 0
+    for x, y in zip(a, b, strict=True):
+        assert (x["loss"], x["grad_norm"], x["kl/chosen"]) == pytest.approx((y["loss"], y["grad_norm"], y["kl/chosen"]), abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -73,6 +73,12 @@ def _check_fsdp_options() -> None:
 def check_launch() -> None:
     """Refuse launches that would otherwise train wrongly or crash on one rank, with a message saying what to do."""
     several = world_size() > 1
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        # its clipping returns no norm, and its optimiser state is partitioned per process: prefopt's
+        # checkpoints, resume and final save would not hold what they say
+        raise ConfigError("DeepSpeed (an accelerate config with distributed_type: DEEPSPEED) is not supported; FSDP shards "
+                          "the same states as ZeRO-3: use distributed_type: FSDP with fsdp_version: 2 "
+                          "(as in prefopt's examples/accelerate/fsdp.yaml), or DDP")
     if fsdp_requested():
         _check_fsdp_options()
     if not several and _flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR"):
@@ -105,13 +111,10 @@ def accelerator_options() -> dict[str, Any]:
 
 
 def describe(accelerator: Any) -> None:
-    """Log how many processes train together and on what; warn that DeepSpeed is passed through untested."""
+    """Log how many processes train together and on what."""
     kind = "FSDP2" if sharded(accelerator) else accelerator.distributed_type.value
     if accelerator.num_processes > 1:
         log.info("%d processes (%s on %s)", accelerator.num_processes, kind, accelerator.device.type)
-    if kind == "DEEPSPEED":
-        log.warning("DeepSpeed is passed through to accelerate untested: prefopt's gradient clipping, "
-                    "checkpoints and final save assume DDP or FSDP; check the run's results")
 
 
 @contextmanager

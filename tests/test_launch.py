@@ -15,7 +15,7 @@ from prefopt.errors import ConfigError
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
                 "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+                "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
 
 
 @pytest.fixture
@@ -120,6 +120,15 @@ def test_fsdp_options_prefopt_cannot_honour_are_refused(env):
     env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     with pytest.raises(ConfigError, match="trainer.gradient_checkpointing"):
         distributed.check_launch()
+
+
+def test_deepspeed_is_refused_with_what_to_use_instead(env):
+    """Its clipping returns no norm and its optimiser state is partitioned: checkpoints and resume would lie."""
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    with pytest.raises(ConfigError, match=r"DeepSpeed .* not supported; FSDP shards the same states as ZeRO-3: use distributed_type: FSDP with fsdp_version: 2"):
+        distributed.check_launch()
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    distributed.check_launch()
 
 
 def test_forwards_outside_training_cover_every_pair_once_within_the_budget():

@@ -127,14 +127,46 @@ def accelerate_without_fsdp() -> Iterator[None]:
     finally:
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved
-            # Every process loads the whole model: transformers' "CPU-RAM-efficient loading" would leave
-            # it empty outside the first process and count on FSDP to broadcast weights, which prefopt does not.
+            # prefopt decides which process reads the weights (the first; the others receive their shards,
+            # prepare()); transformers' own "CPU-RAM-efficient loading" would count on accelerate's FSDP.
             os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def sharded(accelerator: Any) -> bool:
     """This run shards its model with FSDP2."""
     return fsdp_requested() and accelerator.num_processes > 1
+
+
+def on_main_process(accelerator: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the first process only; its result, or the error it raised, reaches every process
+    (so no process waits in a collective for one that failed)."""
+    if accelerator.num_processes == 1:
+        return fn()
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = (True, fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+            box[0] = (False, exc)
+    torch.distributed.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _materialize(model: torch.nn.Module, full: dict[str, torch.Tensor] | None, buffers: dict[str, torch.Tensor],
+                 device: torch.device) -> None:
+    """Give a sharded model whose other processes hold no weights the first process's weights: every
+    process allocates its shards, restores its buffers (non-persistent ones are in no state dict) and
+    receives its part of ``full`` (the first process's whole state; ``None`` elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 _LOW = {torch.bfloat16, torch.float16}
@@ -201,7 +233,13 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
         return model, optimizer, params
     if run.config.trainer.precision == "fp16":
         raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
+    # Only the first process loaded the weights (the others hold the architecture on the meta device):
+    # it keeps its whole state until the sharded model has received it.
+    full = run.model.state_dict() if accelerator.is_main_process else None
+    buffers = {n: b.detach().clone() for n, b in run.model.named_buffers()}
     model = shard(run.model, accelerator)
+    _materialize(model, full, buffers, accelerator.device)
+    del full
     run.fill_pending_cache(model)  # a cached reference, computed by the sharded policy
     params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects
     return model, accelerator.prepare(make_optimizer(params)), params

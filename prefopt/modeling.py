@@ -28,10 +28,24 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedModel:
-    """The policy (or, with ``name_or_path``, another pretrained model), with dropout disabled as in TRL."""
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, empty: bool = False) -> PreTrainedModel:
+    """The policy (or, with ``name_or_path``, another pretrained model), with dropout disabled as in TRL.
+
+    ``empty``: the architecture without its weights (parameters on the meta device, buffers real), for a
+    process that receives them from the first one once sharded (FSDP)."""
     source = name_or_path or cfg.name_or_path
-    if source is not None and _has_weights(source):
+    if empty:
+        from accelerate import init_empty_weights
+
+        if source is not None:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        else:
+            params = dict(cfg.config or {})
+            config = AutoConfig.for_model(params.pop("model_type"), **params)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        model.tie_weights()  # the meta context registers a tied head as a parameter of its own
+    elif source is not None and _has_weights(source):
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     elif source is not None:
         if cfg.init != "random":

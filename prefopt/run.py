@@ -180,26 +180,32 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         log.info("%s", report.summary())
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
-    policy = load_model(config.model)
+    # FSDP: only the first process reads the weights; the others receive their shards from it once sharded
+    empty = distributed.sharded(accelerator) and not accelerator.is_main_process
+    if distributed.sharded(accelerator) and accelerator.is_main_process:
+        log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
+    policy = load_model(config.model, empty=empty)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
     # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
-    health.check_start(policy, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
-                       config.trainer.logprob_chunk_tokens, "sdpa", "model")
+    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx)  # noqa: E731
+    distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
+                                                                        "sdpa", "model"))
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None
     if mode != "none":
-        ref_model = load_model(config.model, config.model.reference) if config.model.reference else None
+        # a separate reference for the cache is loaded whole everywhere: it computes the cache unsharded
+        ref_model = load_model(config.model, config.model.reference, empty and mode == "live") if config.model.reference else None
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
-            health.check_start(ref_model, lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx), train_pairs,
-                               config.trainer.logprob_chunk_tokens, "sdpa", "model.reference")
+            distributed.on_main_process(accelerator, lambda: health.check_start(
+                ref_model, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model.reference"))
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
-            weights_fp = ref.weights_fingerprint(source)
+            weights_fp = distributed.on_main_process(accelerator, lambda: ref.weights_fingerprint(source))
             per_token = Feature.REF_TOKEN_LOGPS in needs
             if ref_model is None and distributed.sharded(accelerator):
                 pending = (weights_fp, per_token)  # by the sharded policy: Run.fill_pending_cache

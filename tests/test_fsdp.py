@@ -72,6 +72,7 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
     proc = launch(_fsdp(config, "--resume"), cpu_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count("[prefopt] 2 processes (FSDP2 on cpu)") == 1
+    assert proc.stderr.count("weights read by the first process only") == 1  # the second built the model empty
     assert "resuming from" in proc.stderr
     assert proc.stdout.count("saved to") == 1
 
@@ -98,14 +99,17 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     """Processes whose pairs need different numbers of forwards under the budget all run the same number
     (FSDP gathers weights in every forward), and the steps equal one process's. So do evaluation, on
     held-out pairs that split unevenly (5 and 4: different numbers of forwards per process), and the
-    reference cache, computed by the sharded policy (``precompute-ref`` under FSDP, then reused)."""
+    reference cache, computed by the sharded policy (``precompute-ref`` under FSDP, then reused). With a
+    tied output head (GPT-2), received by the second process from the first."""
     from transformers import AutoTokenizer
 
     from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
     from prefopt.data import load_data
 
     assets = write_assets(tmp_path / "assets", n_train=48, n_eval=9)
-    common = dict(max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16, data__eval=assets["eval"])
+    # GPT-2: its output head is tied to the input embeddings, which the second process must rebuild tied
+    common = dict(arch="gpt2", max_steps=4, group_by_length=False, max_tokens_per_forward=120, reference__batch_size=16,
+                  data__eval=assets["eval"])
     single = make_config(assets, tmp_path / "single", batch_size=8, **common)
     fsdp = make_config(assets, tmp_path / "fsdp", batch_size=4, **common)  # 4 per process x 2 processes
     config = tmp_path / "fsdp.yaml"
@@ -158,6 +162,24 @@ def _tiny_llama(tied: bool = False, model_type: str = "llama") -> torch.nn.Modul
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(
         model_type, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied))
+
+
+def test_an_empty_model_holds_no_weights_and_the_real_buffers(tmp_path):
+    """What the processes after the first build under FSDP: the architecture with every parameter on the meta
+    device (no memory), and the buffers no state dict carries (rotary frequencies) computed as in a loaded model."""
+    from prefopt.config import ModelConfig
+    from prefopt.modeling import load_model
+
+    path = tmp_path / "pretrained"
+    _tiny_llama(tied=True, model_type="qwen2").save_pretrained(path)
+    loaded, empty = (load_model(ModelConfig(name_or_path=str(path), tokenizer="unused"), empty=e) for e in (False, True))
+    assert all(p.is_meta for p in empty.parameters()) and not any(p.is_meta for p in loaded.parameters())
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight  # tied as loaded
+    buffers = dict(loaded.named_buffers())
+    assert buffers and dict(empty.named_buffers()).keys() == buffers.keys()
+    for name, value in empty.named_buffers():
+        assert not value.is_meta and torch.equal(value, buffers[name]), name
 
 
 def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, monkeypatch):

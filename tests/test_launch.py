@@ -146,13 +146,13 @@ def test_forwards_outside_training_cover_every_pair_once_within_the_budget():
     assert plans == [[[0, 2], [4], [6], [8]], [[1], [3, 5], [7]]]  # unequal counts: FSDP pads with filler forwards
 
 
-def test_accelerate_builds_its_state_without_fsdp_and_every_process_loads_the_whole_model(env):
+def test_accelerate_builds_its_state_without_fsdp_and_leaves_loading_to_prefopt(env):
     env.setenv("ACCELERATE_USE_FSDP", "true")
     env.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # accelerate's default for an FSDP config
     with distributed.accelerate_without_fsdp():
         assert "ACCELERATE_USE_FSDP" not in os.environ  # accelerate would fall back to DDP on CPU
     assert os.environ["ACCELERATE_USE_FSDP"] == "true" and distributed.fsdp_requested()
-    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # prefopt loads on the first process itself
 
 
 def test_fsdp_refuses_fp16(env):

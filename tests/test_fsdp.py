@@ -145,6 +145,27 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
 
 
+def test_fsdp_in_bf16_with_a_live_token_level_reference_starts_at_kl_zero(tmp_path):
+    """The GPU configuration on two CPU processes: bf16 autocast, a live reference held in bf16 and sharded,
+    whose weights the second process received from the first; at step 0 it equals the policy (KL exactly 0,
+    held-out KL too), and the run follows one process's to bf16 accuracy."""
+    assets = write_assets(tmp_path / "assets", n_train=32, n_eval=5)
+    common = dict(max_steps=3, precision="bf16", reference__mode="live", loss={"name": "tdpo", "variant": "tdpo1"},
+                  data__eval=assets["eval"], group_by_length=False)
+    single = make_config(assets, tmp_path / "single", batch_size=4, **common)
+    fsdp = make_config(assets, tmp_path / "fsdp", batch_size=2, **common)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    proc = launch(_fsdp(config), cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_one_process(single)
+    one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
+    assert two[0]["kl/chosen"] == 0.0 and two[0]["kl/rejected"] == 0.0
+    assert eval_rows(fsdp["trainer"]["output_dir"])[0]["eval/kl/chosen"] == 0.0
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-3), a["step"]
+
+
 @contextmanager
 def _one_process_group(tmp_path: Path) -> Iterator[object]:
     """An in-process, one-process gloo group (FSDP2 shards as in a run, over one rank); yields a stand-in accelerator."""

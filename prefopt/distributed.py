@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError
 
 log = logging.getLogger("prefopt")
 
@@ -143,15 +143,19 @@ def on_main_process(accelerator: Any, fn: Callable[[], Any]) -> Any:
     if accelerator.num_processes == 1:
         return fn()
     box: list[Any] = [None]
+    error: Exception | None = None
     if accelerator.is_main_process:
         try:
-            box[0] = (True, fn())
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
-            box[0] = (False, exc)
+            box[0] = (fn(), None)
+        except Exception as exc:  # noqa: BLE001 - raised below, on every process
+            error = exc  # the others get a copy that surely pickles
+            box[0] = (None, exc if isinstance(exc, PrefoptError) else RuntimeError(f"on the first process: {type(exc).__name__}: {exc}"))
     torch.distributed.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise value
+    value, sent = box[0]
+    if error is not None:
+        raise error
+    if sent is not None:
+        raise sent
     return value
 
 

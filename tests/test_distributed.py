@@ -136,3 +136,46 @@ def test_held_out_pairs_fewer_than_processes_are_evaluated_like_one_process(tmp_
     assert two[0].keys() == one.keys()
     for key in one:
         assert two[0][key] == pytest.approx(one[key], abs=1e-5), key
+
+
+ON_MAIN_SCRIPT = """
+import json, sys, torch
+from prefopt.distributed import on_main_process
+from prefopt.errors import ConfigError
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+acc = type("Acc", (), {"num_processes": 2, "is_main_process": rank == 0})()
+out = {"value": on_main_process(acc, lambda: f"from {rank}")}
+
+def refused():
+    raise ConfigError("model: refused")
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("cannot pickle")
+
+def strange():
+    raise Unpicklable("strange")
+
+for key, fn in (("config", refused), ("other", strange)):
+    try:
+        on_main_process(acc, fn)
+    except Exception as exc:
+        out[key] = f"{type(exc).__name__}: {exc}"
+open(sys.argv[1] + f"/{rank}.json", "w").write(json.dumps(out))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_work_done_on_the_first_process_reaches_every_process_errors_included(tmp_path):
+    """FSDP reads weights and runs the start-up check on the first process only: its result, or its error
+    (even one that does not pickle), must reach the others, which would otherwise wait in a collective."""
+    import json
+
+    proc = launch(torchrun_script(2, tmp_path / "run.py", ON_MAIN_SCRIPT, str(tmp_path)), cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert first["value"] == second["value"] == "from 0"
+    assert first["config"] == second["config"] == "ConfigError: model: refused"
+    assert first["other"] == "Unpicklable: strange"
+    assert second["other"] == "RuntimeError: on the first process: Unpicklable: strange"

@@ -225,6 +225,16 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     return model
 
 
+def shard_from_first(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """:func:`shard` a model whose weights only the first process loaded (the others hold the architecture
+    on the meta device), then give every process its shards of them. Collective."""
+    full = model.state_dict() if accelerator.is_main_process else None  # kept until the shards are sent
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model = shard(model, accelerator)
+    _materialize(model, full, buffers, accelerator.device)
+    return model
+
+
 def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> tuple[torch.nn.Module, Any, list[torch.nn.Parameter]]:
     """The run's model and optimiser ready to train (DDP through accelerate, or sharded with FSDP2, where
     the sharded policy then computes a pending reference cache), and the trainable parameters to clip."""
@@ -237,13 +247,7 @@ def prepare(run: Any, make_optimizer: Callable[[list[torch.nn.Parameter]], torch
         return model, optimizer, params
     if run.config.trainer.precision == "fp16":
         raise ConfigError("FSDP with trainer.precision fp16 is not supported (loss scaling of sharded gradients); use bf16")
-    # Only the first process loaded the weights (the others hold the architecture on the meta device):
-    # it keeps its whole state until the sharded model has received it.
-    full = run.model.state_dict() if accelerator.is_main_process else None
-    buffers = {n: b.detach().clone() for n, b in run.model.named_buffers()}
-    model = shard(run.model, accelerator)
-    _materialize(model, full, buffers, accelerator.device)
-    del full
+    model = shard_from_first(run.model, accelerator)
     run.fill_pending_cache(model)  # a cached reference, computed by the sharded policy
     params = [p for p in model.parameters() if p.requires_grad]  # sharded: new parameter objects
     return model, accelerator.prepare(make_optimizer(params)), params

@@ -40,15 +40,19 @@ class Run:
     caches: dict[str, ref.RefCache] = field(default_factory=dict)
     kernel: str = "sdpa"
     needs: frozenset[Feature] = frozenset()  # what the loss reads (computed once)
-    pending_cache: tuple[str, bool] | None = None  # under FSDP: (weights fingerprint, per-token) to fill once sharded
+    # under FSDP, the cache to fill once sharded: (weights fingerprint, per-token, a separate reference or None)
+    pending_cache: tuple[str, bool, torch.nn.Module | None] | None = None
 
     def fill_pending_cache(self, model: torch.nn.Module) -> None:
-        """Under FSDP, compute the reference cache with the sharded policy (at step 0, the reference):
-        each process holds a shard, never the whole model, on its device. Collective."""
+        """Under FSDP, compute the reference cache with the sharded policy (at step 0, the reference), or with
+        a separate reference sharded the same way: each process holds shards, never a whole model. Collective."""
         if self.pending_cache is None:
             return
-        weights_fp, per_token = self.pending_cache
+        weights_fp, per_token, separate = self.pending_cache
         acc = self.accelerator
+        if separate is not None:
+            model = distributed.shard_from_first(PreferenceModel(separate, chunk_tokens=self.config.trainer.logprob_chunk_tokens,
+                                                                 kernel=self.kernel), acc)
 
         def forward(batch: dict[str, Any]) -> torch.Tensor:
             # no_grad, not inference_mode: FSDP reuses the policy's all-gather buffers in training
@@ -56,7 +60,7 @@ class Run:
                 return model(to_device(batch, acc.device))["logps"]
 
         if acc.is_main_process:
-            log.info("reference cache: computed by the sharded policy (FSDP) where not on disk")
+            log.info("reference cache: computed by the sharded %s (FSDP) where not on disk", "policy" if separate is None else "model.reference")
         model.eval()
         for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             if pairs:
@@ -197,8 +201,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     caches: dict[str, ref.RefCache] = {}
     pending = None
     if mode != "none":
-        # a separate reference for the cache is loaded whole everywhere: it computes the cache unsharded
-        ref_model = load_model(config.model, config.model.reference, empty and mode == "live") if config.model.reference else None
+        ref_model = load_model(config.model, config.model.reference, empty) if config.model.reference else None
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
             distributed.on_main_process(accelerator, lambda: health.check_start(
@@ -207,8 +210,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = distributed.on_main_process(accelerator, lambda: ref.weights_fingerprint(source))
             per_token = Feature.REF_TOKEN_LOGPS in needs
-            if ref_model is None and distributed.sharded(accelerator):
-                pending = (weights_fp, per_token)  # by the sharded policy: Run.fill_pending_cache
+            if distributed.sharded(accelerator):
+                pending = (weights_fp, per_token, ref_model)  # computed sharded: Run.fill_pending_cache
             else:
                 module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
 

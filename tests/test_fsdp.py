@@ -32,11 +32,11 @@ def _fsdp(config: Path, *args: str, command: str = "train") -> list[str]:
             "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", command, str(config), *args]
 
 
-def _pretrained(config: dict, path: Path) -> str:
+def _pretrained(config: dict, path: Path, seed: int = 123) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     params = dict(config)
-    torch.manual_seed(123)
+    torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(params.pop("model_type"), **params)).save_pretrained(path)
     return str(path)
 
@@ -164,6 +164,34 @@ def test_fsdp_in_bf16_with_a_live_token_level_reference_starts_at_kl_zero(tmp_pa
     assert eval_rows(fsdp["trainer"]["output_dir"])[0]["eval/kl/chosen"] == 0.0
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3), a["step"]
+
+
+def test_fsdp_with_a_separate_reference_model_computes_its_cache_sharded(tmp_path):
+    """``model.reference`` (not the policy's initial weights) with a cached reference under FSDP: the reference is
+    read by the first process only, sharded for the cache, and gives the single-process cache and run."""
+    assets = write_assets(tmp_path / "assets", n_train=32, n_eval=4)
+    common = dict(max_steps=3, group_by_length=False, reference__mode="cache", data__eval=assets["eval"])
+    single = make_config(assets, tmp_path / "single", batch_size=4, **common)
+    fsdp = make_config(assets, tmp_path / "fsdp", batch_size=2, **common)
+    policy = _pretrained(single["model"]["config"], tmp_path / "policy")
+    reference = _pretrained(single["model"]["config"], tmp_path / "reference", seed=7)
+    for raw in (single, fsdp):
+        raw["model"] = {"name_or_path": policy, "reference": reference, "tokenizer": assets["tokenizer"]}
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    proc = launch(_fsdp(config), cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "computed by the sharded model.reference" in proc.stderr
+    train_one_process(single)
+    caches = [{p.name: load_file(str(p)) for p in sorted(Path(c["reference"]["cache_dir"]).glob("*.safetensors"))} for c in (single, fsdp)]
+    assert len(caches[1]) == 2 and caches[1].keys() == caches[0].keys()
+    for name in caches[0]:
+        torch.testing.assert_close(caches[1][name]["ref_logps"], caches[0][name]["ref_logps"], atol=1e-5, rtol=1e-5)
+    one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
+    assert one[0]["rewards/margins"] != 0.0  # the reference is not the policy: margins start away from 0
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
 
 
 @contextmanager

@@ -32,6 +32,14 @@ def _fsdp(config: Path, *args: str, command: str = "train") -> list[str]:
             "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefopt", command, str(config), *args]
 
 
+def _assert_same_caches(single: dict, fsdp: dict) -> None:
+    """The two runs wrote the same cache files (train and eval, same fingerprints) with the same values."""
+    caches = [{p.name: load_file(str(p)) for p in sorted(Path(c["reference"]["cache_dir"]).glob("*.safetensors"))} for c in (single, fsdp)]
+    assert len(caches[1]) == 2 and caches[1].keys() == caches[0].keys()
+    for name in caches[0]:
+        torch.testing.assert_close(caches[1][name]["ref_logps"], caches[0][name]["ref_logps"], atol=1e-5, rtol=1e-5)
+
+
 def _pretrained(config: dict, path: Path, seed: int = 123) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,10 +138,7 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "reference cache (train): reusing" in proc.stderr and "wrote" not in proc.stderr
     train_one_process(single)
-    caches = [{p.name: load_file(str(p)) for p in sorted(Path(c["reference"]["cache_dir"]).glob("*.safetensors"))} for c in (single, fsdp)]
-    assert len(caches[1]) == 2 and caches[1].keys() == caches[0].keys()  # train and eval, same fingerprints
-    for name in caches[0]:
-        torch.testing.assert_close(caches[1][name]["ref_logps"], caches[0][name]["ref_logps"], atol=1e-5, rtol=1e-5)
+    _assert_same_caches(single, fsdp)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
@@ -183,10 +188,7 @@ def test_fsdp_with_a_separate_reference_model_computes_its_cache_sharded(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "computed by the sharded model.reference" in proc.stderr
     train_one_process(single)
-    caches = [{p.name: load_file(str(p)) for p in sorted(Path(c["reference"]["cache_dir"]).glob("*.safetensors"))} for c in (single, fsdp)]
-    assert len(caches[1]) == 2 and caches[1].keys() == caches[0].keys()
-    for name in caches[0]:
-        torch.testing.assert_close(caches[1][name]["ref_logps"], caches[0][name]["ref_logps"], atol=1e-5, rtol=1e-5)
+    _assert_same_caches(single, fsdp)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
     assert one[0]["rewards/margins"] != 0.0  # the reference is not the policy: margins start away from 0
     for a, b in zip(one, two, strict=True):

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star"]
@@ -126,6 +127,14 @@ def final_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(output_dir) / "model.safetensors"))
+
+
+def assert_rows_close(expected: list[dict[str, Any]], actual: list[dict[str, Any]], keys: tuple[str, ...],
+                      abs: float = 1e-5, rel: float = 1e-4) -> None:
+    """Two runs' metric rows agree row by row on ``keys``: ``actual[key] == approx(expected[key])``."""
+    for e, a in zip(expected, actual, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(e[key], abs=abs, rel=rel), (e.get("step"), key)
 
 
 def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5, rtol: float = 1e-4) -> None:

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_helpers import ROOT, cpu_env, free_port, kill_tree, launch, torchrun_script, train_one_process
-from engine_helpers import assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
+from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, make_config, read_metrics, write_assets
 from prefopt.config import validate
 
 pytestmark = [
@@ -88,10 +88,8 @@ def test_fsdp_trains_like_one_process_and_resumes_after_kill9(tmp_path):
 
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(out)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # one row per step across the crash
-    for a, b in zip(one, two, strict=True):
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
-        for key in ("loss", "rewards/margins", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
+    assert [b["lr"] for b in two] == pytest.approx([a["lr"] for a in one], rel=1e-12)
+    assert_rows_close(one, two, ("loss", "rewards/margins", "grad_norm"))
     assert two[-1]["loss"] < two[0]["loss"] - 0.05  # it learned something
     assert eval_rows(out)[-1]["eval/loss"] == pytest.approx(eval_rows(single["trainer"]["output_dir"])[-1]["eval/loss"], abs=1e-5)
     # the final model: whole weights in an ordinary from_pretrained directory
@@ -140,14 +138,10 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     train_one_process(single)
     _assert_same_caches(single, fsdp)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
-    for a, b in zip(one, two, strict=True):
-        for key in ("loss", "rewards/margins", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
+    assert_rows_close(one, two, ("loss", "rewards/margins", "grad_norm"))
     evals = eval_rows(single["trainer"]["output_dir"]), eval_rows(fsdp["trainer"]["output_dir"])
     assert len(evals[0]) == len(evals[1]) == 2  # before and after training
-    for a, b in zip(*evals, strict=True):
-        for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), key
+    assert_rows_close(*evals, ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"))
 
 
 def test_fsdp_in_bf16_with_a_live_token_level_reference_starts_at_kl_zero(tmp_path):
@@ -191,9 +185,7 @@ def test_fsdp_with_a_separate_reference_model_computes_its_cache_sharded(tmp_pat
     _assert_same_caches(single, fsdp)
     one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
     assert one[0]["rewards/margins"] != 0.0  # the reference is not the policy: margins start away from 0
-    for a, b in zip(one, two, strict=True):
-        for key in ("loss", "rewards/margins", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-4), (a["step"], key)
+    assert_rows_close(one, two, ("loss", "rewards/margins", "grad_norm"))
 
 
 @contextmanager

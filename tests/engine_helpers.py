@@ -55,6 +55,19 @@ def train_raw(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     return train(validate(raw), **kwargs)
 
 
+def write_plugin_dist(site: Path, dist: str, modules: dict[str, str], entries: dict[str, str] | None = None) -> None:
+    """An installed distribution ``dist`` in ``site``: ``modules`` (name -> source) and a dist-info declaring
+    ``entries`` (entry-point name -> module; by default each module under its own name) as ``prefopt`` plugins."""
+    site.mkdir(parents=True, exist_ok=True)
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    declared = entries if entries is not None else {m: m for m in modules}
+    (info / "entry_points.txt").write_text("[prefopt]\n" + "".join(f"{e} = {m}\n" for e, m in declared.items()))
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from engine_helpers import write_plugin_dist
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, HOLD_AFTER = 12, 2, 5
 WAIT = 300  # seconds: generous upper bounds only, never asserted as timings
@@ -69,15 +71,6 @@ def register_losses():
 '''
 
 
-def _write_plugin(site: Path) -> None:
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "gated_loss.py").write_text(PLUGIN)
-    info = site / "gated_loss-1.0.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gated-loss\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[prefopt]\ngated = gated_loss\n")
-
-
 def _write_data(d: Path) -> None:
     from prefopt.tiny import build_tokenizer
 
@@ -100,7 +93,7 @@ class Project:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.site = root / "site"
-        _write_plugin(self.site)
+        write_plugin_dist(self.site, "gated-loss", {"gated_loss": PLUGIN}, {"gated": "gated_loss"})
         _write_data(root)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join([str(ROOT), str(self.site)]), "PREFOPT_LOAD_PLUGINS": "gated"}

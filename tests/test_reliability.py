@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import set_dotted, word_rows, write_jsonl
+from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
 from prefopt import checkpoint as ckpt
 from prefopt import plugins
 from prefopt import reference as ref
@@ -329,14 +329,6 @@ def test_code_base_loads_yaml_safely_and_torch_with_weights_only():
 # ---------------------------------------------------------------- plugins
 
 
-def _fake_dist(site: Path, dist: str, entry: str, module: str, source: str) -> None:
-    (site / f"{module}.py").write_text(source)
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[prefopt]\n{entry} = {module}\n")
-
-
 GOOD = '''
 from prefopt.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
@@ -365,9 +357,9 @@ def register_losses():
 def fake_plugins(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    _fake_dist(site, "good-loss", "good_loss", "rel_good_plugin", GOOD)
-    _fake_dist(site, "raises-loss", "raises_loss", "rel_raising_plugin", RAISES)
-    _fake_dist(site, "broken-loss", "broken_loss", "rel_broken_plugin", BROKEN)
+    write_plugin_dist(site, "good-loss", {"rel_good_plugin": GOOD}, {"good_loss": "rel_good_plugin"})
+    write_plugin_dist(site, "raises-loss", {"rel_raising_plugin": RAISES}, {"raises_loss": "rel_raising_plugin"})
+    write_plugin_dist(site, "broken-loss", {"rel_broken_plugin": BROKEN}, {"broken_loss": "rel_broken_plugin"})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "good_loss,raises_loss,broken_loss")
     importlib.invalidate_caches()

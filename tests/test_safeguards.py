@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import set_dotted, word_rows, write_jsonl
+from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PluginError
 from prefopt.health import TrainingError, check_engine_logps
@@ -498,15 +498,6 @@ def test_switching_loss_by_set_says_what_it_keeps_and_drops(tok, tmp_path, caplo
 # ---------------------------------------------------------------- 10: plugins that exit or break
 
 
-def _dist(site: Path, dist: str, modules: dict[str, str]) -> None:
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[prefopt]\n" + "".join(f"{m} = {m}\n" for m in modules))
-    for module, source in modules.items():
-        (site / f"{module}.py").write_text(source)
-
-
 GOOD_LOSS = '''
 from prefopt.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
@@ -535,8 +526,8 @@ def test_plugin_calling_sys_exit_or_registering_junk_is_flagged(tmp_path, monkey
 
     site = tmp_path / "site"
     site.mkdir()
-    _dist(site, "exits-loss", {"sg_exits": "import sys\nsys.exit('no GPU here')\n"})
-    _dist(site, "mixed-loss", {"sg_mixed_good": GOOD_LOSS, "sg_mixed_junk": NOT_A_LOSS})
+    write_plugin_dist(site, "exits-loss", {"sg_exits": "import sys\nsys.exit('no GPU here')\n"})
+    write_plugin_dist(site, "mixed-loss", {"sg_mixed_good": GOOD_LOSS, "sg_mixed_junk": NOT_A_LOSS})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "exits-loss,mixed-loss")
     importlib.invalidate_caches()

@@ -38,13 +38,13 @@ def preload() -> None:
     """Import what a run needs, so the post-import memory baseline includes it."""
     import datasets  # noqa: F401  (prefopt reads local JSON through it)
 
-    import prefopt.trainer  # noqa: F401
+    import prefopt.training.trainer  # noqa: F401
 
 
 def run(spec: dict) -> None:
     """Train with prefopt for ``spec['steps']`` steps on the spec's model, data and settings."""
     from prefopt.config import validate
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     logging.getLogger("prefopt").setLevel(logging.WARNING)
     from prefopt.config import apply_overrides

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from prefopt.syncs import SyncCounter
+from prefopt.engine.syncs import SyncCounter
 
 
 

@@ -5,7 +5,7 @@ LM head, where full logits dominate memory. Three ways of getting the per-token
 log-probs of the completion are measured, each in its own process:
 
 - ``naive``: the model's full ``(batch, seq, vocab)`` logits, then log-softmax and gather;
-- ``prefopt``: the backbone's hidden states through ``prefopt.logprobs.chunked_token_logps``;
+- ``prefopt``: the backbone's hidden states through ``prefopt.engine.logprobs.chunked_token_logps``;
 - ``trl``: TRL's fused LM head (``add_fused_lm_head``, as ``DPOTrainer`` installs it on the policy).
 """
 from __future__ import annotations
@@ -52,11 +52,11 @@ def _build(spec: dict):
 
 def _step(method: str, model, ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     if method == "naive":
-        from prefopt.logprobs import naive_token_logps
+        from prefopt.engine.logprobs import naive_token_logps
 
         return naive_token_logps(model(input_ids=ids).logits, labels).sum()
     if method == "prefopt":
-        from prefopt.logprobs import chunked_token_logps
+        from prefopt.engine.logprobs import chunked_token_logps
 
         hidden = model.model(input_ids=ids).last_hidden_state
         return chunked_token_logps(hidden, model.lm_head, labels, chunk_tokens=chunk_tokens)["logps"].sum()

@@ -35,7 +35,7 @@ def _measure_training(spec: dict) -> dict:
     result = {"wall_s": time.perf_counter() - t0, "rss_after_imports": base_rss}
     result.update(probe.summary(spec["warmup"]))
     result.update(_profile(probe, spec))
-    accel = sys.modules.get("prefopt.accelerators")
+    accel = sys.modules.get("prefopt.engine.accelerators")
     if spec["side"] == "prefopt" and accel is not None and accel.COMPILES:
         result["compilations"] = dict(accel.COMPILES)  # with trainer.compile: graphs compiled, recompiles
     if cuda:

@@ -1,5 +1,5 @@
 import sys
 
-from prefopt.cli import main
+from prefopt.cli.commands import main
 
 sys.exit(main())

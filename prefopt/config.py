@@ -139,7 +139,7 @@ class RunConfig(_Section):
 
     def build_loss(self):
         """The loss object this config selects (validated by the loss's own config model)."""
-        from prefopt.registry import build_loss
+        from prefopt.plugins.registry import build_loss
 
         return build_loss(self.loss, "loss")
 
@@ -204,7 +204,7 @@ def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> Run
             hint = suggest_key(RunConfig, e["loc"]) if e["type"] == "extra_forbidden" else ""
             problems.append(f"{where}: {e['msg']}{got}{hint}")
     if check_loss and isinstance(raw.get("loss", {"name": "dpo"}), (dict, list)):
-        from prefopt.registry import build_loss
+        from prefopt.plugins.registry import build_loss
 
         try:
             build_loss(raw.get("loss", {"name": "dpo"}), "loss")
@@ -244,7 +244,7 @@ def _retarget_loss(raw: dict[str, Any], old: Any) -> None:
     import logging
 
     from prefopt.errors import PrefoptError
-    from prefopt.registry import get_loss_class
+    from prefopt.plugins.registry import get_loss_class
 
     loss = raw.get("loss")
     if not (isinstance(loss, dict) and isinstance(old, dict)) or old.get("name") == loss.get("name"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefopt import plugins
-from prefopt.tiny import build_tokenizer
+from prefopt.plugins import manager as plugins
+from prefopt.testing.tiny import build_tokenizer
 
 CORPUS = [
     "The cafe was lovely and the coffee was great.",

@@ -50,7 +50,7 @@ def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
 def train_raw(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """Validate and train a run-config mapping in this process; returns the summary."""
     from prefopt.config import validate
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     return train(validate(raw), **kwargs)
 
@@ -75,7 +75,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def write_assets(root: Path, n_train: int = 160, n_eval: int = 32) -> dict[str, str]:
     """Train/eval JSONL files and a locally built tokenizer under ``root``; returns their paths."""
-    from prefopt.tiny import build_tokenizer
+    from prefopt.testing.tiny import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     train, held = easy_rows(n_train, seed=1), easy_rows(n_eval, seed=2)
@@ -96,7 +96,7 @@ def make_config(assets: dict[str, Any], out: Path, *, arch: str = "llama", loss:
     ``trainer`` keys override the trainer section; ``reference``/``data``/``model`` keys
     given as ``section__field`` override those sections.
     """
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     sections: dict[str, dict[str, Any]] = {"reference": {}, "data": {}, "model": {}}
     for key in [k for k in trainer if "__" in k]:

@@ -68,7 +68,7 @@ def write_hub_model(root: Path, tokenizer, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     ids = {"bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     cfg = model_config("qwen2", vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, max_position=128, **ids)

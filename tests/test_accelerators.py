@@ -7,10 +7,10 @@ import pytest
 import torch
 from engine_helpers import make_config, write_assets
 
-from prefopt import accelerators
+from prefopt.engine import accelerators
 from prefopt.config import validate
 from prefopt.errors import ConfigError
-from prefopt.run import setup
+from prefopt.training.run import setup
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel)
     import varlen_cpu
     from test_packing import _model, _pairs
 
-    from prefopt.batching import pack
-    from prefopt.modeling import PreferenceModel
-    from prefopt.run import use_packed_attention
+    from prefopt.data.batching import pack
+    from prefopt.engine.modeling import PreferenceModel
+    from prefopt.training.run import use_packed_attention
 
     varlen_cpu.register()
     torch._dynamo.reset()

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from prefopt import cli, plugins
-from prefopt.registry import describe
+from prefopt.cli import commands as cli
+
+from prefopt.plugins import manager as plugins
+from prefopt.plugins.registry import describe
 from prefopt.losses import DPO, IPO, SFT, TDPO
 
 

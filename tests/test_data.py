@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from prefopt.config import DataConfig
-from prefopt.data import DataReport, Pair, fingerprint, load_data, load_pairs
+from prefopt.data.pairs import DataReport, Pair, fingerprint, load_data, load_pairs
 from prefopt.errors import DataError
-from prefopt.tiny import BOS_ID, EOS_ID, PAD_ID, model_config
+from prefopt.testing.tiny import BOS_ID, EOS_ID, PAD_ID, model_config
 
 GOOD = {"prompt": "Review of the cafe:", "chosen": " It was lovely.", "rejected": " It was awful."}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from prefopt.data import load_pairs
+from prefopt.data.pairs import load_pairs
 from prefopt.errors import DataError
 
 texts = st.text(max_size=12) | st.sampled_from(["", "  ", "\n", "\ud800", "a b", " good", "<|eos|>", "\x00"])

@@ -67,7 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 SCRIPT = """
 import os, sys, torch
 from prefopt.config import load_config
-from prefopt.run import setup
+from prefopt.training.run import setup
 run = setup(load_config(sys.argv[1] + f"/cfg-{os.environ['RANK']}.yaml", []))
 torch.save(run.caches["train"].sums, sys.argv[1] + f"/values-{os.environ['RANK']}.pt")
 run.accelerator.end_training()
@@ -81,7 +81,7 @@ def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
     for rank in (0, 1):
         raw = make_config(assets, tmp_path / f"node{rank}", batch_size=2, reference__mode="cache")
         (tmp_path / f"cfg-{rank}.yaml").write_text(yaml.safe_dump(raw))
-    from prefopt.trainer import precompute_reference
+    from prefopt.training.trainer import precompute_reference
 
     precompute_reference(validate(yaml.safe_load((tmp_path / "cfg-0.yaml").read_text())))
     (seeded,) = _cache(tmp_path / "node0").values()
@@ -95,10 +95,10 @@ def test_processes_that_disagree_about_the_cache_all_compute_it(tmp_path):
 
 EVAL_SCRIPT = """
 import json, os, sys
-from prefopt import distributed
+from prefopt.training import distributed
 from prefopt.config import load_config
-from prefopt.run import setup
-from prefopt.step import evaluate
+from prefopt.training.run import setup
+from prefopt.training.step import evaluate
 run = setup(load_config(sys.argv[1] + "/cfg.yaml", []))
 model, _, _ = distributed.prepare(run, lambda params: __import__("torch").optim.AdamW(params))
 metrics = evaluate(run, model)
@@ -114,8 +114,8 @@ def test_held_out_pairs_fewer_than_processes_are_evaluated_like_one_process(tmp_
     import json
 
     from prefopt.config import load_config
-    from prefopt.run import setup
-    from prefopt.step import evaluate
+    from prefopt.training.run import setup
+    from prefopt.training.step import evaluate
 
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=1)
     raw = make_config(assets, tmp_path / "out", batch_size=2, data__eval=assets["eval"], reference__mode="cache")
@@ -138,7 +138,7 @@ def test_held_out_pairs_fewer_than_processes_are_evaluated_like_one_process(tmp_
 
 ON_MAIN_SCRIPT = """
 import json, sys, torch
-from prefopt.distributed import on_main_process
+from prefopt.training.distributed import on_main_process
 from prefopt.errors import ConfigError
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()

@@ -118,13 +118,13 @@ def test_builtin_losses_move_the_right_way(case, assets, tmp_path):
 
 def _plan(run):
     from prefopt.losses.base import needs_of
-    from prefopt.step import Plan
+    from prefopt.training.step import Plan
 
     return Plan.of(needs_of(run.loss), run.mode)
 
 
 def test_reference_mode_none_never_loads_a_reference(assets, tmp_path):
-    from prefopt.trainer import setup
+    from prefopt.training.trainer import setup
 
     # a reference that does not exist: it would fail to load if anything tried
     raw = make_config(assets, tmp_path, loss={"name": "sft"}, model__reference=str(tmp_path / "missing-model"))
@@ -165,7 +165,7 @@ def test_gradient_accumulation_equals_the_larger_batch(assets, tmp_path):
 
 
 def test_resume_after_a_crash_continues_the_same_run(assets, tmp_path, monkeypatch):
-    import prefopt.trainer as trainer
+    import prefopt.training.trainer as trainer
 
     common = dict(max_steps=6, save_every=2, schedule="linear", warmup_steps=2, reference__batch_size=32)
     whole = make_config(assets, tmp_path / "whole", **common)
@@ -267,7 +267,7 @@ def test_mixed_precision_on_cuda(assets, tmp_path, precision):
 def test_validate_names_bad_fields_by_path(assets, tmp_path, capsys):
     import yaml
 
-    from prefopt.cli import main
+    from prefopt.cli.commands import main
 
     raw = make_config(assets, tmp_path)
     good = tmp_path / "good.yaml"
@@ -289,7 +289,7 @@ def test_validate_names_bad_fields_by_path(assets, tmp_path, capsys):
 def test_precompute_ref_fills_the_cache_that_training_then_reuses(assets, tmp_path, caplog, capsys):
     import yaml
 
-    from prefopt.cli import main
+    from prefopt.cli.commands import main
 
     raw = make_config(assets, tmp_path, max_steps=2)
     path = tmp_path / "run.yaml"

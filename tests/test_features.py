@@ -92,9 +92,9 @@ def test_a_policy_only_feature_loads_no_reference(assets, tmp_path):
 
 
 def test_a_non_finite_reference_log_prob_is_refused_naming_the_row(assets, tmp_path, monkeypatch):
-    from prefopt import reference as ref
+    from prefopt.engine import reference as ref
     from prefopt.errors import ConfigError
-    from prefopt.run import setup
+    from prefopt.training.run import setup
 
     real = ref.compute_ref_logps
 
@@ -111,9 +111,9 @@ def test_a_non_finite_reference_log_prob_is_refused_naming_the_row(assets, tmp_p
 
 def test_per_token_cache_shares_of_several_processes_add_up_to_the_whole(assets, tmp_path):
     """fill_cache's collective: each process fills its batches (zeros elsewhere) and the shares are summed."""
-    from prefopt import reference as ref
-    from prefopt.batching import completion_tokens
-    from prefopt.run import setup
+    from prefopt.engine import reference as ref
+    from prefopt.data.batching import completion_tokens
+    from prefopt.training.run import setup
 
     run = setup(validate(make_config(assets, tmp_path, loss={"name": "sft"})))
     pairs = run.train_pairs[:10]

@@ -109,8 +109,8 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     tied output head (GPT-2), received by the second process from the first."""
     from transformers import AutoTokenizer
 
-    from prefopt.batching import batch_order, pair_length, pair_tokens, split_by_tokens
-    from prefopt.data import load_data
+    from prefopt.data.batching import batch_order, pair_length, pair_tokens, split_by_tokens
+    from prefopt.data.pairs import load_data
 
     assets = write_assets(tmp_path / "assets", n_train=48, n_eval=9)
     # GPT-2: its output head is tied to the input embeddings, which the second process must rebuild tied
@@ -211,7 +211,7 @@ def test_an_empty_model_holds_no_weights_and_the_real_buffers(tmp_path):
     """What the processes after the first build under FSDP: the architecture with every parameter on the meta
     device (no memory), and the buffers no state dict carries (rotary frequencies) computed as in a loaded model."""
     from prefopt.config import ModelConfig
-    from prefopt.modeling import load_model
+    from prefopt.engine.modeling import load_model
 
     path = tmp_path / "pretrained"
     _tiny_llama(tied=True, model_type="qwen2").save_pretrained(path)
@@ -230,9 +230,9 @@ def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, 
     reference costs no memory at save time."""
     from torch.distributed.tensor import DTensor
 
-    from prefopt import checkpoint as ckpt
-    from prefopt.distributed import shard
-    from prefopt.modeling import PreferenceModel, frozen_copy
+    from prefopt.training import checkpoint as ckpt
+    from prefopt.training.distributed import shard
+    from prefopt.engine.modeling import PreferenceModel, frozen_copy
 
     with _one_process_group(tmp_path) as accelerator:
         policy = _tiny_llama()
@@ -258,9 +258,9 @@ def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, 
 SHARDED_REFERENCE = """
 import sys, torch
 from torch.distributed.tensor import DTensor
-from prefopt.distributed import shard
-from prefopt.modeling import PreferenceModel, frozen_copy
-from prefopt.run import use_packed_attention
+from prefopt.training.distributed import shard
+from prefopt.engine.modeling import PreferenceModel, frozen_copy
+from prefopt.training.run import use_packed_attention
 sys.path.insert(0, sys.argv[2])
 from test_fsdp import _packed_batch, _tiny_llama
 torch.distributed.init_process_group("gloo")
@@ -282,8 +282,8 @@ torch.distributed.destroy_process_group()
 def _packed_batch() -> dict:
     import random
 
-    from prefopt.batching import pack
-    from prefopt.data import Pair
+    from prefopt.data.batching import pack
+    from prefopt.data.pairs import Pair
 
     rng = random.Random(0)
     words = lambda n: [rng.randrange(3, 64) for _ in range(n)]  # noqa: E731
@@ -296,8 +296,8 @@ def test_a_sharded_live_reference_is_held_in_the_training_precision_and_equals_t
     dtype. On two processes, at step 0 it computes exactly what the fp32 policy computes under autocast, and
     what the unsharded reference computes; with its own LM head, with one tied to the embeddings, and with
     norms inside the attention (Qwen3: its projections become units one by one)."""
-    from prefopt.modeling import PreferenceModel, frozen_copy
-    from prefopt.run import use_packed_attention
+    from prefopt.engine.modeling import PreferenceModel, frozen_copy
+    from prefopt.training.run import use_packed_attention
 
     proc = launch(torchrun_script(2, tmp_path / "run.py", SHARDED_REFERENCE, str(tmp_path), str(Path(__file__).parent)),
                   cpu_env(), timeout=120)

@@ -35,7 +35,7 @@ def recipe_run(hub, tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
-    from prefopt import cli
+    from prefopt.cli import commands as cli
 
     out = tmp_path_factory.mktemp("recipe")
     names = {"Qwen/Qwen2.5-0.5B-Instruct": str(hub["model"]), "trl-lib/ultrafeedback_binarized": str(hub["dataset"])}
@@ -113,8 +113,8 @@ def test_samples_are_greedy_completions_of_held_out_prompts(recipe_run, hub):
 
 
 def test_report_draws_the_curves_and_prints_the_table(recipe_run, tmp_path, capsys):
-    from prefopt import cli
-    from prefopt.report import PANELS, plot, read_metrics, series
+    from prefopt.cli import commands as cli
+    from prefopt.cli.report import PANELS, plot, read_metrics, series
 
     png = tmp_path / "curves.png"
     assert cli.main(["report", str(recipe_run["dir"]), "--out", str(png)]) == 0
@@ -132,7 +132,7 @@ def test_report_draws_the_curves_and_prints_the_table(recipe_run, tmp_path, caps
 
 
 def test_report_on_a_directory_without_metrics_is_a_clear_error(tmp_path, capsys):
-    from prefopt import cli
+    from prefopt.cli import commands as cli
 
     assert cli.main(["report", str(tmp_path)]) == 2
     assert f"{tmp_path}: no metrics.jsonl" in capsys.readouterr().err
@@ -169,7 +169,7 @@ def _ours(pairs) -> list[dict]:
 def test_ultrafeedback_directory_is_tokenised_as_trl_does(hub):
     import datasets
 
-    from prefopt.data import load_pairs
+    from prefopt.data.pairs import load_pairs
 
     tok = _hub_tokenizer(hub)
     pairs, report = load_pairs(str(hub["dataset"]), tok, split="test", max_length=1024)
@@ -181,7 +181,7 @@ def test_ultrafeedback_directory_is_tokenised_as_trl_does(hub):
 
 
 def test_explicit_prompt_schemas_and_text_with_the_trl_rule_match_trl(hub, tmp_path):
-    from prefopt.data import load_pairs
+    from prefopt.data.pairs import load_pairs
 
     tok = _hub_tokenizer(hub)
     user = [{"role": "user", "content": "How was the park?"}]
@@ -198,7 +198,7 @@ def test_explicit_prompt_schemas_and_text_with_the_trl_rule_match_trl(hub, tmp_p
 
 def test_text_rows_differ_from_trl_only_where_docs_say(hub, tmp_path):
     """The default keeps prompt and completion tokens apart; TRL tokenises them joined."""
-    from prefopt.data import load_pairs
+    from prefopt.data.pairs import load_pairs
 
     tok = _hub_tokenizer(hub)
     row = {"prompt": "The park ", "chosen": "was calm.", "rejected": "was loud."}  # a prompt ending in a space
@@ -215,7 +215,7 @@ def test_text_rows_differ_from_trl_only_where_docs_say(hub, tmp_path):
 
 
 def test_column_names_are_configurable_and_errors_name_the_column(hub, tmp_path):
-    from prefopt.data import load_pairs
+    from prefopt.data.pairs import load_pairs
     from prefopt.errors import DataError
 
     tok = _hub_tokenizer(hub)
@@ -232,7 +232,7 @@ def test_column_names_are_configurable_and_errors_name_the_column(hub, tmp_path)
 
 
 def test_split_directories(hub, tmp_path):
-    from prefopt.data import load_pairs
+    from prefopt.data.pairs import load_pairs
     from prefopt.errors import DataError
 
     tok = _hub_tokenizer(hub)
@@ -253,7 +253,8 @@ def test_split_directories(hub, tmp_path):
 
 
 def test_version(capsys):
-    from prefopt import __version__, cli
+    from prefopt import __version__
+    from prefopt.cli import commands as cli
 
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
@@ -278,7 +279,7 @@ def test_samples_with_a_live_reference_come_from_the_reference_model(tmp_path):
     from engine_helpers import make_config, write_assets
 
     from prefopt.config import validate
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
     cfg = make_config(assets, tmp_path, loss={"name": "tdpo", "variant": "tdpo1"}, max_steps=2, batch_size=4,

@@ -36,7 +36,7 @@ PLUGIN = '''
 import time
 from pathlib import Path
 
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO, DPOConfig
 
 
@@ -72,7 +72,7 @@ def register_losses():
 
 
 def _write_data(d: Path) -> None:
-    from prefopt.tiny import build_tokenizer
+    from prefopt.testing.tiny import build_tokenizer
 
     rng = random.Random(0)
     words = "the cat dog sat ran on a mat log good bad happy sad big small red blue green".split()
@@ -99,7 +99,7 @@ class Project:
                     "PYTHONPATH": os.pathsep.join([str(ROOT), str(self.site)]), "PREFOPT_LOAD_PLUGINS": "gated"}
 
     def config(self, name: str, gate_open: bool) -> Path:
-        from prefopt.tiny import model_config
+        from prefopt.testing.tiny import model_config
 
         d = self.root / name
         (d / "gate").mkdir(parents=True)

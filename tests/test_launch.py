@@ -10,7 +10,7 @@ import yaml
 
 from dist_helpers import ROOT, cpu_env, free_port, launch
 from engine_helpers import make_config, read_metrics, write_assets
-from prefopt import distributed
+from prefopt.training import distributed
 from prefopt.errors import ConfigError
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
@@ -132,7 +132,7 @@ def test_deepspeed_is_refused_with_what_to_use_instead(env):
 
 
 def test_forwards_outside_training_cover_every_pair_once_within_the_budget():
-    from prefopt.batching import forward_plans
+    from prefopt.data.batching import forward_plans
 
     # 9 pairs over 2 processes, 2 per batch: 5 and 4 pairs, 3 forwards and 2 (matched: a filler)
     assert forward_plans([0] * 9, 2, None, 2) == [[[0, 2], [4, 6], [8]], [[1, 3], [5, 7]]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefopt.logprobs import IGNORE_INDEX, chunked_token_logps, naive_token_kl, naive_token_logps
-from prefopt.modeling import PreferenceModel
+from prefopt.engine.logprobs import IGNORE_INDEX, chunked_token_logps, naive_token_kl, naive_token_logps
+from prefopt.engine.modeling import PreferenceModel
 
 N, T, H, V = 4, 9, 16, 37
 
@@ -137,7 +137,7 @@ def test_bf16_hidden_states_still_give_fp32_log_probs():
 def _tiny_llama(seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     torch.manual_seed(seed)
     cfg = model_config("llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, max_position=32)

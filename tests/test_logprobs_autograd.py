@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefopt.logprobs import chunked_token_logps, naive_token_kl, naive_token_logps
+from prefopt.engine.logprobs import chunked_token_logps, naive_token_kl, naive_token_logps
 
 N, T, H, V = 3, 11, 8, 50
 
@@ -62,7 +62,7 @@ def test_no_completion_positions_gives_zeros() -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_entropy_and_log_sum_of_squares_match_full_logits(bias: bool) -> None:
     """Per-token entropy and log(sum p^2), values and gradients, against autograd through full log-softmax."""
-    from prefopt.logprobs import token_features
+    from prefopt.engine.logprobs import token_features
 
     torch.manual_seed(1)
     h = torch.randn(13, H, dtype=torch.float64, requires_grad=True)

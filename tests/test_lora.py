@@ -9,8 +9,8 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from prefopt.config import validate  # noqa: E402
-from prefopt.tiny import build_tokenizer, model_config  # noqa: E402
-from prefopt.trainer import train  # noqa: E402
+from prefopt.testing.tiny import build_tokenizer, model_config  # noqa: E402
+from prefopt.training.trainer import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""prefopt.losscheck: synthetic inputs of exactly the declared features, and the check run before training."""
+"""prefopt.testing.losscheck: synthetic inputs of exactly the declared features, and the check run before training."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from prefopt import LossOutput, build_loss
-from prefopt.losscheck import CASES, LossCheckError, smoke_test, synthetic_inputs
+from prefopt.testing.losscheck import CASES, LossCheckError, smoke_test, synthetic_inputs
 from prefopt.losses import DPO
 from prefopt.losses.base import Feature, TOKEN_FEATURES, Tokens
 
@@ -68,14 +68,14 @@ def test_a_broken_loss_is_named(cls, message):
 
 def test_train_runs_the_check_before_loading_any_model(tmp_path, monkeypatch):
     """The Python API checks the loss as `prefopt train` does: before any model or data is loaded."""
-    import prefopt.run
+    import prefopt.training.run
     from engine_helpers import make_config, write_assets
     from prefopt.config import validate
     from prefopt.testing import registered
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=0)
-    monkeypatch.setattr(prefopt.run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(prefopt.training.run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with registered(_Scalar), pytest.raises(LossCheckError, match=r"loss 'scalar_dpo' .* failed on synthetic inputs"):
         train(validate(make_config(assets, tmp_path, loss={"name": "scalar_dpo"})))
     assert not (tmp_path / "run").exists()

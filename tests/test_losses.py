@@ -10,7 +10,7 @@ import torch
 from prefopt.losses.base import reference_for
 
 from prefopt.losses import DPO, IPO, SFT, TDPO, LossInputs, Reference, WeightedLoss
-from prefopt.registry import build_loss
+from prefopt.plugins.registry import build_loss
 
 LN2 = math.log(2.0)
 B = 6

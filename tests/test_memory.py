@@ -9,7 +9,7 @@ import yaml
 
 from dist_helpers import cpu_env, launch, torchrun
 from engine_helpers import make_config, write_assets
-from prefopt import memory
+from prefopt.cli import memory
 
 
 def test_parameter_counts_of_the_documented_models():
@@ -57,7 +57,7 @@ def test_two_fsdp_processes_each_hold_half_of_every_state_reference_included(tmp
     paths = _configs(tmp_path)
     whole = memory.measure_run(paths["live"])["measured"]
     cmd = torchrun(2, "--measure", paths["live"])
-    cmd[cmd.index("prefopt")] = "prefopt.memory"
+    cmd[cmd.index("prefopt")] = "prefopt.cli.memory"
     proc = launch(cmd, cpu_env(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2"), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from engine_helpers import assert_rows_close, make_config, train_raw, write_assets
-from prefopt.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
+from prefopt.data.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import validate
-from prefopt.data import Pair
+from prefopt.data.pairs import Pair
 from prefopt.losses.base import Feature, LossInputs, Tokens
-from prefopt.modeling import PreferenceModel, frozen_copy, load_model
-from prefopt.run import use_packed_attention
-from prefopt.step import loss_inputs
+from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model
+from prefopt.training.run import use_packed_attention
+from prefopt.training.step import loss_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FEATURES = frozenset(Feature)
@@ -36,7 +36,7 @@ def _pairs(n: int, vocab: int, seed: int = 0, empty_prompt: bool = False) -> lis
 
 def _model(arch: str, vocab: int = 64, seed: int = 0, kv_heads: int | None = None):
     from prefopt.config import ModelConfig
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     torch.manual_seed(seed)
     params = model_config(arch, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_position=64)
@@ -126,7 +126,7 @@ def test_packed_row_shapes_are_bounded_per_epoch():
 
 @pytest.mark.parametrize("tokens", [1, 7, 9, 100, 257, 1000, 6400, 70_000])
 def test_default_row_rounding_is_small_and_coarse(tokens):
-    from prefopt.batching import row_width
+    from prefopt.data.batching import row_width
 
     width = row_width(tokens)
     assert tokens <= width < tokens + max(8, tokens / 16)
@@ -184,10 +184,10 @@ def test_packed_and_padded_runs_train_the_same_model(assets, tmp_path):
 @pytest.mark.parametrize("loss", [{"name": "dpo"}, {"name": "tdpo", "variant": "tdpo1"}], ids=["cached", "live"])
 def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
     """Forward, backward, clipping, the flag read and the optimiser step read the device once."""
-    from prefopt import health
-    from prefopt.run import setup
-    from prefopt.step import forward_backward, read_flags
-    from prefopt.syncs import SyncCounter
+    from prefopt.training import health
+    from prefopt.training.run import setup
+    from prefopt.training.step import forward_backward, read_flags
+    from prefopt.engine.syncs import SyncCounter
 
     run = setup(validate(make_config(assets, tmp_path, loss=loss, max_tokens_per_forward=80)))
     model, acc = run.model, run.accelerator
@@ -212,7 +212,7 @@ def test_the_sync_counter_sees_reads_and_blocking_copies_to_a_device():
     """What makes a CUDA host wait: reads, and copies from host memory that are not non-blocking
     (the ``meta`` device stands in for a GPU). In stand-in mode, a tensor made from Python data counts
     too (on a GPU it would be such a copy); one filled on the device does not."""
-    from prefopt.syncs import SyncCounter
+    from prefopt.engine.syncs import SyncCounter
 
     host = torch.ones(3)
     with SyncCounter(device_only=True) as c:
@@ -287,7 +287,7 @@ def test_the_real_varlen_op_gives_the_per_sequence_log_probs_and_gradients(arch)
 
 
 def test_attention_choice_is_explicit():
-    from prefopt.attention import choose_kernel
+    from prefopt.engine.attention import choose_kernel
     from prefopt.errors import ConfigError
 
     assert choose_kernel("auto", torch.device("cpu"), True)[0] == "sdpa"
@@ -320,7 +320,7 @@ def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_pa
     import varlen_cpu
     from engine_helpers import read_metrics
 
-    import prefopt.attention as attention
+    import prefopt.engine.attention as attention
 
     varlen_cpu.register()
     varlen_cpu.calls.clear()
@@ -373,7 +373,7 @@ def test_completion_tokens_are_the_targets_at_token_index_even_with_empty_sequen
 def test_evaluation_and_the_reference_cache_keep_the_token_budget(assets, tmp_path, monkeypatch):
     """No forward outside training goes over max_tokens_per_forward either (held-out data, cache), and the held-out
     metrics are those of whole batches."""
-    from prefopt.modeling import PreferenceModel
+    from prefopt.engine.modeling import PreferenceModel
 
     widths = []
     real = PreferenceModel._hidden

@@ -19,11 +19,15 @@ import pytest
 import torch
 import yaml
 
-from prefopt import LossInputs, Reference, build_loss, cli, plugins
+from prefopt import LossInputs, Reference, build_loss
+
+from prefopt.cli import commands as cli
+
+from prefopt.plugins import manager as plugins
 from prefopt.losses.base import reference_for
 from prefopt.config import load_config
 from prefopt.errors import ConfigError
-from prefopt.registry import FIRST_PARTY, get_registry
+from prefopt.plugins.registry import FIRST_PARTY, get_registry
 
 REPO = Path(__file__).resolve().parents[1]
 # loss name -> (package directory, distribution, import package)
@@ -206,7 +210,8 @@ def test_catalogue_lists_every_loss_with_its_package(installed):
 
 def _train_modules():
     try:
-        from prefopt import tiny, trainer
+        from prefopt.testing import tiny
+        from prefopt.training import trainer
     except ImportError as exc:
         pytest.skip(f"the training engine is not available yet ({exc})")
     return tiny, trainer

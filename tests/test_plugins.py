@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import prefopt
-from prefopt import cli, plugins, registry
+from prefopt.cli import commands as cli
+from prefopt.plugins import manager as plugins, registry
 from prefopt.errors import ConfigError, PluginError
 from prefopt.losses import DPO, LossInputs, Reference
-from prefopt.registry import build_loss, get_loss_class, get_registry
+from prefopt.plugins.registry import build_loss, get_loss_class, get_registry
 
 _counter = itertools.count()
 

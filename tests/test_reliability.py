@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
-from prefopt import checkpoint as ckpt
-from prefopt import plugins
-from prefopt import reference as ref
+from prefopt.training import checkpoint as ckpt
+from prefopt.plugins import manager as plugins
+from prefopt.engine import reference as ref
 from prefopt.atomic import atomic_write
 from prefopt.config import validate
 from prefopt.errors import ConfigError
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
-from prefopt.resume import prepare_output as _prepare_output
-from prefopt.trainer import TrainingError, setup, train
+from prefopt.training.resume import prepare_output as _prepare_output
+from prefopt.training.trainer import TrainingError, setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
 def _rows(seed: int, n: int = 24) -> list[dict]:
@@ -30,7 +30,7 @@ def _rows(seed: int, n: int = 24) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    from prefopt.tiny import build_tokenizer
+    from prefopt.testing.tiny import build_tokenizer
 
     d = tmp_path_factory.mktemp("rel")
     rows = _rows(0)
@@ -44,7 +44,7 @@ def project(tmp_path_factory) -> Path:
 
 def make_config(project: Path, out: Path, **overrides):
     """A tiny fp32 CPU run; ``overrides`` are dotted paths, e.g. ``{"trainer.lr": 1e-3}``."""
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     raw = {
         "model": {"config": model_config("llama", 300, 32, 1, 2, max_position=128), "tokenizer": str(project / "tok")},
@@ -279,7 +279,7 @@ def test_changed_inputs_recompute_the_cache_and_the_log_says_why(project, tmp_pa
 
 
 def test_trust_remote_code_is_off_by_default_and_passed_through(project, tmp_path, monkeypatch):
-    from prefopt import modeling
+    from prefopt.engine import modeling
 
     seen = []
 
@@ -330,7 +330,7 @@ def test_code_base_loads_yaml_safely_and_torch_with_weights_only():
 
 
 GOOD = '''
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
 
 class Good(DPO):
@@ -342,7 +342,7 @@ def register_losses():
 '''
 RAISES = "raise ImportError('boom: missing dependency frobnicate')\n"
 BROKEN = '''
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 
 class NotALoss:
     name = "broken_loss"
@@ -369,8 +369,8 @@ def fake_plugins(tmp_path, monkeypatch):
 
 
 def test_broken_plugins_are_flagged_not_fatal(fake_plugins, capsys):
-    from prefopt.cli import main
-    from prefopt.registry import build_loss
+    from prefopt.cli.commands import main
+    from prefopt.plugins.registry import build_loss
 
     assert main(["losses"]) == 0
     out = capsys.readouterr().out

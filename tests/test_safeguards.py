@@ -10,7 +10,7 @@ import torch
 from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PluginError
-from prefopt.health import TrainingError, check_engine_logps
+from prefopt.training.health import TrainingError, check_engine_logps
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
 
@@ -20,7 +20,7 @@ def _rows(seed: int, n: int = 16) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    from prefopt.tiny import build_tokenizer
+    from prefopt.testing.tiny import build_tokenizer
 
     d = tmp_path_factory.mktemp("safe")
     texts = [r[k] for r in _rows(0) for k in ("prompt", "chosen", "rejected")]
@@ -30,7 +30,7 @@ def tok(tmp_path_factory) -> Path:
 
 def raw_config(tok: Path, tmp: Path, **overrides) -> dict:
     """A tiny fp32 CPU run as a raw mapping; ``overrides`` are dotted paths."""
-    from prefopt.tiny import model_config
+    from prefopt.testing.tiny import model_config
 
     tmp.mkdir(parents=True, exist_ok=True)
     train = tmp / "train.jsonl"
@@ -59,7 +59,7 @@ def _fast(one_torch_thread, builtins_only):
 
 
 def test_resume_refuses_changed_training_data(tok, tmp_path):
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     train(config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.max_steps": 2}))
     rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in _rows(0)]
@@ -71,7 +71,7 @@ def test_resume_refuses_changed_training_data(tok, tmp_path):
 
 
 def test_resume_refuses_a_changed_schedule_length(tok, tmp_path):
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     base = {"trainer.save_every": 1, "trainer.max_steps": 2, "trainer.schedule": "linear"}
     train(config(tok, tmp_path, **base))
@@ -83,7 +83,7 @@ def test_resume_refuses_a_changed_schedule_length(tok, tmp_path):
 
 
 def test_run_that_skips_most_steps_fails_and_saves_no_model(tok, tmp_path):
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     cfg = config(tok, tmp_path, **{"trainer.lr": 1e30, "trainer.max_steps": 4})
     with pytest.raises(TrainingError, match=r"3 of 4 steps were skipped .*the final model was not saved"):
@@ -98,7 +98,7 @@ def test_run_that_skips_most_steps_fails_and_saves_no_model(tok, tmp_path):
 
 
 def test_step_that_makes_weights_nonfinite_stops_the_run(tok, tmp_path):
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     cfg = config(tok, tmp_path)
     cfg.trainer.lr = float("inf")  # past validation, which refuses it (see test_validate_*)
@@ -108,7 +108,7 @@ def test_step_that_makes_weights_nonfinite_stops_the_run(tok, tmp_path):
 
 
 def test_final_weights_are_checked_by_value():
-    from prefopt.health import check_final_weights
+    from prefopt.training.health import check_final_weights
 
     layer = torch.nn.Linear(2, 2)
     check_final_weights(layer)
@@ -119,7 +119,7 @@ def test_final_weights_are_checked_by_value():
 
 
 def test_summary_counts_applied_and_skipped_steps(tok, tmp_path, monkeypatch):
-    from prefopt.trainer import format_summary, train
+    from prefopt.training.trainer import format_summary, train
 
     original = DPO.forward
     calls = []
@@ -154,10 +154,10 @@ def test_start_up_check_runs_on_the_two_shortest_pairs():
     """It runs on the host before training: the shortest pairs keep that cheap for a large model."""
     from types import SimpleNamespace
 
-    from prefopt.batching import pack
-    from prefopt.health import check_start
-    from prefopt.run import use_packed_attention
-    from prefopt.tiny import model_config
+    from prefopt.data.batching import pack
+    from prefopt.training.health import check_start
+    from prefopt.training.run import use_packed_attention
+    from prefopt.testing.tiny import model_config
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -177,8 +177,8 @@ def test_start_up_check_runs_on_the_two_shortest_pairs():
 
 
 def test_model_with_scaled_logits_is_refused_at_start(tok, tmp_path):
-    from prefopt.run import setup
-    from prefopt.tiny import model_config
+    from prefopt.training.run import setup
+    from prefopt.testing.tiny import model_config
 
     mc = {**model_config("llama", 300, 32, 1, 2, max_position=64), "model_type": "granite", "logits_scaling": 4.0}
     cfg = config(tok, tmp_path, **{"model.config": mc})
@@ -191,7 +191,7 @@ def test_model_with_scaled_logits_is_refused_at_start(tok, tmp_path):
 
 def test_lora_on_the_output_head_is_refused(tok, tmp_path):
     pytest.importorskip("peft")
-    from prefopt.run import setup
+    from prefopt.training.run import setup
 
     cfg = config(tok, tmp_path, **{"model.lora": {"r": 2, "target_modules": ["q_proj", "lm_head"]}, "reference.mode": "live"})
     with pytest.raises(ConfigError, match=r"model.lora: the output head is a .*Linear, not a plain Linear.*Remove the output head"):
@@ -210,7 +210,7 @@ def test_lora_on_the_output_head_is_refused(tok, tmp_path):
     ],
 )
 def test_malformed_loss_output_names_the_loss_and_package(tok, tmp_path, monkeypatch, bad, message):
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     original = DPO.forward
 
@@ -227,7 +227,7 @@ def test_malformed_loss_output_names_the_loss_and_package(tok, tmp_path, monkeyp
 
 
 def _prep(cfg, **kw):
-    from prefopt.resume import prepare_output
+    from prefopt.training.resume import prepare_output
 
     return prepare_output(cfg, kw.get("resume", False), kw.get("overwrite", True), kw.get("protect", ()))
 
@@ -257,7 +257,7 @@ def test_overwrite_never_moves_a_directory_holding_config_data_cache_or_model(to
 def test_train_overwrite_on_the_project_directory_touches_nothing(tok, tmp_path, monkeypatch, capsys):
     import yaml
 
-    from prefopt.cli import main
+    from prefopt.cli.commands import main
 
     proj = tmp_path / "proj"
     (proj / "data").mkdir(parents=True)
@@ -286,10 +286,10 @@ def test_a_directory_in_use_is_refused_naming_the_process(tok, tmp_path):
     import subprocess
     import sys
 
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     cfg = config(tok, tmp_path)
-    holder = "import sys, time; from prefopt.lock import DirectoryLock; l = DirectoryLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)"
+    holder = "import sys, time; from prefopt.training.lock import DirectoryLock; l = DirectoryLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", holder, cfg.trainer.output_dir], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
@@ -307,8 +307,8 @@ def test_a_directory_in_use_is_refused_naming_the_process(tok, tmp_path):
 
 
 def test_pruning_keeps_the_newest_verified_checkpoint(tok, tmp_path):
-    from prefopt import checkpoint as ckpt
-    from prefopt.trainer import train
+    from prefopt.training import checkpoint as ckpt
+    from prefopt.training.trainer import train
 
     cfg = config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.keep_checkpoints": 2, "trainer.max_steps": 3})
     train(cfg)
@@ -326,8 +326,8 @@ def test_pruning_keeps_the_newest_verified_checkpoint(tok, tmp_path):
 def test_disk_full_while_saving_says_so_removes_the_partial_and_resume_starts(tok, tmp_path, monkeypatch):
     import errno
 
-    from prefopt import checkpoint as ckpt
-    from prefopt.trainer import train
+    from prefopt.training import checkpoint as ckpt
+    from prefopt.training.trainer import train
 
     cfg = config(tok, tmp_path, **{"trainer.save_every": 1, "trainer.max_steps": 2})
     real = ckpt.save_file
@@ -373,21 +373,21 @@ def test_disk_full_while_saving_says_so_removes_the_partial_and_resume_starts(to
 def test_validate_refuses_what_train_would_fail_on(tok, tmp_path, overrides, message):
     import yaml
 
-    from prefopt.cli import main
+    from prefopt.cli.commands import main
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw_config(tok, tmp_path, **overrides)))
     with pytest.raises(ConfigError, match=message):
         from prefopt.config import load_config
-        from prefopt.preflight import preflight
+        from prefopt.training.preflight import preflight
 
         preflight(load_config(path))
     assert main(["validate", str(path)]) == 2
 
 
 def test_validate_checks_paths_devices_weights_and_writability(tok, tmp_path, monkeypatch):
-    from prefopt.preflight import preflight
-    from prefopt.trainer import train
+    from prefopt.training.preflight import preflight
+    from prefopt.training.trainer import train
 
     (tmp_path / "afile").write_text("x")
     model_dir = tmp_path / "config-only"
@@ -416,7 +416,7 @@ def test_validate_checks_paths_devices_weights_and_writability(tok, tmp_path, mo
 def test_unreachable_hub_names_fail_fast_with_one_line(tok, tmp_path, monkeypatch):
     import time
 
-    from prefopt import preflight as pf
+    from prefopt.training import preflight as pf
 
     def unreachable(self, *a, **k):
         raise ConnectionError("Failed to resolve 'huggingface.co'\nlong traceback text")
@@ -431,7 +431,7 @@ def test_unreachable_hub_names_fail_fast_with_one_line(tok, tmp_path, monkeypatc
     line = str(err.value).splitlines()[1].strip()
     assert line.startswith("data.train: cannot reach the Hugging Face Hub for dataset 'someone/some-dataset' (Failed to resolve 'huggingface.co')")
     assert "point data.train at a local copy" in line and "HF_HUB_OFFLINE=1" in line
-    from prefopt.trainer import train
+    from prefopt.training.trainer import train
 
     with pytest.raises(ConfigError, match=r"data.train: cannot reach the Hugging Face Hub"):
         train(cfg)  # before any work: no output directory is left behind
@@ -499,7 +499,7 @@ def test_switching_loss_by_set_says_what_it_keeps_and_drops(tok, tmp_path, caplo
 
 
 GOOD_LOSS = '''
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
 
 class Good(DPO):
@@ -510,7 +510,7 @@ def register_losses():
     return [Good]
 '''
 NOT_A_LOSS = '''
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 
 @hookimpl
 def register_losses():
@@ -521,8 +521,8 @@ def register_losses():
 def test_plugin_calling_sys_exit_or_registering_junk_is_flagged(tmp_path, monkeypatch, capsys):
     import importlib
 
-    from prefopt import plugins
-    from prefopt.cli import main
+    from prefopt.plugins import manager as plugins
+    from prefopt.cli.commands import main
 
     site = tmp_path / "site"
     site.mkdir()

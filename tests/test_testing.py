@@ -10,7 +10,7 @@ from prefopt import Loss, LossConfig, LossInputs, LossOutput, Reference, build_l
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO, IPO, SFT, TDPO
 from prefopt.losses.base import Feature, ref_logps, reward_metrics
-from prefopt.registry import get_registry
+from prefopt.plugins.registry import get_registry
 from prefopt.testing import check_loss, registered
 
 

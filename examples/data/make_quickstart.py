@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from prefopt.tiny import build_tokenizer, model_config
+from prefopt.testing.tiny import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent
 TRAIN_ROWS, EVAL_ROWS, SEED = 1500, 200, 0

@@ -11,7 +11,7 @@ import random
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from prefopt.tiny import build_tokenizer, model_config
+from prefopt.testing.tiny import build_tokenizer, model_config
 
 __all__ = ["build_tokenizer", "build_model", "train_sft", "sample", "token_logps"]
 

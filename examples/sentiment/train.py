@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.config import validate
-from prefopt.trainer import train
+from prefopt.training.trainer import train
 
 
 def methods(dpo_betas: list[float], ipo_taus: list[float], tdpo_betas: list[float],

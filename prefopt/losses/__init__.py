@@ -1,4 +1,9 @@
-"""Built-in losses and the loss contract."""
+"""The loss contract (:mod:`.base`) and the built-in losses: DPO, IPO, TDPO, SFT, weighted sums.
+
+A loss is a short class that maps per-sequence or per-token log-probs to a scalar. The
+built-ins are registered by :mod:`prefopt.plugins.builtin` exactly as plugins register theirs.
+May import: ``prefopt.errors`` and torch/pydantic. Nothing else in prefopt.
+"""
 from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference
 from prefopt.losses.combined import WeightedLoss
 from prefopt.losses.dpo import DPO

@@ -204,7 +204,7 @@ def shape(value: object) -> str:
 
 
 def _package(loss: Any) -> str:
-    from prefopt.registry import get_registry
+    from prefopt.plugins.registry import get_registry
 
     entry = get_registry().losses.get(getattr(loss, "name", ""))
     if entry is not None and entry.cls is type(loss):

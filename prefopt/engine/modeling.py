@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt import attention
+from prefopt.engine import attention
 from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
-from prefopt.logprobs import token_features
+from prefopt.engine.logprobs import token_features
 
 log = logging.getLogger("prefopt")
 
@@ -112,7 +112,7 @@ class PreferenceModel(nn.Module):
 
     ``reference`` is a frozen model, the string ``"adapter"`` for a peft policy whose
     reference is the base model with the adapter disabled, or ``None``. Batches come from
-    :mod:`prefopt.batching` (packed or padded); outputs are flat over the batch's
+    :mod:`prefopt.data.batching` (packed or padded); outputs are flat over the batch's
     completion tokens, in the layout of :class:`prefopt.losses.base.Tokens`.
     """
 

@@ -12,7 +12,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.data_sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
+from prefopt.data.sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
 from prefopt.errors import DataError
 
 MISSING = "missing field"

@@ -2,10 +2,10 @@
 
 - ``trainer.compile``: regional ``torch.compile`` of each decoder layer (one compiled
   region reused by every layer). Packed widths and sequence counts become dynamic after
-  one recompile (see :mod:`prefopt.attention`). Every compilation is counted and logged;
+  one recompile (see :mod:`prefopt.engine.attention`). Every compilation is counted and logged;
   a recompile says which shape or value caused it.
 - ``trainer.liger``: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (``prefopt[liger]``).
-  Not its fused cross-entropy: prefopt computes log-probs itself (``prefopt.logprobs``).
+  Not its fused cross-entropy: prefopt computes log-probs itself (``prefopt.engine.logprobs``).
 """
 from __future__ import annotations
 

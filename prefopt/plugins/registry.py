@@ -7,7 +7,7 @@ from typing import Any
 
 import pydantic
 
-from prefopt import plugins
+from prefopt.plugins import manager as plugins
 from prefopt.errors import ConfigError, PluginError, UnknownLossError
 from prefopt.losses.base import Loss
 from prefopt.losses.combined import WeightedLoss
@@ -45,6 +45,7 @@ class Registry:
 
 
 _registry: Registry | None = None
+_built_for: object = None  # the plugin manager _registry was built from; a new manager rebuilds it
 
 
 def reset() -> None:
@@ -54,10 +55,10 @@ def reset() -> None:
 
 def get_registry() -> Registry:
     """All losses of all loaded plugins (built once per process)."""
-    global _registry
-    if _registry is not None:
-        return _registry
+    global _registry, _built_for
     pm = plugins.get_plugin_manager()
+    if _registry is not None and _built_for is pm:
+        return _registry
     reg = Registry(broken=[p for p in plugins.plugins() if p.error])
     for impl in pm.hook.register_losses.get_hookimpls():
         info = plugins.plugin_info(impl.plugin_name)
@@ -80,7 +81,7 @@ def get_registry() -> Registry:
                 reg.conflicts[cls.name] = [reg.losses.pop(cls.name), entry]
             else:
                 reg.losses[cls.name] = entry
-    _registry = reg
+    _registry, _built_for = reg, pm
     return reg
 
 

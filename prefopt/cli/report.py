@@ -87,7 +87,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def summary_table(run_dir: str | Path) -> str:
     """The before/after table of a finished run (from ``summary.json``), or why there is none."""
-    from prefopt.trainer import format_summary
+    from prefopt.training.trainer import format_summary
 
     path = Path(run_dir) / "summary.json"
     if not path.exists():

@@ -27,8 +27,8 @@ def model_token_logps(model: nn.Module, pairs: list) -> torch.Tensor:
 
     Flat, in the engine's order: chosen completions of ``pairs``, then rejected ones.
     """
-    from prefopt.attention import standard
-    from prefopt.batching import completion_tokens
+    from prefopt.engine.attention import standard
+    from prefopt.data.batching import completion_tokens
 
     out = []
     with standard(model):
@@ -88,8 +88,8 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     start quick."""
     import heapq
 
-    from prefopt.batching import pair_tokens, to_device
-    from prefopt.modeling import PreferenceModel
+    from prefopt.data.batching import pair_tokens, to_device
+    from prefopt.engine.modeling import PreferenceModel
 
     check_output_head(policy)
     if not pairs:
@@ -172,7 +172,7 @@ def step_summary(steps: int, bad: int, overflow: int = 0) -> dict[str, int]:
 
 def _provider(name: str) -> str:
     try:
-        from prefopt.registry import get_registry
+        from prefopt.plugins.registry import get_registry
 
         entry = get_registry().losses.get(name)
         return f"{entry.dist} {entry.version}" if entry else "unknown package"

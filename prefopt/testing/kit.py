@@ -16,11 +16,11 @@ from typing import Any
 import pydantic
 import torch
 
-from prefopt import plugins, registry
-from prefopt.hookspecs import hookimpl
-from prefopt.losscheck import CASES, Case, Synthetic, run_on, shape, synthetic_inputs
+from prefopt.plugins import manager as plugins, registry
+from prefopt.plugins.hookspecs import hookimpl
+from prefopt.testing.losscheck import CASES, Case, Synthetic, run_on, shape, synthetic_inputs
 from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs
-from prefopt.syncs import SyncCounter
+from prefopt.engine.syncs import SyncCounter
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

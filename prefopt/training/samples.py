@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from prefopt import attention, distributed
-from prefopt.tracking import log_text
+from prefopt.engine import attention
+
+from prefopt.training import distributed
+from prefopt.training.tracking import log_text
 
 log = logging.getLogger("prefopt")
 

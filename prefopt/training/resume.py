@@ -103,7 +103,7 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
         log.warning("--overwrite: moved the previous contents of %s to %s; delete that when you no longer need it", out, aside)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
-        from prefopt.checkpoint import remove_temporaries
+        from prefopt.training.checkpoint import remove_temporaries
 
         remove_temporaries(out / "checkpoints")
     return out

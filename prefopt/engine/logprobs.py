@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from prefopt.data.batching import IGNORE_INDEX
 
 
 def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,9 @@ from prefopt.errors import PrefoptError
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
-    from prefopt.losscheck import needs_by_config
+    from prefopt.testing.losscheck import needs_by_config
     from prefopt.losses.base import reference_for
-    from prefopt.registry import describe, get_registry
+    from prefopt.plugins.registry import describe, get_registry
 
     reg = get_registry()
     rows = []
@@ -52,8 +52,8 @@ def _needs_line(row: dict) -> str:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from prefopt.plugins import plugins
-    from prefopt.registry import get_registry
+    from prefopt.plugins.manager import plugins
+    from prefopt.plugins.registry import get_registry
 
     reg = get_registry()
     rows = []
@@ -84,8 +84,8 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from prefopt.losscheck import smoke_test
-    from prefopt.preflight import preflight
+    from prefopt.testing.losscheck import smoke_test
+    from prefopt.training.preflight import preflight
 
     config = _load(args)
     loss = config.build_loss()
@@ -99,8 +99,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from prefopt.distributed import is_main_process
-    from prefopt.trainer import format_summary, train
+    from prefopt.training.distributed import is_main_process
+    from prefopt.training.trainer import format_summary, train
 
     import shlex
 
@@ -116,10 +116,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
-    from prefopt.distributed import is_main_process
-    from prefopt.trainer import precompute_reference
+    from prefopt.training.distributed import is_main_process
+    from prefopt.training.trainer import precompute_reference
 
-    from prefopt.preflight import preflight
+    from prefopt.training.preflight import preflight
 
     config = _load(args)
     preflight(config)
@@ -130,7 +130,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from prefopt.report import plot, summary_table
+    from prefopt.cli.report import plot, summary_table
 
     print(summary_table(args.run_dir))
     print(f"curves: {plot(args.run_dir, args.out)}")
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _setup_logging() -> None:
     import logging
 
-    from prefopt.distributed import is_main_process
+    from prefopt.training.distributed import is_main_process
 
     if not is_main_process():  # one process of several speaks; the others only report errors
         logging.getLogger("prefopt").setLevel(logging.ERROR)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prefopt.logprobs import IGNORE_INDEX
+IGNORE_INDEX = -100  # a target position that is not a completion token
 
 if TYPE_CHECKING:
-    from prefopt.data import Pair
+    from prefopt.data.pairs import Pair
 
 
 def _sequences(pairs: Sequence["Pair"]) -> list[tuple[list[int], list[int]]]:

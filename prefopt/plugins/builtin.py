@@ -1,5 +1,5 @@
 """The built-in losses, registered through the same hook as any third-party plugin."""
-from prefopt.hookspecs import hookimpl
+from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
 from prefopt.losses.ipo import IPO
 from prefopt.losses.sft import SFT

@@ -12,15 +12,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt import accelerators, attention, distributed, health
-from prefopt import reference as ref
-from prefopt.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
+from prefopt.engine import accelerators, attention
+
+from prefopt.training import distributed, health
+from prefopt.engine import reference as ref
+from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
-from prefopt.data import fingerprint, load_data
-from prefopt.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
+from prefopt.data.pairs import fingerprint, load_data
+from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Feature, needs_of, reference_for
-from prefopt.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
+from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
 
 log = logging.getLogger("prefopt")
 
@@ -93,7 +95,7 @@ def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any) -> dic
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:
-    """Route the model's attention layers through :func:`prefopt.attention.packed_attention`."""
+    """Route the model's attention layers through :func:`prefopt.engine.attention.packed_attention`."""
     attention.register()
     model.config._attn_implementation = attention.NAME
 

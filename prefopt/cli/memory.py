@@ -1,6 +1,6 @@
 """Memory per GPU for the model states of a run (weights, gradients, AdamW state, reference), estimated and measured.
 
-``python -m prefopt.memory`` prints the table in docs/engine.md. Activations and the logit
+``python -m prefopt.cli.memory`` prints the table in docs/engine.md. Activations and the logit
 buffer depend on batch size and sequence length and are not counted; neither is the CUDA context.
 
 The policy trains in fp32 (``trainer.precision`` only sets autocast), so per parameter a process
@@ -125,9 +125,9 @@ def measure_run(config_path: str) -> dict[str, Any]:
     optimiser step on its trainable weights, and return this process's measured and estimated model-state bytes."""
     import gc
 
-    from prefopt import distributed
+    from prefopt.training import distributed
     from prefopt.config import load_config
-    from prefopt.run import make_accelerator, setup
+    from prefopt.training.run import make_accelerator, setup
 
     config = load_config(config_path, [])
     gc.collect()
@@ -158,7 +158,7 @@ def measure_run(config_path: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m prefopt.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m prefopt.cli.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=8, help="GPUs the run is sharded over (FSDP columns)")
     parser.add_argument("--measure", metavar="CONFIG", help="instead, set up this run (under a launcher: each process), "
                         "take one step and print each process's measured and estimated bytes as JSON")

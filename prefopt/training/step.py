@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from prefopt import distributed
-from prefopt.batching import forward_plans, pair_tokens, to_device
+from prefopt.training import distributed
+from prefopt.data.batching import forward_plans, pair_tokens, to_device
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
-from prefopt.run import Run
+from prefopt.training.run import Run
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Plan:
 
 def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature]) -> LossInputs:
     """The declared features of one batch, from the model's flat outputs and the batch's cached reference
-    (``ref_tokens`` or ``ref_sums``, see :meth:`prefopt.run.Run.make_batch`)."""
+    (``ref_tokens`` or ``ref_sums``, see :meth:`prefopt.training.run.Run.make_batch`)."""
     def tokens(values: torch.Tensor) -> Tokens:
         return Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
 

@@ -188,7 +188,7 @@ def _low_precision_units(module: torch.nn.Module, skip: set[int]) -> list[torch.
 
 
 def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
-    """Shard a :class:`prefopt.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
+    """Shard a :class:`prefopt.engine.modeling.PreferenceModel` in place with FSDP2: each decoder layer of the policy
     and of a live reference is one unit, and the rest (embeddings, final norm, LM heads) is the root unit.
 
     A unit needs one dtype for all its parameters. A live reference holds its linear layers in the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from prefopt import hookspecs
+from prefopt.plugins import hookspecs
 
 GROUP = "prefopt"
 
@@ -68,7 +68,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager("prefopt")
         pm.add_hookspecs(hookspecs)
-        from prefopt.losses import builtin
+        from prefopt.plugins import builtin
 
         pm.register(builtin, name="prefopt")
         _infos["prefopt"] = PluginInfo("prefopt", "prefopt", md.version("prefopt") if _installed() else "dev")
@@ -102,6 +102,6 @@ def reset() -> None:
     global _pm
     _pm = None
     _infos.clear()
-    from prefopt import registry
+    from prefopt.plugins import registry
 
     registry.reset()

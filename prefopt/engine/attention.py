@@ -99,7 +99,7 @@ def packed_attention(
     kernel = kwargs.get("prefopt_kernel")
     if kernel is None:
         raise RuntimeError("this model is set up for packed batches (prefopt_packed attention); "
-                           "call it on other inputs inside prefopt.attention.standard(model)")
+                           "call it on other inputs inside prefopt.engine.attention.standard(model)")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if kernel == "varlen":
         from torch.nn.attention.varlen import varlen_attn

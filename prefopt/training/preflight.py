@@ -14,7 +14,7 @@ import torch
 
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError
-from prefopt.modeling import has_weights
+from prefopt.engine.modeling import has_weights
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefopt.resume import flatten
+from prefopt.training.resume import flatten
 
 
 def tracker_config(config: dict[str, Any]) -> dict[str, int | float | str | bool]:

@@ -159,6 +159,14 @@ def load_examples(
     return examples, report, fmt.kind
 
 
+def detect_kind(source: str, split: str = "train", columns: dict[str, str] | None = None, max_rows: int = 200) -> str:
+    """The kind of data (``pairs``, ``rankings``, ``labelled``) most of the first ``max_rows`` rows of ``source`` hold."""
+    names = _column_names(columns)
+    detected: list[_Format] = []
+    records = read_records(source, split, max_rows, check=lambda recs: detected.append(_check_all(recs, names)), columns=names)
+    return (detected[0] if detected else _check_all(records, names)).kind
+
+
 def load_pairs(source: str, tokenizer, *, pairs_from: str = "best_worst", **options: Any) -> tuple[list[Pair], DataReport]:
     """Read, check and tokenise one source into pairs (see :func:`load_examples` for ``options``).
 

@@ -329,6 +329,35 @@ def preference_loss(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+def ranking_metrics(rewards: torch.Tensor, inputs: LossInputs) -> dict[str, torch.Tensor]:
+    """Metrics of ``rewards (B, K)`` over rankings (pairs read as rankings of two), as batch means of detached values.
+
+    ``rewards/accuracies``: the fraction of ordered completion pairs (scores differ) the rewards order
+    correctly; ``rewards/top1_accuracy``: the fraction of prompts whose highest reward is on a best-scored
+    completion; ``rewards/chosen``, ``rewards/rejected``, ``logps/*``: the best and the worst completion.
+    For pairs these equal :func:`reward_metrics`.
+    """
+    policy, _, mask = inputs.groups(reference_free=True)
+    r = rewards.detach()
+    k = r.shape[-1]
+    scores = inputs.scores if inputs.scores is not None else -torch.arange(k, dtype=r.dtype, device=r.device).expand_as(r)
+    ordered = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])
+    correct = ordered & (r[:, :, None] > r[:, None, :])
+    top = torch.where(mask, r, float("-inf")).argmax(-1, keepdim=True)
+    top1 = scores.gather(-1, top).squeeze(-1) == scores[:, 0]
+    last = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+    best, worst = r[:, 0], r.gather(-1, last).squeeze(-1)
+    return {
+        "rewards/chosen": best.mean(),
+        "rewards/rejected": worst.mean(),
+        "rewards/margins": (best - worst).mean(),
+        "rewards/accuracies": correct.sum() / ordered.sum().clamp(min=1),
+        "rewards/top1_accuracy": top1.to(r.dtype).mean(),
+        "logps/chosen": policy[:, 0].detach().mean(),
+        "logps/rejected": policy.detach().gather(-1, last).squeeze(-1).mean(),
+    }
+
+
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, inputs: LossInputs) -> dict[str, torch.Tensor]:
     """The metrics users know from TRL, as batch means of detached values."""
     c, r = chosen_rewards.detach(), rejected_rewards.detach()

@@ -16,7 +16,7 @@ from prefopt.losses.combined import WeightedLoss
 # Named (and suggested) in the error when a config selects one that is not installed.
 FIRST_PARTY = {
     "simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust",
-    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo",
+    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo", "plackett_luce": "prefopt-plackett-luce", "kto": "prefopt-kto",
 }
 
 

@@ -53,9 +53,13 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows stop the run (raise) or are skipped and counted (skip).")
     on_overlong: Literal["drop", "raise"] = Field("drop", description="Rows that cannot fit max_length are dropped and counted, or stop the run.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of train (for quick runs).")
-    columns: dict[Literal["prompt", "chosen", "rejected"], str] = Field(
-        default_factory=dict, description="The dataset's column names for prompt, chosen and rejected, e.g. {prompt: question}."
+    columns: dict[Literal["prompt", "chosen", "rejected", "completions", "scores", "completion", "label"], str] = Field(
+        default_factory=dict, description="The dataset's column names for prefopt's fields (prompt, chosen, rejected, completions, "
+        "scores, completion, label), e.g. {prompt: question}."
     )
+    pairs_from: Literal["best_worst", "all_pairs", "best_vs_rest"] = Field(
+        "best_worst", description="How a pairwise loss trains on rankings: the best against the worst completion, every two "
+        "completions whose scores differ, or the best against each one scored below it.")
     text_tokenization: Literal["separate", "trl"] = Field(
         "separate", description="Plain-text rows: tokenise prompt and completion apart (separate) or joined, as TRL does (trl)."
     )

@@ -38,9 +38,12 @@ PACKAGES = {
     "robust": ("plugins/robust", "prefopt-robust", "prefopt_robust"),
     "wpo": ("plugins/wpo", "prefopt-wpo", "prefopt_wpo"),
     "ld_dpo": ("plugins/ld-dpo", "prefopt-ld-dpo", "prefopt_ld_dpo"),
+    "plackett_luce": ("plugins/plackett-luce", "prefopt-plackett-luce", "prefopt_plackett_luce"),
+    "kto": ("plugins/kto", "prefopt-kto", "prefopt_kto"),
     "example_margin": ("examples/custom_loss", "prefopt-example-loss", "prefopt_example_loss"),
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+PAIRWISE = [name for name in PACKAGES if name != "kto"]  # kto takes labelled completions, not pairs
 
 INPUTS = LossInputs(
     policy_chosen_logps=[-4.0, -10.0, -1.0],
@@ -137,6 +140,8 @@ def test_losses_command_names_the_providing_package(installed, capsys):
     assert rows["wpo"]["needs"] == [{"config": {}, "features": ["policy_logps", "policy_token_logps", "ref_logps", "token_logsumsq"], "reference": "logps"}]
     assert rows["ld_dpo"]["needs"][0]["features"] == ["policy_logps", "policy_token_logps", "ref_token_logps"]
     assert [f["name"] for f in rows["simpo"]["fields"]] == ["beta", "gamma"]
+    assert (rows["dpo"]["takes"], rows["plackett_luce"]["takes"], rows["kto"]["takes"]) == (["pairs"], ["pairs", "rankings"], ["labelled"])
+    assert rows["kto"]["needs"][0]["features"] == ["mismatched_logps", "policy_logps", "ref_logps"]
 
 
 def test_weighted_combination_across_packages(installed):
@@ -217,7 +222,7 @@ def _train_modules():
     return tiny, trainer
 
 
-@pytest.mark.parametrize("name", list(PACKAGES))
+@pytest.mark.parametrize("name", PAIRWISE)
 def test_trains_a_few_steps_with_each_package(name, installed, tmp_path):
     tiny, trainer = _train_modules()
     rows = [
@@ -247,3 +252,44 @@ def test_trains_a_few_steps_with_each_package(name, installed, tmp_path):
         assert not cache.exists() or not any(cache.iterdir())
     else:
         assert summary["reference"] == "cache" and any(cache.iterdir())
+
+
+def test_validate_checks_the_loss_takes_the_data(installed, capsys):
+    examples = REPO / "examples"
+    assert cli.main(["validate", str(examples / "ranked.yaml")]) == 0
+    assert cli.main(["validate", str(examples / "ranked.yaml"), "--set", "loss.name=plackett_luce"]) == 0
+    assert cli.main(["validate", str(examples / "unpaired.yaml")]) == 0
+    capsys.readouterr()
+    assert cli.main(["validate", str(examples / "ranked.yaml"), "--set", "loss.name=kto"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train: loss 'kto' takes labelled completions (prompt, completion, label), but this data holds rankings" in err
+    assert "plackett_luce, or a pairwise loss with data.pairs_from" in err
+    assert cli.main(["validate", str(examples / "unpaired.yaml"), "--set", "loss.name=dpo"]) == 2
+    assert "loss 'dpo' takes pairs (prompt, chosen, rejected), but this data holds labelled completions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "plackett_luce"])
+def test_ranked_data_trains_a_pairwise_loss_through_pairs_from(name, installed, tmp_path):
+    tiny, trainer = _train_modules()
+    rows = [{"prompt": f"Question {i}:", "completions": [f" {i + 7}?", f" It is {2 * i}.", " No idea."], "scores": [1, 2, 0]}
+            for i in range(6)]
+    (tmp_path / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = tiny.build_tokenizer([r["prompt"] + "".join(r["completions"]) for r in rows], vocab_size=128)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = {
+        "model": {"config": tiny.model_config("llama", vocab_size=len(tokenizer), hidden_size=32), "tokenizer": str(tmp_path / "tok")},
+        "data": {"train": str(tmp_path / "ranked.jsonl"), "max_length": 64, "pairs_from": "all_pairs"},
+        "loss": {"name": name},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "trainer": {"max_steps": 2, "batch_size": 6, "output_dir": str(tmp_path / "out"), "lr": 1e-3},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    if name == "plackett_luce":  # takes the rankings themselves: the engine refuses them until it has the K-completion layout
+        with pytest.raises(ConfigError, match="this engine trains on pairs only so far; rankings need one prompt with K completions"):
+            trainer.train(load_config(path))
+        return
+    summary = trainer.train(load_config(path))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and [r["loss"] for r in rows if "loss" in r and "step" in r][0] == pytest.approx(math.log(2), abs=1e-4)

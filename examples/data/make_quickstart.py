@@ -4,6 +4,9 @@ Each prompt asks about a thing; the chosen completion is a short positive senten
 the rejected one the same sentence with negative words. The held-out rows draw on the
 same word pools in combinations that do not occur in the training rows.
 
+From the same rows it derives rankings (four completions per prompt) and labelled
+completions (TRL's unpaired format) for examples/ranked.yaml and examples/unpaired.yaml.
+
     python examples/data/make_quickstart.py
 """
 from __future__ import annotations
@@ -46,7 +49,36 @@ def make_rows(n: int, rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def ranking(row: dict[str, str], index: int, rng: random.Random) -> dict:
+    """Four completions: the chosen sentence (score 3), each positive word alone swapped for the rejected
+    sentence's negative one, and the rejected sentence (score 0). The two half-swapped sentences tie on
+    even rows (1.5 each) and rank the one keeping its first positive word higher on odd rows (2 and 1)."""
+    good, bad = row["chosen"].split(" "), row["rejected"].split(" ")
+    first, second = [i for i, (g, b) in enumerate(zip(good, bad)) if g != b]
+    keep_first = " ".join(bad[i] if i == second else w for i, w in enumerate(good))
+    keep_second = " ".join(bad[i] if i == first else w for i, w in enumerate(good))
+    middle = (1.5, 1.5) if index % 2 == 0 else (2.0, 1.0)
+    listed = list(zip([row["chosen"], keep_first, keep_second, row["rejected"]], [3.0, *middle, 0.0]))
+    rng.shuffle(listed)  # rows list completions in no particular order; the scores rank them
+    return {"prompt": row["prompt"], "completions": [c for c, _ in listed], "scores": [s for _, s in listed]}
+
+
+def labelled(row: dict[str, str], index: int) -> dict:
+    """TRL's unpaired format: the chosen completion labelled desirable on even rows, the rejected one not on odd rows."""
+    if index % 2 == 0:
+        return {"prompt": row["prompt"], "completion": row["chosen"], "label": True}
+    return {"prompt": row["prompt"], "completion": row["rejected"], "label": False}
+
+
+def write_derived(train: list[dict[str, str]], evals: list[dict[str, str]]) -> None:
+    """The rankings and labelled completions made from the pairs (seeded: the same files every time)."""
+    rng = random.Random(SEED)
+    for name, rows in (("", train), ("_eval", evals)):
+        write_jsonl(HERE / f"quickstart_ranked{name}.jsonl", [ranking(r, i, rng) for i, r in enumerate(rows)])
+        write_jsonl(HERE / f"quickstart_unpaired{name}.jsonl", [labelled(r, i) for i, r in enumerate(rows)])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -54,6 +86,7 @@ def main() -> None:
     rows = make_rows(TRAIN_ROWS + EVAL_ROWS, random.Random(SEED))
     write_jsonl(HERE / "quickstart.jsonl", rows[:TRAIN_ROWS])
     write_jsonl(HERE / "quickstart_eval.jsonl", rows[TRAIN_ROWS:])
+    write_derived(rows[:TRAIN_ROWS], rows[TRAIN_ROWS:])
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     tokenizer = build_tokenizer(texts, vocab_size=512)
     # The example model: a config and a tokenizer, no weights, so prefopt initialises it fresh.

@@ -12,7 +12,7 @@ from prefopt.errors import PrefoptError
 
 def _cmd_losses(args: argparse.Namespace) -> int:
     from prefopt.testing.losscheck import needs_by_config
-    from prefopt.losses.base import reference_for
+    from prefopt.losses.base import DATA_KINDS, reference_for, takes_of
     from prefopt.plugins.registry import describe, get_registry
 
     reg = get_registry()
@@ -21,7 +21,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         by_config, depends = needs_by_config(e.cls)
         reference = reference_for(by_config[0][1]) if by_config else e.cls.reference
         needs = [{"config": c, "features": sorted(f.value for f in n), "reference": reference_for(n).name.lower()} for c, n in by_config]
-        rows.append({"name": e.name, "package": e.dist, "version": e.version, "needs_reference": reference.name.lower(),
+        takes = [k for k in DATA_KINDS if k in takes_of(e.cls)]
+        rows.append({"name": e.name, "package": e.dist, "version": e.version, "takes": takes, "needs_reference": reference.name.lower(),
                      "needs": needs, "needs_depend_on_config": depends, "fields": describe(e.cls)})
     conflicts = {name: [f"{e.dist} {e.version}" for e in entries] for name, entries in reg.conflicts.items()}
     broken = [{"plugin": p.name, "package": p.dist, "version": p.version, "error": p.error} for p in reg.broken]
@@ -30,6 +31,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         print(f"{row['name']}  ({row['package']} {row['version']}; reference: {row['needs_reference']})")
+        print(f"    takes: {', '.join(row['takes'])}{' (rankings through data.pairs_from)' if row['takes'] == ['pairs'] else ''}")
         print(f"    needs: {_needs_line(row)}")
         for f in row["fields"]:
             default = "required" if f["required"] else f"default {f['default']!r}"

@@ -1,4 +1,4 @@
-"""Preference data: read a source, check every row, tokenise into :class:`Pair` objects.
+"""Preference data: read a source, check every row, tokenise into :class:`Pair` or :class:`Group` objects.
 
 All problems are found here, before training starts. Each is either raised as a
 :class:`~prefopt.errors.DataError` naming file, row and field, or (``on_error: skip``)
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefopt.data.examples import Group, Pair, as_group, plan, ranked, to_pairs
 from prefopt.data.sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
 from prefopt.errors import DataError
 
@@ -23,20 +25,15 @@ UNKNOWN_ROLE = "unknown role"
 TEMPLATE = "chat template"
 EMPTY_PROMPT = "empty prompt"
 OVERLONG = "overlong"
-REASONS = (MALFORMED, BAD_UTF8, MISSING, WRONG_TYPE, EMPTY, IDENTICAL, UNKNOWN_ROLE, TEMPLATE, EMPTY_PROMPT, OVERLONG)
+LENGTH_MISMATCH = "scores and completions differ in length"
+TOO_FEW = "fewer than two completions"
+TIED = "all scores tied"
+BAD_LABEL = "label not a boolean"
+REASONS = (MALFORMED, BAD_UTF8, MISSING, WRONG_TYPE, EMPTY, IDENTICAL, UNKNOWN_ROLE, TEMPLATE, EMPTY_PROMPT, OVERLONG,
+           LENGTH_MISMATCH, TOO_FEW, TIED, BAD_LABEL)
 
 ROLES = ("system", "user", "assistant", "tool")
 _EXAMPLES_PER_REASON = 3
-
-
-@dataclass
-class Pair:
-    """One tokenised preference pair."""
-
-    prompt_ids: list[int]  # with BOS if the tokenizer adds one
-    chosen_ids: list[int]  # EOS appended, unless cut by truncation
-    rejected_ids: list[int]
-    row: int  # 0-based row index in its source
 
 
 @dataclass
@@ -49,6 +46,7 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     format: str = ""  # e.g. "text, explicit prompt"
+    derived: str = ""  # e.g. "120 pairs by pairs_from all_pairs"
 
     def add(self, reason: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -59,7 +57,7 @@ class DataReport:
     def summary(self) -> str:
         """One short paragraph for the start-up report."""
         fmt = f" ({self.format})" if self.format else ""
-        text = f"{self.source}: {self.rows} rows{fmt}, {self.kept} kept"
+        text = f"{self.source}: {self.rows} rows{fmt}, {self.kept} kept" + (f" ({self.derived})" if self.derived else "")
         if not self.skipped:
             return text + "."
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
@@ -71,13 +69,31 @@ class DataReport:
 class _Format:
     explicit: bool  # a prompt field, or the prompt is the common prefix of chosen and rejected
     messages: bool  # conversational message lists, or plain text
+    kind: str = "pairs"  # "pairs", "rankings" or "labelled"
+    listed: bool = False  # a ranking written as chosen with a list of rejected
 
     @property
     def fields(self) -> tuple[str, ...]:
+        if self.kind == "labelled":
+            return ("prompt", "completion", "label")
+        if self.kind == "rankings":
+            return ("prompt", "chosen", "rejected") if self.listed else ("prompt", "completions", "scores")
         return ("prompt", "chosen", "rejected") if self.explicit else ("chosen", "rejected")
+
+    def field_of(self, i: int) -> str:
+        """The field that holds completion ``i`` (in the order the row lists them)."""
+        if self.kind == "labelled":
+            return "completion"
+        if self.kind == "rankings" and not self.listed:
+            return "completions"
+        return "chosen" if i == 0 else "rejected"
 
     def __str__(self) -> str:
         kind = "conversational" if self.messages else "text"
+        if self.kind == "rankings":
+            return f"rankings ({'chosen and a list of rejected' if self.listed else 'completions and scores'}), {kind}"
+        if self.kind == "labelled":
+            return f"labelled completions, {kind}"
         return f"{kind}, {'explicit' if self.explicit else 'implicit'} prompt"
 
 
@@ -87,7 +103,7 @@ class _RowError(Exception):
         self.reason, self.field, self.message = reason, field, message
 
 
-def load_pairs(
+def load_examples(
     source: str,
     tokenizer,
     *,
@@ -99,15 +115,18 @@ def load_pairs(
     max_rows: int | None = None,
     columns: dict[str, str] | None = None,
     text_tokenization: str = "separate",
-) -> tuple[list[Pair], DataReport]:
-    """Read, check and tokenise one source.
+) -> tuple[list, DataReport, str]:
+    """Read, check and tokenise one source: ``(examples, report, kind)``.
 
-    ``split`` applies to Hub datasets and to local directories laid out in splits like a
-    Hub download (a single file is one split). Row numbers in messages are 1-based line
-    numbers for JSON lines and 0-based row indices otherwise. ``columns`` maps ``prompt``,
-    ``chosen``, ``rejected`` to the dataset's own column names. ``text_tokenization`` is
-    ``"separate"`` (prompt and completion tokenised apart) or ``"trl"`` (TRL's rule for
-    plain text, see docs/data.md); conversational rows always follow TRL.
+    ``kind`` is ``"pairs"`` (the examples are :class:`Pair`), ``"rankings"`` or
+    ``"labelled"`` (they are :class:`Group`), detected by most rows. ``split`` applies to
+    Hub datasets and to local directories laid out in splits like a Hub download (a single
+    file is one split). Row numbers in messages are 1-based line numbers for JSON lines
+    and 0-based row indices otherwise. ``columns`` maps prefopt's fields (``prompt``,
+    ``chosen``, ``rejected``, ``completions``, ``scores``, ``completion``, ``label``) to the
+    dataset's own column names. ``text_tokenization`` is ``"separate"`` (prompt and
+    completion tokenised apart) or ``"trl"`` (TRL's rule for plain text, see
+    docs/data.md); conversational rows always follow TRL.
     """
     if text_tokenization not in ("separate", "trl"):
         raise ValueError(f"text_tokenization must be 'separate' or 'trl', not {text_tokenization!r}")
@@ -125,58 +144,110 @@ def load_pairs(
     if fmt.messages and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source}: conversational data needs a tokenizer with a chat_template")
     report = DataReport(source=source, rows=len(records), kept=0, format=str(fmt))
-    pairs: list[Pair] = []
+    build = _to_pair if fmt.kind == "pairs" else _to_group
+    examples: list = []
     for rec in records:
         if rec.problem is not None:
             report.add(*rec.problem)
             continue
         try:
-            pairs.append(_to_pair(rec, fmt, tokenizer, max_length, max_prompt_length, text_tokenization))
+            examples.append(build(rec, fmt, tokenizer, max_length, max_prompt_length, text_tokenization))
         except _RowError as err:
             report.add(err.reason, _locate(rec, err, names))
-    report.kept = len(pairs)
+    report.kept = len(examples)
     _raise_if_needed(report, on_error, on_overlong)
-    return pairs, report
+    return examples, report, fmt.kind
 
 
-def load_data(cfg, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[DataReport]]:
-    """Train pairs, eval pairs and reports for a :class:`prefopt.config.DataConfig`.
+def detect_kind(source: str, split: str = "train", columns: dict[str, str] | None = None, max_rows: int = 200) -> str:
+    """The kind of data (``pairs``, ``rankings``, ``labelled``) most of the first ``max_rows`` rows of ``source`` hold."""
+    names = _column_names(columns)
+    detected: list[_Format] = []
+    records = read_records(source, split, max_rows, check=lambda recs: detected.append(_check_all(recs, names)), columns=names)
+    return (detected[0] if detected else _check_all(records, names)).kind
 
-    Eval pairs come from ``cfg.eval``, else a seeded ``cfg.eval_fraction`` hold-out of
-    train, else there are none.
+
+def load_pairs(source: str, tokenizer, *, pairs_from: str = "best_worst", **options: Any) -> tuple[list[Pair], DataReport]:
+    """Read, check and tokenise one source into pairs (see :func:`load_examples` for ``options``).
+
+    Rankings become pairs as ``pairs_from`` says (:func:`prefopt.data.examples.to_pairs`);
+    labelled completions cannot, and are an error that says so.
     """
-    opts = dict(
-        tokenizer=tokenizer,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        on_error=cfg.on_error,
-        on_overlong=cfg.on_overlong,
-        columns=cfg.columns,
-        text_tokenization=cfg.text_tokenization,
-    )
-    train, report = load_pairs(cfg.train, split=cfg.split, max_rows=cfg.max_rows, **opts)
+    examples, report, kind = load_examples(source, tokenizer, **options)
+    try:
+        target = plan(kind, {"pairs"}, "a pairwise loss", pairs_from)
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}") from None
+    return _convert(examples, kind, target, pairs_from, report), report
+
+
+def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pairs"}), loss_name: str = "dpo") -> tuple[list, list, list[DataReport]]:
+    """Train examples, eval examples and reports for a :class:`prefopt.config.DataConfig`.
+
+    ``takes`` is what the loss takes (``Loss.takes``): the examples are :class:`Pair` for a
+    pairwise loss (rankings converted by ``cfg.pairs_from``), else :class:`Group`. Eval
+    examples come from ``cfg.eval``, else a seeded ``cfg.eval_fraction`` hold-out of train
+    (drawn by prompt, before a ranking becomes pairs), else there are none.
+    """
+    opts = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_error=cfg.on_error,
+                on_overlong=cfg.on_overlong, columns=cfg.columns, text_tokenization=cfg.text_tokenization)
+    train, report, kind = load_examples(cfg.train, split=cfg.split, max_rows=cfg.max_rows, **opts)
+    try:
+        target = plan(kind, takes, loss_name, cfg.pairs_from)
+    except DataError as exc:
+        raise DataError(f"data.train: {cfg.train}: {exc}") from None
     reports = [report]
     if not train:
-        raise DataError(f"{cfg.train}: no usable pairs. {report.summary()}")
-    evals: list[Pair] = []
+        raise DataError(f"{cfg.train}: no usable {'pairs' if kind == 'pairs' else 'examples'}. {report.summary()}")
+    evals: list = []
     if cfg.eval:
-        evals, eval_report = load_pairs(cfg.eval, split=cfg.eval_split, **opts)
+        evals, eval_report, eval_kind = load_examples(cfg.eval, split=cfg.eval_split, **opts)
+        if eval_kind != kind:
+            raise DataError(f"data.eval: {cfg.eval} holds {eval_kind}, but data.train holds {kind}; use data of one kind")
         reports.append(eval_report)
     elif cfg.eval_fraction > 0:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):
-            raise DataError(f"{cfg.train}: {len(train)} pairs are too few to hold out eval_fraction {cfg.eval_fraction}")
+            raise DataError(f"{cfg.train}: {len(train)} {'pairs' if kind == 'pairs' else 'examples'} are too few to hold out eval_fraction {cfg.eval_fraction}")
         held = set(random.Random(seed).sample(range(len(train)), n_eval))
         evals = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
+    train = _convert(train, kind, target, cfg.pairs_from, report)
+    evals = _convert(evals, kind, target, cfg.pairs_from, reports[-1] if cfg.eval else None)
     return train, evals, reports
 
 
-def fingerprint(pairs: list[Pair]) -> str:
-    """sha256 hex of the pairs' token ids, in order (a key for cached reference log-probs)."""
+def _convert(examples: list, kind: str, target: str, pairs_from: str, report: DataReport | None) -> list:
+    """``examples`` of ``kind`` as ``target`` (see :func:`prefopt.data.examples.plan`)."""
+    if kind == target:
+        if kind == "labelled":
+            assign_mismatched(examples)
+        return examples
+    if target == "pairs":
+        pairs = to_pairs(examples, pairs_from)
+        if report is not None:
+            report.derived = f"{len(pairs)} pairs by pairs_from {pairs_from}"
+        return pairs
+    return [as_group(p) for p in examples]
+
+
+def assign_mismatched(groups: list[Group]) -> None:
+    """Give each labelled example the previous one's first completion (the first gets the last's), as TRL rotates
+    completions by one within a batch: KTO's reference point reads them after the wrong prompt."""
+    for i, g in enumerate(groups):
+        g.mismatched_ids = groups[i - 1].completions[0]
+
+
+def fingerprint(examples: list) -> str:
+    """sha256 hex of the examples' token ids, in order (a key for cached reference log-probs)."""
     h = hashlib.sha256()
-    for p in pairs:
-        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+    for p in examples:
+        if isinstance(p, Group):
+            seqs = [p.prompt_ids, *p.completions] + ([p.mismatched_ids] if p.mismatched_ids is not None else [])
+            h.update(array("q", [-1, len(seqs)]).tobytes())  # a group never hashes as pairs do
+        else:
+            seqs = [p.prompt_ids, p.chosen_ids, p.rejected_ids]
+        for ids in seqs:
             h.update(array("q", [len(ids), *ids]).tobytes())
     return h.hexdigest()
 
@@ -189,7 +260,7 @@ def _column_names(columns: dict[str, str] | None) -> dict[str, str]:
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(FIELDS))
     if unknown:
-        raise DataError(f"data.columns: unknown field {', '.join(map(repr, unknown))}; map prompt, chosen or rejected to a column name")
+        raise DataError(f"data.columns: unknown field {', '.join(map(repr, unknown))}; map one of {', '.join(FIELDS)} to a column name")
     if len(set(columns.values())) < len(columns):
         raise DataError(f"data.columns: two fields map to one column ({columns})")
     return {f: columns.get(f, f) for f in FIELDS}
@@ -198,10 +269,14 @@ def _column_names(columns: dict[str, str] | None) -> dict[str, str]:
 def _check_all(records: list[Record], names: dict[str, str]) -> _Format:
     """Detect the dataset's format (by majority of rows) and mark rows that do not fit it."""
     values = [r.value for r in records if r.value is not None]
+    kinds = Counter(_kind_of(v) for v in values)
+    kind, listed = kinds.most_common(1)[0][0] if kinds else ("pairs", False)
+    firsts = [_first_completion(v, kind, listed) for v in values]
+    as_list = sum(isinstance(c, list) for c in firsts)
+    as_text = sum(isinstance(c, str) for c in firsts)
     with_prompt = sum("prompt" in v for v in values)
-    as_list = sum(isinstance(v.get("chosen"), list) for v in values)
-    as_text = sum(isinstance(v.get("chosen"), str) for v in values)
-    fmt = _Format(explicit=with_prompt > 0 and 2 * with_prompt >= len(values), messages=as_list > as_text)
+    explicit = kind != "pairs" or (with_prompt > 0 and 2 * with_prompt >= len(values))
+    fmt = _Format(explicit=explicit, messages=as_list > as_text, kind=kind, listed=listed)
     for rec in records:
         if rec.value is None:
             continue
@@ -211,6 +286,25 @@ def _check_all(records: list[Record], names: dict[str, str]) -> _Format:
             rec.value = None
             rec.problem = (err.reason, _locate(rec, err, names))
     return fmt
+
+
+def _kind_of(v: dict[str, Any]) -> tuple[str, bool]:
+    """(kind, listed) a row's fields suggest."""
+    if "completions" in v or "scores" in v:
+        return "rankings", False
+    if "completion" in v or "label" in v:
+        return "labelled", False
+    rejected = v.get("rejected")
+    if isinstance(rejected, list) and (not rejected or not isinstance(rejected[0], dict)):
+        return "rankings", True  # a list of completions, not a list of messages
+    return "pairs", False
+
+
+def _first_completion(v: dict[str, Any], kind: str, listed: bool) -> Any:
+    if kind == "rankings" and not listed:
+        c = v.get("completions")
+        return c[0] if isinstance(c, list) and c else None
+    return v.get("completion") if kind == "labelled" else v.get("chosen")
 
 
 def _locate(rec: Record, err: _RowError, names: dict[str, str]) -> str:
@@ -227,18 +321,85 @@ def _check_row(value: dict[str, Any], fmt: _Format) -> None:
         v = value.get(name)
         if v is None:
             raise _RowError(MISSING, name, "missing" if name not in value else "is null")
-        if fmt.messages:
-            _check_messages(name, v)
-        elif not isinstance(v, str):
-            raise _RowError(WRONG_TYPE, name, f"expected a string like most rows, got {kind_name(v)}")
+        if name == "scores":
+            value[name] = _check_scores(v)
+        elif name == "label":
+            if not isinstance(v, bool):
+                raise _RowError(BAD_LABEL, name, f"expected true or false, got {kind_name(v)} ({v!r})")
+        elif name == "completions" or (fmt.listed and name == "rejected"):
+            if not isinstance(v, list):
+                raise _RowError(WRONG_TYPE, name, f"expected a list of completions, got {kind_name(v)}")
+            for i, item in enumerate(v):
+                _check_value(name, item, fmt, f"completion {i}: ")
         else:
-            _check_text(name, v)
+            _check_value(name, v, fmt)
+    if fmt.kind != "pairs":
+        _check_group(value, fmt)
+        return
     if fmt.explicit:
         for name in ("chosen", "rejected"):
             if _blank(value[name]):
                 raise _RowError(EMPTY, name, "empty completion")
     if value["chosen"] == value["rejected"]:
         raise _RowError(IDENTICAL, "rejected", "identical to chosen")
+
+
+def _check_value(name: str, v: Any, fmt: _Format, where: str = "") -> None:
+    """One prompt or completion: a string or a list of messages, as most rows have."""
+    try:
+        if fmt.messages:
+            _check_messages(name, v)
+        elif not isinstance(v, str):
+            raise _RowError(WRONG_TYPE, name, f"expected a string like most rows, got {kind_name(v)}")
+        else:
+            _check_text(name, v)
+    except _RowError as err:
+        raise _RowError(err.reason, name, where + err.message) from None
+
+
+def _check_scores(v: Any) -> list[float]:
+    if not isinstance(v, list):
+        raise _RowError(WRONG_TYPE, "scores", f"expected a list of numbers, got {kind_name(v)}")
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
+            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got {kind_name(x)} ({x!r})")
+    return [float(x) for x in v]  # ints and floats alike, so every row has one schema
+
+
+def _completions(value: dict[str, Any], fmt: _Format) -> list[Any]:
+    """A group's completions in the order the row lists them."""
+    if fmt.kind == "labelled":
+        return [value["completion"]]
+    if fmt.listed:
+        return [value["chosen"], *value["rejected"]]
+    return list(value["completions"])
+
+
+def _scores(value: dict[str, Any], fmt: _Format) -> list[float]:
+    return [1.0] + [0.0] * len(value["rejected"]) if fmt.listed else value["scores"]
+
+
+def _check_group(value: dict[str, Any], fmt: _Format) -> None:
+    completions = _completions(value, fmt)
+    for i, c in enumerate(completions):
+        if _blank(c):
+            index = "" if fmt.kind == "labelled" or (fmt.listed and i == 0) else f"completion {i - fmt.listed}: "
+            raise _RowError(EMPTY, fmt.field_of(i), index + "empty completion")
+    if fmt.kind != "rankings":
+        return
+    scores = _scores(value, fmt)
+    if len(scores) != len(completions):
+        raise _RowError(LENGTH_MISMATCH, "scores", f"{len(scores)} scores for {len(completions)} completions")
+    if len(completions) < 2:
+        field = "rejected" if fmt.listed else "completions"
+        raise _RowError(TOO_FEW, field, f"a ranking needs at least two completions, got {len(completions)}")
+    if len(set(scores)) == 1:
+        raise _RowError(TIED, "scores", f"all {len(scores)} scores are {scores[0]:g}: they say nothing about which is better")
+    for j, c in enumerate(completions):
+        if c in completions[:j]:
+            i = completions.index(c)
+            raise _RowError(IDENTICAL, fmt.field_of(j), f"completion {j - fmt.listed} is identical to "
+                            + ("chosen" if fmt.listed and i == 0 else f"completion {i - fmt.listed}"))
 
 
 def _check_messages(name: str, v: Any) -> None:
@@ -322,44 +483,44 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _split_ids(prompt_ids: list[int], full: tuple[list[int], list[int]]) -> tuple[list[int], list[int], list[int]]:
-    """TRL's boundary: the completion starts where the prompt's tokens and prompt + completion's diverge."""
-    n = min(_common_prefix(prompt_ids, full[0]), _common_prefix(prompt_ids, full[1]))
-    return prompt_ids[:n], full[0][n:], full[1][n:]
+def _split_ids(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """TRL's boundary: the completions start where the prompt's tokens and prompt + completion's diverge (for all of them)."""
+    n = min(_common_prefix(prompt_ids, f) for f in full)
+    return prompt_ids[:n], [f[n:] for f in full]
 
 
-def _tokenise(prompt: Any, chosen: Any, rejected: Any, fmt: _Format, tokenizer, text_tokenization: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) ids before truncation."""
+def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Format, tokenizer,
+              text_tokenization: str) -> tuple[list[int], list[list[int]]]:
+    """(prompt, completions) ids before truncation; ``names`` are the completions' fields, for messages."""
     if fmt.messages:
         # As TRL's DPOTrainer: the template's own tokens only (BOS and end of turn as it writes them).
-        _check_template(tokenizer, prompt, chosen, "chosen")
-        _check_template(tokenizer, prompt, rejected, "rejected")
-        full = (_chat_ids(tokenizer, prompt + chosen), _chat_ids(tokenizer, prompt + rejected))
+        for c, name in zip(completions, names):
+            _check_template(tokenizer, prompt, c, name)
+        full = [_chat_ids(tokenizer, prompt + c) for c in completions]
         return _split_ids(_chat_ids(tokenizer, prompt, generation_prompt=True), full)
     eos_text = tokenizer.eos_token
     if text_tokenization == "trl":
         # As TRL's DPOTrainer: EOS text appended, prompt + completion tokenised as one string.
-        texts = [c if c.endswith(eos_text) else c + eos_text for c in (chosen, rejected)]
-        full = tuple(list(tokenizer(prompt + t)["input_ids"]) for t in texts)
-        return _split_ids(list(tokenizer(prompt)["input_ids"]), full)
+        texts = [c if c.endswith(eos_text) else c + eos_text for c in completions]
+        return _split_ids(list(tokenizer(prompt)["input_ids"]), [list(tokenizer(prompt + t)["input_ids"]) for t in texts])
     # A text that already holds the BOS text gets no second one.
     bos = tokenizer.bos_token
     add_special = not (bos and prompt.startswith(bos))
     prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
     eos = tokenizer.eos_token_id
-    completions = []
-    for text in (chosen, rejected):
+    out = []
+    for text in completions:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids or ids[-1] != eos:
             ids.append(eos)
-        completions.append(ids)
-    return prompt_ids, completions[0], completions[1]
+        out.append(ids)
+    return prompt_ids, out
 
 
-def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Pair:
-    prompt, chosen, rejected = _split(rec.value, fmt)
-    prompt_ids, chosen_ids, rejected_ids = _tokenise(prompt, chosen, rejected, fmt, tokenizer, text_tokenization)
-    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str], max_length: int,
+         max_prompt_length: int | None) -> tuple[list[int], list[list[int]]]:
+    """Cut the prompt to ``max_prompt_length`` and each completion to the room ``max_length`` leaves."""
+    for name, ids in zip(names, completions):
         if not ids:
             raise _RowError(EMPTY, name, "no completion tokens after the prompt's")
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
@@ -369,7 +530,27 @@ def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_l
     room = max_length - len(prompt_ids)
     if room <= 0:
         raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
-    return Pair(prompt_ids, chosen_ids[:room], rejected_ids[:room], rec.row)
+    return prompt_ids, [ids[:room] for ids in completions]
+
+
+def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Pair:
+    prompt, chosen, rejected = _split(rec.value, fmt)
+    names = ["chosen", "rejected"]
+    prompt_ids, completions = _tokenise(prompt, [chosen, rejected], names, fmt, tokenizer, text_tokenization)
+    prompt_ids, (chosen_ids, rejected_ids) = _fit(prompt_ids, completions, names, max_length, max_prompt_length)
+    return Pair(prompt_ids, chosen_ids, rejected_ids, rec.row)
+
+
+def _to_group(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Group:
+    """A ranking (completions best first) or a labelled completion."""
+    completions = _completions(rec.value, fmt)
+    names = [fmt.field_of(i) for i in range(len(completions))]
+    prompt_ids, ids = _tokenise(rec.value["prompt"], completions, names, fmt, tokenizer, text_tokenization)
+    prompt_ids, ids = _fit(prompt_ids, ids, names, max_length, max_prompt_length)
+    if fmt.kind == "labelled":
+        return Group(prompt_ids, ids, labels=[rec.value["label"]], row=rec.row)
+    ids, scores = ranked(ids, _scores(rec.value, fmt))
+    return Group(prompt_ids, ids, scores=scores, row=rec.row)
 
 
 def _raise_if_needed(report: DataReport, on_error: str, on_overlong: str) -> None:

@@ -17,7 +17,7 @@ from prefopt.errors import DataError
 JSON_EXTS = {".json", ".jsonl"}
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = ("prompt", "chosen", "rejected", "completions", "scores", "completion", "label")
 MALFORMED = "malformed JSON"
 BAD_UTF8 = "invalid UTF-8"
 
@@ -91,7 +91,7 @@ def read_records(
 
     ``check`` marks rows that must not reach ``datasets`` (wrong types would break its
     schema inference); it runs on scanned JSON rows before they are loaded. ``columns``
-    maps ``prompt``/``chosen``/``rejected`` to the source's column names; the rows come
+    maps prefopt's fields (``FIELDS``) to the source's column names; the rows come
     back under the standard names.
     """
     files = local_files(source, split)

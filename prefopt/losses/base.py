@@ -35,6 +35,7 @@ class Feature(str, Enum):
     TOKEN_KL = "token_kl"  # per-token KL(ref || policy) over the vocabulary (live reference)
     TOKEN_ENTROPY = "token_entropy"  # per-token entropy of the policy's next-token distribution
     TOKEN_LOGSUMSQ = "token_logsumsq"  # per-token log(sum_v p_v^2) of the policy (WPO's normaliser)
+    MISMATCHED_LOGPS = "mismatched_logps"  # mismatched_logps / ref_mismatched_logps: each prompt with another example's completion (KTO)
 
     def __str__(self) -> str:
         return self.value
@@ -49,7 +50,9 @@ LEGACY_NEEDS: dict[Reference, frozenset[Feature]] = {
     Reference.TOKEN_KL: frozenset({Feature.POLICY_LOGPS, Feature.LENGTHS, Feature.REF_LOGPS, Feature.KL}),
 }
 _LIVE = {Feature.KL, Feature.TOKEN_KL}  # over the reference's vocabulary: no cache can hold them
-_REFERENCE = {Feature.REF_LOGPS, Feature.REF_TOKEN_LOGPS} | _LIVE
+_REFERENCE = {Feature.REF_LOGPS, Feature.REF_TOKEN_LOGPS, Feature.MISMATCHED_LOGPS} | _LIVE
+# The data a loss can take (``Loss.takes``): see prefopt.data.examples.
+DATA_KINDS = ("pairs", "rankings", "labelled")
 TOKEN_FEATURES = (Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS, Feature.TOKEN_KL, Feature.TOKEN_ENTROPY, Feature.TOKEN_LOGSUMSQ)
 
 
@@ -144,17 +147,27 @@ class LossConfig(pydantic.BaseModel):
 
 @dataclass
 class LossInputs:
-    """What a loss reads: per-pair ``(B,)`` tensors and per-token :class:`Tokens`.
+    """What a loss reads: per-pair ``(B,)`` tensors and per-token :class:`Tokens`, or per-group ``(B, K)`` tensors.
 
-    Log-probs are summed over completion tokens; ``*_tokens`` count those tokens;
+    Pairs: log-probs are summed over completion tokens; ``*_tokens`` count those tokens;
     ``*_kl`` is the sequential KL, sum over completion positions of KL(ref || policy).
     The ``token_*`` fields hold the same quantities per token (the sums are their
-    :meth:`Tokens.sum`). The engine fills only what the loss declares in ``needs``;
-    everything else is ``None``.
+    :meth:`Tokens.sum`).
+
+    Groups (a loss whose ``takes`` has ``rankings`` or ``labelled``): ``B`` prompts with up
+    to ``K`` completions each, slot ``k`` of row ``b`` valid where ``completion_mask`` is
+    True (valid slots come first; the others hold zeros). ``policy_logps``, ``ref_logps``
+    and ``completion_tokens`` are per completion; rankings come best first with their
+    ``scores``; labelled completions have ``labels`` (True = desirable);
+    ``mismatched_logps`` and ``ref_mismatched_logps`` ``(B,)`` are the summed log-probs
+    of another example's completion after prompt ``b`` (KTO's reference point; no gradient).
+    The pair fields are then ``None``. :meth:`groups` reads either form as groups.
+
+    The engine fills only what the loss declares in ``needs``; everything else is ``None``.
     """
 
-    policy_chosen_logps: torch.Tensor
-    policy_rejected_logps: torch.Tensor
+    policy_chosen_logps: torch.Tensor | None = None
+    policy_rejected_logps: torch.Tensor | None = None
     chosen_tokens: torch.Tensor | None = None
     rejected_tokens: torch.Tensor | None = None
     ref_chosen_logps: torch.Tensor | None = None
@@ -166,12 +179,30 @@ class LossInputs:
     token_kl: Tokens | None = None
     token_entropy: Tokens | None = None
     token_logsumsq: Tokens | None = None
+    policy_logps: torch.Tensor | None = None  # (B, K)
+    ref_logps: torch.Tensor | None = None  # (B, K)
+    completion_tokens: torch.Tensor | None = None  # (B, K)
+    completion_mask: torch.Tensor | None = None  # (B, K) bool
+    scores: torch.Tensor | None = None  # (B, K) rankings: higher is better, non-increasing along K
+    labels: torch.Tensor | None = None  # (B, K) bool labelled completions: True = desirable
+    mismatched_logps: torch.Tensor | None = None  # (B,)
+    ref_mismatched_logps: torch.Tensor | None = None  # (B,)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None and not isinstance(value, (torch.Tensor, Tokens)):
-                setattr(self, f.name, torch.as_tensor(value, dtype=torch.float32))
+                dtype = torch.bool if f.name in ("completion_mask", "labels") else torch.float32
+                setattr(self, f.name, torch.as_tensor(value, dtype=dtype))
+        if (self.policy_chosen_logps is None) == (self.policy_logps is None):
+            raise ValueError("LossInputs: give policy_chosen_logps and policy_rejected_logps (pairs) or policy_logps (groups)")
+        if self.policy_logps is not None and self.completion_mask is None:
+            self.completion_mask = torch.ones(self.policy_logps.shape, dtype=torch.bool, device=self.policy_logps.device)
+
+    @property
+    def num_examples(self) -> int:
+        """``B``: pairs, or groups."""
+        return int((self.policy_chosen_logps if self.policy_logps is None else self.policy_logps).shape[0])
 
     def require(self, *names: str) -> list:
         """The named fields, or a ValueError naming the first one missing and the feature that provides it."""
@@ -187,6 +218,20 @@ class LossInputs:
         c, r = self.require("chosen_tokens", "rejected_tokens")
         return c.to(self.policy_chosen_logps.dtype).clamp(min=1), r.to(self.policy_rejected_logps.dtype).clamp(min=1)
 
+    def groups(self, reference_free: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(policy (B, K), ref (B, K), mask (B, K))`` of group inputs; pairs read as rankings of two (chosen first).
+
+        The reference is zeros when ``reference_free``.
+        """
+        if self.policy_logps is None:
+            policy = torch.stack([self.policy_chosen_logps, self.policy_rejected_logps], -1)
+            ref = None if reference_free else torch.stack(self.require("ref_chosen_logps", "ref_rejected_logps"), -1)
+            mask = torch.ones(policy.shape, dtype=torch.bool, device=policy.device)
+        else:
+            policy, mask = self.policy_logps, self.completion_mask
+            ref = None if reference_free else self.require("ref_logps")[0]
+        return policy, torch.zeros_like(policy) if ref is None else ref, mask
+
 
 # Which feature fills each LossInputs field.
 FIELD_FEATURE: dict[str, Feature] = {
@@ -195,7 +240,17 @@ FIELD_FEATURE: dict[str, Feature] = {
     "ref_chosen_logps": Feature.REF_LOGPS, "ref_rejected_logps": Feature.REF_LOGPS,
     "chosen_kl": Feature.KL, "rejected_kl": Feature.KL,
     **{f.value: f for f in TOKEN_FEATURES},
+    "policy_logps": Feature.POLICY_LOGPS, "ref_logps": Feature.REF_LOGPS, "completion_tokens": Feature.LENGTHS,
+    "mismatched_logps": Feature.MISMATCHED_LOGPS, "ref_mismatched_logps": Feature.MISMATCHED_LOGPS,
 }
+
+
+def takes_of(loss: object) -> frozenset[str]:
+    """The data kinds a loss (or a weighted combination: what every term takes) trains on."""
+    terms = getattr(loss, "terms", None)
+    if terms:
+        return frozenset.intersection(*(takes_of(t) for _, t in terms))
+    return frozenset(getattr(loss, "takes", frozenset({"pairs"})))
 
 
 def needs_of(loss: object) -> frozenset[Feature]:
@@ -215,8 +270,8 @@ class LossOutput:
 class Loss:
     """Base class of every preference loss, built-in or from a plugin.
 
-    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``features`` (or
-    the legacy ``reference``), and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
+    Subclasses set ``name``, ``Config`` (a :class:`LossConfig`), ``features`` (or
+    the legacy ``reference``) and, beyond pairs, ``takes``, and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
     both build one; call it on :class:`LossInputs`.
     """
 
@@ -227,6 +282,8 @@ class Loss:
     examples: ClassVar[tuple[dict, ...]] = ()  # configs worth checking beside the default (kit, `prefopt losses`)
     reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
     sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
+    takes: ClassVar[frozenset[str]] = frozenset({"pairs"})  # the data it trains on: of "pairs", "rankings", "labelled"
+    couples_examples: ClassVar[str | None] = None  # why an example's loss may depend on other examples of the batch
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -270,6 +327,35 @@ def preference_loss(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch
     if label_smoothing == 0.0:
         return -F.logsigmoid(logits)
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def ranking_metrics(rewards: torch.Tensor, inputs: LossInputs) -> dict[str, torch.Tensor]:
+    """Metrics of ``rewards (B, K)`` over rankings (pairs read as rankings of two), as batch means of detached values.
+
+    ``rewards/accuracies``: the fraction of ordered completion pairs (scores differ) the rewards order
+    correctly; ``rewards/top1_accuracy``: the fraction of prompts whose highest reward is on a best-scored
+    completion; ``rewards/chosen``, ``rewards/rejected``, ``logps/*``: the best and the worst completion.
+    For pairs these equal :func:`reward_metrics`.
+    """
+    policy, _, mask = inputs.groups(reference_free=True)
+    r = rewards.detach()
+    k = r.shape[-1]
+    scores = inputs.scores if inputs.scores is not None else -torch.arange(k, dtype=r.dtype, device=r.device).expand_as(r)
+    ordered = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])
+    correct = ordered & (r[:, :, None] > r[:, None, :])
+    top = torch.where(mask, r, float("-inf")).argmax(-1, keepdim=True)
+    top1 = scores.gather(-1, top).squeeze(-1) == scores[:, 0]
+    last = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+    best, worst = r[:, 0], r.gather(-1, last).squeeze(-1)
+    return {
+        "rewards/chosen": best.mean(),
+        "rewards/rejected": worst.mean(),
+        "rewards/margins": (best - worst).mean(),
+        "rewards/accuracies": correct.sum() / ordered.sum().clamp(min=1),
+        "rewards/top1_accuracy": top1.to(r.dtype).mean(),
+        "logps/chosen": policy[:, 0].detach().mean(),
+        "logps/rejected": policy.detach().gather(-1, last).squeeze(-1).mean(),
+    }
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, inputs: LossInputs) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefopt.losses.base import Feature, Loss, LossInputs, LossOutput, needs_of
+from prefopt.losses.base import Feature, Loss, LossInputs, LossOutput, needs_of, takes_of
 
 
 class WeightedLoss:
@@ -22,6 +22,11 @@ class WeightedLoss:
     @property
     def needs(self) -> frozenset[Feature]:
         return frozenset().union(*(needs_of(loss) for _, loss in self.terms))
+
+    @property
+    def takes(self) -> frozenset[str]:
+        """The data every term takes."""
+        return takes_of(self)
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
         total: torch.Tensor | None = None

@@ -9,14 +9,14 @@ import pydantic
 
 from prefopt.plugins import manager as plugins
 from prefopt.errors import ConfigError, PluginError, UnknownLossError
-from prefopt.losses.base import Loss
+from prefopt.losses.base import DATA_KINDS, Loss
 from prefopt.losses.combined import WeightedLoss
 
 # Losses shipped as first-party packages in plugins/<dir>: loss name -> distribution.
 # Named (and suggested) in the error when a config selects one that is not installed.
 FIRST_PARTY = {
     "simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust",
-    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo",
+    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo", "plackett_luce": "prefopt-plackett-luce", "kto": "prefopt-kto",
 }
 
 
@@ -92,6 +92,9 @@ def _check_class(cls: Any) -> None:
         raise TypeError(f"{cls.__name__} has no 'name'")
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, pydantic.BaseModel)):
         raise TypeError(f"{cls.__name__}.Config is not a pydantic model")
+    takes = getattr(cls, "takes", None)
+    if not (isinstance(takes, frozenset) and takes and takes <= set(DATA_KINDS)):
+        raise TypeError(f"{cls.__name__}.takes must be a non-empty frozenset of {', '.join(map(repr, DATA_KINDS))}, got {takes!r}")
 
 
 def get_loss_class(name: str) -> type[Loss]:

@@ -18,8 +18,8 @@ import torch
 
 from prefopt.plugins import manager as plugins, registry
 from prefopt.plugins.hookspecs import hookimpl
-from prefopt.testing.losscheck import CASES, Case, Synthetic, run_on, shape, synthetic_inputs
-from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs
+from prefopt.testing.losscheck import CASES, GROUP_CASES, Case, Synthetic, run_on, run_on_groups, shape, synthetic_group_inputs, synthetic_inputs
+from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs, takes_of
 from prefopt.engine.syncs import SyncCounter
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
@@ -118,6 +118,13 @@ def _check_configured(loss: Loss, where: str) -> None:
         raise AssertionError(f"{where}: needs must be a frozenset of prefopt Feature (or a Reference): {exc}") from None
     declared = ", ".join(sorted(f.name for f in needs))
     reads: set[str] = set()
+    takes = takes_of(loss)
+    for kind in ("rankings", "labelled"):
+        if kind in takes:
+            reads |= _check_groups(loss, kind, needs, where)
+    if "pairs" not in takes:
+        _check_reads(needs, reads, where)
+        return
     preference = False
     for case_name, case in CASES.items():
         syn, out = _run(loss, case, needs, f"{where}: on {case_name} inputs (declared features: {declared})")
@@ -140,6 +147,55 @@ def _check_configured(loss: Loss, where: str) -> None:
     _check_independent(loss, CASES["ordinary"], needs, where)
     if type(loss).sign_exempt is None:
         _check_sign(loss, CASES["ordinary"], needs, where)
+
+
+def _check_groups(loss: Loss, kind: str, needs: frozenset[Feature], where: str) -> set[str]:
+    """The contract on group inputs of ``kind``: shapes, finite values and gradients, metrics, no host reads,
+    examples independent (unless the loss says why not), and the sign at the reference point. Returns the fields read."""
+    reads: set[str] = set()
+    label = f"{where}: on {kind}"
+    for case_name, case in GROUP_CASES[kind].items():
+        try:
+            syn, out = run_on_groups(loss, case, needs)
+        except AssertionError as exc:
+            raise AssertionError(f"{label} ({case_name}): {exc}") from None
+        reads |= syn.inputs.reads
+        _check_reduction(loss, out, where, case_name)
+        _expect(out.loss.requires_grad, f"{label}: the loss does not depend on the policy log-probs (no gradient)")
+        out.loss.backward()
+        for key, leaf in syn.leaves.items():
+            _expect(leaf.grad is None or bool(torch.isfinite(leaf.grad).all()), f"{label}: non-finite gradient of the {key} inputs on {case_name}")
+        _check_metrics(where, out.metrics, f"{kind} {case_name}")
+    case = next(iter(GROUP_CASES[kind].values()))
+    syn = synthetic_group_inputs(case, needs)
+    with SyncCounter() as host:
+        loss(syn.inputs).loss.backward()
+    _expect(host.count == 0, f"{label}: reads values back to the host in forward or backward ({', '.join(sorted(host.ops))}), a GPU sync per step")
+    if type(loss).couples_examples is None:
+        with torch.no_grad():
+            base = run_on_groups(loss, case, needs)[1].losses
+            changed = run_on_groups(loss, case.perturbed(0), needs)[1].losses
+        _expect(torch.allclose(base[1:], changed[1:], rtol=1e-5, atol=1e-6), f"{label}: changing prompt 0 changed the losses of others "
+                "(set couples_examples = '<reason>' on the class if that is meant)")
+    _check_group_sign(loss, kind, case, needs, label)
+    return reads
+
+
+def _check_group_sign(loss: Loss, kind: str, case: Any, needs: frozenset[Feature], label: str) -> None:
+    """At policy = reference, -grad raises the best (desirable) completions' log-ratios and lowers the worst (undesirable)."""
+    syn, out = run_on_groups(loss, case.at_reference(), needs)
+    out.loss.backward()
+    grad = syn.leaves["policy"].grad
+    grad = torch.zeros_like(syn.leaves["policy"]) if grad is None else grad
+    last = torch.tensor(case.counts) - 1
+    if kind == "rankings":
+        up, down = grad[:, 0], grad[torch.arange(len(last)), last]
+    else:
+        labels = torch.tensor(case.labels)[:, 0]
+        up, down = grad[labels, 0], grad[~labels, 0]
+    _expect(bool((up <= 0).all() and (down >= 0).all() and ((up < 0).any() or (down > 0).any())),
+            f"{label}: at the reference point a step down the loss must raise the best (desirable) completions' log-ratios and "
+            f"lower the worst (undesirable) ones (d loss / d best = {up.tolist()}, d loss / d worst = {down.tolist()})")
 
 
 def _run(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> tuple[Synthetic, Any]:
@@ -269,3 +325,30 @@ def trl_dpo_loss(policy: Tokens, ref: Tokens, beta: float, *, logsumsq: Tokens |
     inputs = {"input_ids": torch.ones(rows, width + 1, dtype=torch.long), "attention_mask": torch.ones(rows, width + 1, dtype=torch.long),
               "completion_mask": completion_mask}
     return DPOTrainer._compute_loss(trainer, model, inputs, False)
+
+
+def trl_kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, mismatched: torch.Tensor,
+                 ref_mismatched: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """TRL's own ``KTOTrainer`` loss (``loss_type="kto"``) on these summed log-probs, one completion per example,
+    and the metrics it logs. ``policy`` may require grad; the reference values are TRL's precomputed ones
+    (``ref_logps``, ``ref_KL_logps``); ``mismatched`` are the policy's ``KL_logps``. Requires ``trl``."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    n = policy.shape[0]
+    zeros = torch.zeros(n, 1, dtype=policy.dtype)
+    model = lambda **_: SimpleNamespace(log_probs=policy[:, None], entropy=zeros, mean_logits=zeros)  # noqa: E731
+    identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity),
+        calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1, _compute_kl_logps=lambda model, batch: mismatched,
+    )
+    inputs = {"input_ids": torch.ones(n, 2, dtype=torch.long), "attention_mask": torch.ones(n, 2, dtype=torch.long),
+              "completion_mask": torch.tensor([[0, 1]] * n), "label": labels.to(torch.bool), "ref_logps": ref, "ref_KL_logps": ref_mismatched}
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}

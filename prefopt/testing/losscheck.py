@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from prefopt.errors import PrefoptError
-from prefopt.losses.base import FIELD_FEATURE, Feature, LossInputs, LossOutput, Tokens, as_needs
+from prefopt.losses.base import FIELD_FEATURE, Feature, LossInputs, LossOutput, Tokens, as_needs, takes_of
 
 
 class LossCheckError(PrefoptError):
@@ -170,6 +170,105 @@ def synthetic_inputs(case: Case, needs: frozenset[Feature]) -> Synthetic:
     return Synthetic(TrackedInputs(**fields), leaves, lengths)
 
 
+@dataclass(frozen=True)
+class GroupCase:
+    """``B`` prompts with up to ``K`` completions: per-completion sums, rows padded after their last completion."""
+
+    counts: tuple[int, ...]  # completions per prompt
+    policy: tuple[tuple[float, ...], ...]  # (B, K)
+    ref: tuple[tuple[float, ...], ...]
+    tokens: tuple[tuple[int, ...], ...]
+    scores: tuple[tuple[float, ...], ...] | None = None  # rankings, best first
+    labels: tuple[tuple[bool, ...], ...] | None = None  # labelled completions
+    mismatched: tuple[float, ...] = ()
+    ref_mismatched: tuple[float, ...] = ()
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.counts)
+
+    def at_reference(self) -> "GroupCase":
+        return GroupCase(self.counts, self.ref, self.ref, self.tokens, self.scores, self.labels, self.ref_mismatched, self.ref_mismatched)
+
+    def perturbed(self, b: int) -> "GroupCase":
+        """Every value of prompt ``b`` changed; the others untouched."""
+        bump = lambda rows, d: tuple(tuple(v + d for v in r) if i == b else r for i, r in enumerate(rows))  # noqa: E731
+        one = lambda xs, d: tuple(v + d if i == b else v for i, v in enumerate(xs))  # noqa: E731
+        return GroupCase(self.counts, bump(self.policy, -1.25), bump(self.ref, 0.5), self.tokens, self.scores, self.labels,
+                         one(self.mismatched, 0.75), one(self.ref_mismatched, -0.25))
+
+
+_POLICY = ((-12.0, -14.0, -9.5, -20.0), (-30.5, -28.0, 0.0, 0.0), (-7.25, -9.5, -8.0, 0.0))
+_REF = ((-13.0, -13.5, -9.0, -19.0), (-30.0, -29.0, 0.0, 0.0), (-8.0, -9.0, -8.5, 0.0))
+_TOKENS = ((6, 7, 3, 9), (15, 12, 0, 0), (3, 5, 4, 0))
+GROUP_CASES: dict[str, dict[str, GroupCase]] = {
+    "rankings": {
+        "ragged K (4, 2, 3)": GroupCase((4, 2, 3), _POLICY, _REF, _TOKENS,
+                                        scores=((4.0, 3.0, 3.0, 1.0), (2.0, 1.0, 0.0, 0.0), (9.0, 5.0, 1.0, 0.0))),
+        "extreme log-ratio (+-1e4)": GroupCase((3, 2), ((-1e-6, -1e4, -1e4), (-1e4, -1e-6, 0.0)), ((-1e4, -1e-6, -1e-6), (-1e-6, -1e4, 0.0)),
+                                               ((1, 2000, 1), (2, 1, 0)), scores=((3.0, 2.0, 1.0), (1.0, 0.0, 0.0))),
+    },
+    "labelled": {
+        "one completion each": GroupCase((1,) * 4, ((-12.0,), (-30.5,), (-7.25,), (-50.0,)), ((-13.0,), (-30.0,), (-8.0,), (-50.5,)),
+                                         ((6,), (15,), (3,), (40,)), labels=((True,), (False,), (True,), (False,)),
+                                         mismatched=(-20.0, -25.0, -31.0, -9.0), ref_mismatched=(-21.0, -24.0, -30.5, -9.5)),
+        "extreme log-ratio (+-1e4)": GroupCase((1, 1), ((-1e-6,), (-1e4,)), ((-1e4,), (-1e-6,)), ((1,), (2000,)),
+                                               labels=((False,), (True,)), mismatched=(-1e4, -1e-6), ref_mismatched=(-1e-6, -1e4)),
+    },
+}
+
+
+@dataclass
+class GroupSynthetic:
+    """Group inputs of one case and the ``(B, K)`` (or ``(B,)``) leaves gradients reach."""
+
+    inputs: TrackedInputs
+    leaves: dict[str, torch.Tensor]
+
+
+def synthetic_group_inputs(case: GroupCase, needs: frozenset[Feature]) -> GroupSynthetic:
+    """Group inputs with exactly the ``needs`` features of ``case``."""
+    leaf = lambda rows: torch.tensor(rows, dtype=torch.float32).requires_grad_(True)  # noqa: E731
+    leaves = {"policy": leaf(case.policy)}
+    k = leaves["policy"].shape[1]
+    mask = torch.arange(k)[None, :] < torch.tensor(case.counts)[:, None]
+    fields: dict[str, Any] = {"policy_logps": leaves["policy"], "completion_mask": mask}
+    if case.scores is not None:
+        fields["scores"] = torch.tensor(case.scores)
+    if case.labels is not None:
+        fields["labels"] = torch.tensor(case.labels)
+    if Feature.LENGTHS in needs:
+        fields["completion_tokens"] = torch.tensor(case.tokens)
+    if Feature.REF_LOGPS in needs:
+        fields["ref_logps"] = leaves["ref"] = leaf(case.ref)
+    if Feature.MISMATCHED_LOGPS in needs:
+        fields["mismatched_logps"] = torch.tensor(case.mismatched)  # computed without gradient, as TRL does
+        fields["ref_mismatched_logps"] = torch.tensor(case.ref_mismatched)
+    return GroupSynthetic(TrackedInputs(**fields), leaves)
+
+
+def run_on_groups(loss: Any, case: GroupCase, needs: frozenset[Feature]) -> tuple[GroupSynthetic, LossOutput]:
+    """Run ``loss`` on group ``case``; a failure raises ``AssertionError`` naming undeclared inputs it read."""
+    syn = synthetic_group_inputs(case, needs)
+    try:
+        out = loss(syn.inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the loss's
+        raise AssertionError(f"{type(exc).__name__}: {exc}{missing_hint(syn.inputs)}") from None
+    _check_output(out, case.num_pairs, "per-example")
+    return syn, out
+
+
+def _check_output(out: Any, b: int, what: str = "per-pair") -> None:
+    if not isinstance(out, LossOutput):
+        raise AssertionError(f"must return a LossOutput, got {type(out).__name__}")
+    if not (isinstance(out.losses, torch.Tensor) and tuple(out.losses.shape) == (b,)):
+        raise AssertionError(f"{what} losses must have shape ({b},), got {shape(out.losses)}")
+    if not (isinstance(out.loss, torch.Tensor) and out.loss.ndim == 0):
+        raise AssertionError(f"loss must be a scalar tensor, got {shape(out.loss)}")
+    if not (bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.losses).all())):
+        raise AssertionError(f"non-finite loss: {what} losses {out.losses.tolist()}")
+
+
 def missing_hint(inputs: TrackedInputs) -> str:
     """`` (it read LossInputs.x, ...)`` naming undeclared fields the loss read, or ``""``."""
     missing = inputs.missing()
@@ -187,15 +286,7 @@ def run_on(loss: Any, case: Case, needs: frozenset[Feature]) -> tuple[Synthetic,
         out = loss(syn.inputs)
     except Exception as exc:  # noqa: BLE001 - any failure here is the loss's
         raise AssertionError(f"{type(exc).__name__}: {exc}{missing_hint(syn.inputs)}") from None
-    if not isinstance(out, LossOutput):
-        raise AssertionError(f"must return a LossOutput, got {type(out).__name__}")
-    b = case.num_pairs
-    if not (isinstance(out.losses, torch.Tensor) and tuple(out.losses.shape) == (b,)):
-        raise AssertionError(f"per-pair losses must have shape ({b},), got {shape(out.losses)}")
-    if not (isinstance(out.loss, torch.Tensor) and out.loss.ndim == 0):
-        raise AssertionError(f"loss must be a scalar tensor, got {shape(out.loss)}")
-    if not (bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.losses).all())):
-        raise AssertionError(f"non-finite loss: per-pair losses {out.losses.tolist()}")
+    _check_output(out, case.num_pairs)
     return syn, out
 
 
@@ -226,7 +317,11 @@ def smoke_test(loss: Any) -> None:
         except (TypeError, ValueError) as exc:
             raise LossCheckError(f"{where}: invalid needs: {exc}") from None
         try:
-            run_on(term, CASES["ordinary"], needs)
+            if "pairs" in takes_of(term):
+                run_on(term, CASES["ordinary"], needs)
+            else:
+                kind = "rankings" if "rankings" in takes_of(term) else "labelled"
+                run_on_groups(term, next(iter(GROUP_CASES[kind].values())), needs)
         except AssertionError as exc:
             raise LossCheckError(f"{where} failed on synthetic inputs: {exc}") from None
 

@@ -208,14 +208,14 @@ class CheckedLoss:
             raise
         except Exception as exc:
             raise PluginError(f"{self._where()} raised {type(exc).__name__}: {exc}") from exc
-        n = int(inputs.policy_chosen_logps.shape[0])
+        n = inputs.num_examples
         problem = None
         if not isinstance(out, LossOutput):
             problem = f"returned {type(out).__name__}, expected a prefopt.LossOutput"
         elif not isinstance(out.loss, torch.Tensor) or out.loss.ndim != 0 or not out.loss.is_floating_point():
             problem = f"returned loss {_describe(out.loss)}, expected a scalar float tensor"
         elif not isinstance(out.losses, torch.Tensor) or tuple(out.losses.shape) != (n,):
-            problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per pair"
+            problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per example"
         elif not isinstance(out.metrics, dict):
             problem = f"returned metrics {type(out.metrics).__name__}, expected a dict of scalar tensors"
         else:

@@ -62,10 +62,31 @@ def preflight(config: RunConfig, hub: bool = True) -> None:
         modules = TRACKER_MODULES.get(name)
         if modules and not any(importlib.util.find_spec(mod) for mod in modules):
             problems.append(f"trainer.report_to: tracker {name!r} needs the {modules[0]} package (pip install {modules[0]})")
+    problems.extend(_data_fits_loss(config))
     problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
     problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _data_fits_loss(config: RunConfig) -> list[str]:
+    """One line if the loss cannot take the kind of data a local ``data.train`` holds (a Hub dataset is checked on loading)."""
+    from prefopt.data.examples import plan
+    from prefopt.data.pairs import detect_kind
+    from prefopt.errors import DataError, PrefoptError
+    from prefopt.losses.base import takes_of
+
+    if not Path(config.data.train).exists():
+        return []
+    try:
+        loss = config.build_loss()
+        kind = detect_kind(config.data.train, config.data.split, config.data.columns)
+        plan(kind, takes_of(loss), loss.name, config.data.pairs_from)
+    except DataError as exc:
+        return [f"data.train: {exc}"]
+    except PrefoptError:  # a bad loss spec is reported by validation
+        return []
+    return []
 
 
 def _writable(field: str, value: str) -> list[str]:

@@ -18,10 +18,11 @@ from prefopt.training import distributed, health
 from prefopt.engine import reference as ref
 from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
+from prefopt.data.examples import Group
 from prefopt.data.pairs import fingerprint, load_data
 from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Feature, needs_of, reference_for
+from prefopt.losses.base import Feature, needs_of, reference_for, takes_of
 from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
 
 log = logging.getLogger("prefopt")
@@ -181,9 +182,12 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     log.info("attention: %s (%s)", kernel, why)
     accelerators.check(accelerator.device, liger=config.trainer.liger)
     tokenizer = load_tokenizer(config.model)
-    train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed)
+    train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed, takes_of(loss), loss.name)
     for report in reports:
         log.info("%s", report.summary())
+    if isinstance(train_pairs[0], Group):
+        raise ConfigError(f"loss {loss.name!r}: this engine trains on pairs only so far; {train_pairs[0].kind} need one prompt "
+                          "with K completions per sequence (see docs/data.md); train a pairwise loss with data.pairs_from meanwhile")
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     # FSDP: only the first process reads the weights; the others receive their shards from it once sharded

@@ -147,8 +147,9 @@ def _hub_tokenizer(hub):
     return AutoTokenizer.from_pretrained(hub["model"])
 
 
-def _trl_tokenise(rows: list[dict], tokenizer) -> list[dict]:
-    """What TRL's DPOTrainer makes of ``rows`` (its dataset preparation, without building a trainer)."""
+def _trl_tokenise(rows: list[dict], tokenizer, max_length: int | None = None) -> list[dict]:
+    """What TRL's DPOTrainer makes of ``rows`` (its dataset preparation, without building a trainer);
+    with ``max_length``, the rows left after it drops those whose prompt fills ``max_length``."""
     trl = pytest.importorskip("trl")
     import types
 
@@ -157,7 +158,7 @@ def _trl_tokenise(rows: list[dict], tokenizer) -> list[dict]:
 
     if not trl.__version__.startswith("1."):
         pytest.skip(f"compares with TRL 1.x's tokenisation; trl {trl.__version__} is installed")
-    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
     out = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(rows), tokenizer, args, "train")
     return [{k: out[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(out))]
 
@@ -178,6 +179,33 @@ def test_ultrafeedback_directory_is_tokenised_as_trl_does(hub):
     assert _ours(pairs) == _trl_tokenise(rows, tok)
     # No extra EOS after the template's own end of turn.
     assert tok.decode(pairs[0].chosen_ids).endswith("<|im_end|>\n") and pairs[0].chosen_ids.count(tok.eos_token_id) == 1
+
+
+def test_max_length_cuts_as_trl_keep_start(hub):
+    """max_length alone (no prompt or completion cut) keeps what TRL 1.16 keeps with ``max_length`` and
+    ``truncation_mode="keep_start"``: the first max_length tokens of prompt + completion, and no row whose
+    prompt fills max_length. Compared on the sequences TRL's own collator builds."""
+    import datasets
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from prefopt.data.pairs import load_pairs
+
+    tok = _hub_tokenizer(hub)
+    rows = datasets.load_dataset(str(hub["dataset"]), split="test").to_list()
+    full, _ = load_pairs(str(hub["dataset"]), tok, split="test", max_length=1024)
+    prompt = min(len(p.prompt_ids) for p in full)
+    max_length = prompt + 3  # every completion is cut; a prompt one token longer is dropped
+    assert any(len(p.prompt_ids) >= max_length for p in full) and all(len(p.chosen_ids) > 3 for p in full)
+    pairs, report = load_pairs(str(hub["dataset"]), tok, split="test", max_length=max_length)
+    trl_rows = _trl_tokenise(rows, tok, max_length)
+    assert report.skipped.get("overlong", 0) == len(rows) - len(trl_rows) > 0
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)(trl_rows)
+    n = len(trl_rows)
+    for i, p in enumerate(pairs):
+        for j, completion in ((i, p.chosen_ids), (n + i, p.rejected_ids)):
+            kept = batch["attention_mask"][j].bool()
+            assert batch["input_ids"][j][kept].tolist() == p.prompt_ids + completion
+            assert batch["completion_mask"][j][kept].tolist() == [0] * len(p.prompt_ids) + [1] * len(completion)
 
 
 def test_explicit_prompt_schemas_and_text_with_the_trl_rule_match_trl(hub, tmp_path):

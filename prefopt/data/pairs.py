@@ -94,6 +94,7 @@ def load_pairs(
     split: str = "train",
     max_length: int,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
     on_error: str = "raise",
     on_overlong: str = "drop",
     max_rows: int | None = None,
@@ -107,7 +108,9 @@ def load_pairs(
     numbers for JSON lines and 0-based row indices otherwise. ``columns`` maps ``prompt``,
     ``chosen``, ``rejected`` to the dataset's own column names. ``text_tokenization`` is
     ``"separate"`` (prompt and completion tokenised apart) or ``"trl"`` (TRL's rule for
-    plain text, see docs/data.md); conversational rows always follow TRL.
+    plain text, see docs/data.md); conversational rows always follow TRL. Cuts, in order: the prompt
+    to its last ``max_prompt_length`` tokens, each completion to its first ``max_completion_length``,
+    then each completion to what ``max_length`` leaves after the prompt.
     """
     if text_tokenization not in ("separate", "trl"):
         raise ValueError(f"text_tokenization must be 'separate' or 'trl', not {text_tokenization!r}")
@@ -131,7 +134,7 @@ def load_pairs(
             report.add(*rec.problem)
             continue
         try:
-            pairs.append(_to_pair(rec, fmt, tokenizer, max_length, max_prompt_length, text_tokenization))
+            pairs.append(_to_pair(rec, fmt, tokenizer, (max_length, max_prompt_length, max_completion_length), text_tokenization))
         except _RowError as err:
             report.add(err.reason, _locate(rec, err, names))
     report.kept = len(pairs)
@@ -149,6 +152,7 @@ def load_data(cfg, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[D
         tokenizer=tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length,
         on_error=cfg.on_error,
         on_overlong=cfg.on_overlong,
         columns=cfg.columns,
@@ -356,7 +360,9 @@ def _tokenise(prompt: Any, chosen: Any, rejected: Any, fmt: _Format, tokenizer, 
     return prompt_ids, completions[0], completions[1]
 
 
-def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Pair:
+def _to_pair(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, int | None], text_tokenization: str = "separate") -> Pair:
+    """``cuts``: max_length, max_prompt_length, max_completion_length."""
+    max_length, max_prompt_length, max_completion_length = cuts
     prompt, chosen, rejected = _split(rec.value, fmt)
     prompt_ids, chosen_ids, rejected_ids = _tokenise(prompt, chosen, rejected, fmt, tokenizer, text_tokenization)
     for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
@@ -367,6 +373,8 @@ def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_l
     if not prompt_ids:
         raise _RowError(EMPTY_PROMPT, "prompt", "the prompt has no tokens and the tokenizer adds no BOS")
     room = max_length - len(prompt_ids)
+    if max_completion_length is not None:
+        room = min(room, max_completion_length)
     if room <= 0:
         raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
     return Pair(prompt_ids, chosen_ids[:room], rejected_ids[:room], rec.row)

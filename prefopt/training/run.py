@@ -130,6 +130,8 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
+    if run_cfg.data.max_completion_length is not None:  # only when set: caches written before the field keep their keys
+        settings["max_completion_length"] = run_cfg.data.max_completion_length
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir).expanduser() / f"{key}.safetensors"

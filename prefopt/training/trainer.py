@@ -27,7 +27,7 @@ from prefopt.training.resume import check_resume, config_differences, drop_metri
 from prefopt.training.run import make_accelerator, precompute_reference, setup
 from prefopt.training.samples import make_sampler
 from prefopt.training.step import LogWindow, evaluate, forward_backward, read_flags
-from prefopt.training.tracking import tracker_config
+from prefopt.training.tracking import name_runs, tracker_config, tracker_init_kwargs
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
@@ -82,7 +82,8 @@ class Trainer:
         if resume:
             self._restore()
         if self.main and tc.report_to != ["jsonl"]:
-            acc.init_trackers("prefopt", config=tracker_config(self.current))
+            acc.init_trackers(tc.project, config=tracker_config(self.current), init_kwargs=tracker_init_kwargs(tc.report_to, tc.run_name))
+            name_runs(acc, tc.run_name)
         self.sample = make_sampler(run, self.unwrapped, self.out)  # trainer.sample_prompts completions at each evaluation
 
     def fit(self, config_path: str) -> dict[str, Any]:

@@ -92,6 +92,8 @@ class TrainerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup over this fraction of the steps, rounded up (TRL's "
+                                "warmup_ratio); give this or warmup_steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through accelerate; fp16 needs CUDA.")
@@ -160,6 +162,8 @@ class RunConfig(_Section):
         if pure and self.model.dtype == "fp16":
             raise ValueError("model.dtype fp16 with trainer.master_weights none: fp16 weights cannot be trained without "
                              "fp32 masters (loss scaling needs fp32 gradients); use master_weights fp32 or model.dtype bf16")
+        if self.trainer.warmup_steps and self.trainer.warmup_ratio:
+            raise ValueError("trainer.warmup_steps and trainer.warmup_ratio: give one of them")
         if pure and self.trainer.precision == "fp16":
             raise ValueError("trainer.precision fp16 with trainer.master_weights none: loss scaling needs fp32 gradients")
         return self

@@ -1,5 +1,6 @@
-"""A real model end to end, offline: the README's recipe on a Hub-shaped model directory and dataset
-directory, TensorBoard, sampled completions, ``prefopt report``, and TRL's tokenisation token for token."""
+"""A real model end to end, offline: the README's recipe (examples/recipes/qwen2.5-0.5b-dpo.yaml) on a
+Hub-shaped model directory and dataset directory, TensorBoard, sampled completions, ``prefopt report``,
+and TRL's tokenisation token for token."""
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PROMPTS, EVAL_EVERY, STEPS = 2, 2, 4
 
 
-def readme_recipe() -> list[str]:
-    """The arguments of the README's "train a real model" command."""
+def readme_recipe() -> Path:
+    """The config of the README's "train a real model" command."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(prefopt train examples/quickstart\.yaml \\\n.*?)```", text, re.S).group(1)
-    return shlex.split(block.replace("\\\n", " "))[3:]
+    command = re.search(r"```bash\n(prefopt train examples/recipes/\S+\.yaml)\n```", text).group(1)
+    return ROOT / shlex.split(command)[2]
 
 
 @pytest.fixture(scope="session")
@@ -31,24 +32,27 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def recipe_run(hub, tmp_path_factory):
-    """The README's command with the Hub names replaced by the directories, and test-sized steps."""
+    """The README's command with the Hub names replaced by the directories (what a download gives), and
+    what a CPU test must change: test-sized steps, evaluation and sampling, and a temporary output and cache."""
     import io
     from contextlib import redirect_stdout
 
     from prefopt.cli import commands as cli
+    from prefopt.config import load_config
 
     out = tmp_path_factory.mktemp("recipe")
-    names = {"Qwen/Qwen2.5-0.5B-Instruct": str(hub["model"]), "trl-lib/ultrafeedback_binarized": str(hub["dataset"])}
-    args = [names.get(a.partition("=")[2], None) and f"{a.partition('=')[0]}={names[a.partition('=')[2]]}" or a for a in readme_recipe()]
-    assert sum(a != b for a, b in zip(args, readme_recipe())) == 3  # model, train and eval were named
+    recipe = load_config(readme_recipe())
+    assert (recipe.model.name_or_path, recipe.data.train, recipe.data.eval) == (
+        "Qwen/Qwen2.5-0.5B-Instruct", "trl-lib/ultrafeedback_binarized", "trl-lib/ultrafeedback_binarized")
+    args = [f"model.name_or_path={hub['model']}", f"data.train={hub['dataset']}", f"data.eval={hub['dataset']}"]
     test_only = [f"trainer.max_steps={STEPS}", f"trainer.output_dir={out / 'run'}", f"reference.cache_dir={out / 'cache'}",
                  f"trainer.eval_every={EVAL_EVERY}", "trainer.log_every=1", f"trainer.sample_prompts={SAMPLE_PROMPTS}",
                  "trainer.sample_max_new_tokens=8", "trainer.report_to=[jsonl, tensorboard]"]
     stdout = io.StringIO()
     torch.set_num_threads(1)
     with redirect_stdout(stdout):
-        code = cli.main(["train", str(ROOT / "examples" / "quickstart.yaml"), *args, *[x for t in test_only for x in ("--set", t)]])
-    return {"code": code, "stdout": stdout.getvalue(), "dir": out / "run"}
+        code = cli.main(["train", str(readme_recipe()), *[x for t in args + test_only for x in ("--set", t)]])
+    return {"code": code, "stdout": stdout.getvalue(), "dir": out / "run", "project": recipe.trainer.project}
 
 
 # --- the recipe ------------------------------------------------------------------------------
@@ -68,8 +72,11 @@ def test_readme_recipe_trains_the_hub_shaped_model(recipe_run, hub):
     model = AutoModelForCausalLM.from_pretrained(run)
     start = AutoModelForCausalLM.from_pretrained(hub["model"])
     assert model.config.model_type == "qwen2"
-    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
-    assert changed, "training at lr 5e-7 still moves the weights"
+    # read in bf16 (model.dtype), trained as fp32 masters (trainer.master_weights): at lr 5e-7 the weights move
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    start = {n: p.to(torch.bfloat16).float() for n, p in start.state_dict().items()}
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start[n])]
+    assert len(changed) > len(start) // 2, "training at lr 5e-7 moves the weights"
     tok = AutoTokenizer.from_pretrained(run)
     assert tok.chat_template == AutoTokenizer.from_pretrained(hub["model"]).chat_template
     ids = tok.apply_chat_template([{"role": "user", "content": "How was the cafe?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -85,7 +92,8 @@ def test_metrics_use_trl_names_and_tensorboard_gets_the_same_values(recipe_run):
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "lr", "grad_norm"):
         assert key in train_rows[0], key
-    events = EventAccumulator(str(recipe_run["dir"] / "prefopt"), size_guidance={"scalars": 0, "tensors": 0})
+    assert recipe_run["project"] != "prefopt"  # the recipe names its tracker project: TensorBoard's folder
+    events = EventAccumulator(str(recipe_run["dir"] / recipe_run["project"]), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("rewards/margins")}
     assert logged == pytest.approx({r["step"]: r["rewards/margins"] for r in train_rows}, rel=1e-6)
@@ -289,17 +297,10 @@ def test_version(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"prefopt {__version__}"
 
 
-def test_quickstart_comment_commands_are_valid(tmp_path):
-    """Every --set in the example's comment is one KEY=VALUE that validates."""
-    from prefopt.config import load_config
-
+def test_the_quickstart_points_at_the_readmes_recipe():
     comment = "".join(line[1:] for line in (ROOT / "examples" / "quickstart.yaml").read_text().splitlines(True) if line.startswith("#"))
-    command = re.search(r"prefopt train examples/quickstart\.yaml \\\n(.*?)(?:\n\n|\Z)", comment, re.S).group(1)
-    args = shlex.split(command.replace("\\\n", " "))
-    assert args[::2] == ["--set"] * (len(args) // 2) and all("=" in a for a in args[1::2])
-    assert args == readme_recipe()
-    config = load_config(ROOT / "examples" / "quickstart.yaml", args[1::2])
-    assert config.trainer.lr == 5e-7 and config.data.max_length == 1024
+    named = re.findall(r"prefopt train (examples/recipes/\S+\.yaml)", comment)
+    assert named and ROOT / named[0] == readme_recipe() and readme_recipe().exists()
 
 
 def test_samples_with_a_live_reference_come_from_the_reference_model(tmp_path):

@@ -71,8 +71,9 @@ class Trainer:
             ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=(fused and all(p.is_floating_point() for p in ps)) or None))
         self.plan = ForwardPlan(run, acc.num_processes, acc.process_index)
         self.total = tc.max_steps or math.ceil(tc.epochs * self.plan.steps_per_epoch)
-        schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
-        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=self.total)
+        warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * self.total)
+        schedule = "constant_with_warmup" if tc.schedule == "constant" and warmup else tc.schedule  # "constant" alone ignores warmup
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total)
         self.unwrapped = acc.unwrap_model(self.model)
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": self.total}

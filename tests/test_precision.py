@@ -102,3 +102,22 @@ def test_pure_half_precision_that_cannot_train_is_refused(hub, tmp_path, change,
 
     with pytest.raises(ConfigError, match=message):
         validate(set_dotted(_raw(hub, tmp_path), change))
+
+
+def test_the_start_up_check_on_bf16_weights_still_refuses_scaled_logits(hub, tmp_path, one_torch_thread):
+    """In bf16 the start-up comparison of packed and unpacked forwards allows bf16 rounding, not a logit transform."""
+    from prefopt.testing.tiny import model_config
+    from prefopt.training.run import setup
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(hub["model"]))
+    for scale, refused in ((1.0, False), (4.0, True)):
+        raw = _raw(hub, tmp_path / str(scale), dtype="bf16")
+        raw["trainer"]["master_weights"] = "none"
+        raw["model"] = {"config": {**model_config("llama", vocab, 32, 2, 4, max_position=128), "model_type": "granite",
+                                   "logits_scaling": scale}, "tokenizer": str(hub["model"]), "dtype": "bf16"}
+        if refused:
+            with pytest.raises(ConfigError, match=r"model: the engine's per-token log-probs differ from the model's own forward"):
+                setup(validate(raw))
+        else:
+            assert {p.dtype for p in setup(validate(raw)).model.policy.parameters()} == {torch.bfloat16}

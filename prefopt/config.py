@@ -32,6 +32,9 @@ class ModelConfig(_Section):
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="random: a name_or_path directory with a config but no weights is initialised randomly (otherwise an error)."
     )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="The weights as loaded. With LoRA the frozen base (and so the reference) stays in it; a full "
+        "fine-tune trains fp32 masters unless trainer.master_weights: none (docs/engine.md, Precision).")
 
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -50,6 +53,10 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of train held out for evaluation when eval is unset.")
     max_length: int = Field(512, gt=1, description="Maximum tokens of prompt + completion (+ EOS).")
     max_prompt_length: int | None = Field(None, gt=0, description="Cut prompts to their last N tokens first (default: no cut).")
+    max_completion_length: int | None = Field(
+        None, gt=0, description="Cut each completion to its first N tokens first (default: no cut); then max_length applies.")
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template, or the path of a file holding one, used instead of the tokenizer's.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows stop the run (raise) or are skipped and counted (skip).")
     on_overlong: Literal["drop", "raise"] = Field("drop", description="Rows that cannot fit max_length are dropped and counted, or stop the run.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of train (for quick runs).")
@@ -72,6 +79,11 @@ class ReferenceConfig(_Section):
     cache_dir: str = Field(".prefopt-cache", description="Directory of reference log-prob caches, keyed by fingerprint.")
     batch_size: int | None = Field(None, gt=0, description="Pairs per forward when precomputing (default: the train batch size).")
 
+    @pydantic.field_validator("cache_dir")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return os.path.expanduser(v)  # "~/.cache/prefopt": the user's cache, wherever the config lives
+
 
 class TrainerConfig(_Section):
     output_dir: str = Field("runs/prefopt", description="Where checkpoints, metrics and the final model go.")
@@ -84,9 +96,14 @@ class TrainerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup over this fraction of the steps, rounded up (TRL's "
+                                "warmup_ratio); give this or warmup_steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through accelerate; fp16 needs CUDA.")
+    master_weights: Literal["fp32", "none"] = Field(
+        "fp32", description="Full fine-tune with model.dtype bf16/fp16: fp32 upcasts the trainable weights once, so AdamW "
+        "updates fp32 masters; none updates them in model.dtype (less memory; steps under half a bf16 spacing are lost).")
     group_by_length: bool = Field(True, description="Batch pairs of similar length so padding stays small.")
     logprob_chunk_tokens: int = Field(512, gt=0, description="Completion positions projected through the LM head at once.")
     packing: bool = Field(True, description="Pack each forward's sequences end to end in one row (no padding); false pads them into rows.")
@@ -107,6 +124,8 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
     max_bad_steps: int = Field(10, ge=0, description="Steps with a non-finite loss or gradient tolerated (each skipped); one more stops the run.")
     report_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="jsonl, and accelerate trackers such as tensorboard.")
+    project: str = Field("prefopt", min_length=1, description="Tracker project (TensorBoard: the folder under output_dir).")
+    run_name: str | None = Field(None, min_length=1, description="The run's name in trackers that name runs (wandb, trackio, mlflow, ...).")
     sample_prompts: int = Field(0, ge=0, description="At each evaluation, write greedy completions of N held-out prompts to samples.jsonl.")
     sample_max_new_tokens: int = Field(48, gt=0, description="Longest sampled completion, in tokens.")
 
@@ -140,6 +159,18 @@ class RunConfig(_Section):
     )
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @pydantic.model_validator(mode="after")
+    def _weights(self) -> "RunConfig":
+        pure = self.model.dtype != "fp32" and self.model.lora is None and self.trainer.master_weights == "none"
+        if pure and self.model.dtype == "fp16":
+            raise ValueError("model.dtype fp16 with trainer.master_weights none: fp16 weights cannot be trained without "
+                             "fp32 masters (loss scaling needs fp32 gradients); use master_weights fp32 or model.dtype bf16")
+        if self.trainer.warmup_steps and self.trainer.warmup_ratio:
+            raise ValueError("trainer.warmup_steps and trainer.warmup_ratio: give one of them")
+        if pure and self.trainer.precision == "fp16":
+            raise ValueError("trainer.precision fp16 with trainer.master_weights none: loss scaling needs fp32 gradients")
+        return self
 
     def build_loss(self):
         """The loss object this config selects (validated by the loss's own config model)."""
@@ -289,6 +320,14 @@ def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: st
         elif _looks_local(value):  # a missing local path: the error will name where it was looked for
             setattr(getattr(config, section), key, str(beside))
         # else: a Hub name, passed through unchanged
+    template = config.data.chat_template
+    if template and "data.chat_template" not in from_cli and not is_template_text(template) and not Path(template).expanduser().is_absolute():
+        config.data.chat_template = os.path.normpath(base / template)
+
+
+def is_template_text(value: str) -> bool:
+    """``data.chat_template`` holds the Jinja text itself (otherwise it names a file)."""
+    return "{{" in value or "{%" in value
 
 
 def _looks_local(value: str) -> bool:

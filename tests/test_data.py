@@ -131,6 +131,34 @@ def test_completion_cut_at_the_end_with_its_eos(tokenizer, tmp_path):
     assert report.skipped == {}
 
 
+def test_max_completion_length_keeps_the_first_completion_tokens(tokenizer, tmp_path):
+    rows = [GOOD, {**GOOD, "chosen": " Ok"}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    prompt = [BOS_ID] + ids(tokenizer, GOOD["prompt"])
+    chosen, rejected, short = (ids(tokenizer, t) + [EOS_ID] for t in (GOOD["chosen"], GOOD["rejected"], " Ok"))
+    n = len(short)  # the short completion keeps its EOS; the others lose theirs
+    assert len(chosen) > n and len(rejected) > n
+    pairs, _ = load_pairs(src, tokenizer, max_length=64, max_completion_length=n)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == [
+        (prompt, chosen[:n], rejected[:n]), (prompt, short, rejected[:n])]
+    # with max_length as well, each completion keeps min(max_completion_length, max_length - prompt) tokens
+    for max_length, keep in ((len(prompt) + n - 1, n - 1), (len(prompt) + n + 1, n)):
+        pairs, _ = load_pairs(src, tokenizer, max_length=max_length, max_completion_length=n)
+        assert pairs[0].chosen_ids == chosen[:keep] and pairs[0].rejected_ids == rejected[:keep]
+    # the prompt is cut first (to its last tokens), and the room it leaves is counted after that cut
+    pairs, _ = load_pairs(src, tokenizer, max_length=4, max_prompt_length=2, max_completion_length=n)
+    assert pairs[0].prompt_ids == prompt[-2:] and pairs[0].chosen_ids == chosen[:2]
+
+
+def test_max_completion_length_from_the_config_reaches_the_pairs(tokenizer, tmp_path):
+    from prefopt.config import DataConfig
+    from prefopt.data.pairs import load_data
+
+    src = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    train, _, _ = load_data(DataConfig(train=str(src), max_completion_length=2), tokenizer, seed=0)
+    assert train[0].chosen_ids == ids(tokenizer, GOOD["chosen"])[:2]
+
+
 def test_prompt_filling_max_length_is_overlong(tokenizer, tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "prompt": "Hi:"}])
     prompt_len = 1 + len(ids(tokenizer, GOOD["prompt"]))

@@ -1,5 +1,6 @@
-"""A real model end to end, offline: the README's recipe on a Hub-shaped model directory and dataset
-directory, TensorBoard, sampled completions, ``prefopt report``, and TRL's tokenisation token for token."""
+"""A real model end to end, offline: the README's recipe (examples/recipes/qwen2.5-0.5b-dpo.yaml) on a
+Hub-shaped model directory and dataset directory, TensorBoard, sampled completions, ``prefopt report``,
+and TRL's tokenisation token for token."""
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PROMPTS, EVAL_EVERY, STEPS = 2, 2, 4
 
 
-def readme_recipe() -> list[str]:
-    """The arguments of the README's "train a real model" command."""
+def readme_recipe() -> Path:
+    """The config of the README's "train a real model" command."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(prefopt train examples/quickstart\.yaml \\\n.*?)```", text, re.S).group(1)
-    return shlex.split(block.replace("\\\n", " "))[3:]
+    command = re.search(r"```bash\n(prefopt train examples/recipes/\S+\.yaml)\n```", text).group(1)
+    return ROOT / shlex.split(command)[2]
 
 
 @pytest.fixture(scope="session")
@@ -31,24 +32,27 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def recipe_run(hub, tmp_path_factory):
-    """The README's command with the Hub names replaced by the directories, and test-sized steps."""
+    """The README's command with the Hub names replaced by the directories (what a download gives), and
+    what a CPU test must change: test-sized steps, evaluation and sampling, and a temporary output and cache."""
     import io
     from contextlib import redirect_stdout
 
     from prefopt.cli import commands as cli
+    from prefopt.config import load_config
 
     out = tmp_path_factory.mktemp("recipe")
-    names = {"Qwen/Qwen2.5-0.5B-Instruct": str(hub["model"]), "trl-lib/ultrafeedback_binarized": str(hub["dataset"])}
-    args = [names.get(a.partition("=")[2], None) and f"{a.partition('=')[0]}={names[a.partition('=')[2]]}" or a for a in readme_recipe()]
-    assert sum(a != b for a, b in zip(args, readme_recipe())) == 3  # model, train and eval were named
+    recipe = load_config(readme_recipe())
+    assert (recipe.model.name_or_path, recipe.data.train, recipe.data.eval) == (
+        "Qwen/Qwen2.5-0.5B-Instruct", "trl-lib/ultrafeedback_binarized", "trl-lib/ultrafeedback_binarized")
+    args = [f"model.name_or_path={hub['model']}", f"data.train={hub['dataset']}", f"data.eval={hub['dataset']}"]
     test_only = [f"trainer.max_steps={STEPS}", f"trainer.output_dir={out / 'run'}", f"reference.cache_dir={out / 'cache'}",
                  f"trainer.eval_every={EVAL_EVERY}", "trainer.log_every=1", f"trainer.sample_prompts={SAMPLE_PROMPTS}",
                  "trainer.sample_max_new_tokens=8", "trainer.report_to=[jsonl, tensorboard]"]
     stdout = io.StringIO()
     torch.set_num_threads(1)
     with redirect_stdout(stdout):
-        code = cli.main(["train", str(ROOT / "examples" / "quickstart.yaml"), *args, *[x for t in test_only for x in ("--set", t)]])
-    return {"code": code, "stdout": stdout.getvalue(), "dir": out / "run"}
+        code = cli.main(["train", str(readme_recipe()), *[x for t in args + test_only for x in ("--set", t)]])
+    return {"code": code, "stdout": stdout.getvalue(), "dir": out / "run", "project": recipe.trainer.project}
 
 
 # --- the recipe ------------------------------------------------------------------------------
@@ -68,8 +72,11 @@ def test_readme_recipe_trains_the_hub_shaped_model(recipe_run, hub):
     model = AutoModelForCausalLM.from_pretrained(run)
     start = AutoModelForCausalLM.from_pretrained(hub["model"])
     assert model.config.model_type == "qwen2"
-    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
-    assert changed, "training at lr 5e-7 still moves the weights"
+    # read in bf16 (model.dtype), trained as fp32 masters (trainer.master_weights): at lr 5e-7 the weights move
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    start = {n: p.to(torch.bfloat16).float() for n, p in start.state_dict().items()}
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start[n])]
+    assert len(changed) > len(start) // 2, "training at lr 5e-7 moves the weights"
     tok = AutoTokenizer.from_pretrained(run)
     assert tok.chat_template == AutoTokenizer.from_pretrained(hub["model"]).chat_template
     ids = tok.apply_chat_template([{"role": "user", "content": "How was the cafe?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -85,7 +92,8 @@ def test_metrics_use_trl_names_and_tensorboard_gets_the_same_values(recipe_run):
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "lr", "grad_norm"):
         assert key in train_rows[0], key
-    events = EventAccumulator(str(recipe_run["dir"] / "prefopt"), size_guidance={"scalars": 0, "tensors": 0})
+    assert recipe_run["project"] != "prefopt"  # the recipe names its tracker project: TensorBoard's folder
+    events = EventAccumulator(str(recipe_run["dir"] / recipe_run["project"]), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("rewards/margins")}
     assert logged == pytest.approx({r["step"]: r["rewards/margins"] for r in train_rows}, rel=1e-6)
@@ -147,8 +155,9 @@ def _hub_tokenizer(hub):
     return AutoTokenizer.from_pretrained(hub["model"])
 
 
-def _trl_tokenise(rows: list[dict], tokenizer) -> list[dict]:
-    """What TRL's DPOTrainer makes of ``rows`` (its dataset preparation, without building a trainer)."""
+def _trl_tokenise(rows: list[dict], tokenizer, max_length: int | None = None) -> list[dict]:
+    """What TRL's DPOTrainer makes of ``rows`` (its dataset preparation, without building a trainer);
+    with ``max_length``, the rows left after it drops those whose prompt fills ``max_length``."""
     trl = pytest.importorskip("trl")
     import types
 
@@ -157,7 +166,7 @@ def _trl_tokenise(rows: list[dict], tokenizer) -> list[dict]:
 
     if not trl.__version__.startswith("1."):
         pytest.skip(f"compares with TRL 1.x's tokenisation; trl {trl.__version__} is installed")
-    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
     out = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(rows), tokenizer, args, "train")
     return [{k: out[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(out))]
 
@@ -178,6 +187,33 @@ def test_ultrafeedback_directory_is_tokenised_as_trl_does(hub):
     assert _ours(pairs) == _trl_tokenise(rows, tok)
     # No extra EOS after the template's own end of turn.
     assert tok.decode(pairs[0].chosen_ids).endswith("<|im_end|>\n") and pairs[0].chosen_ids.count(tok.eos_token_id) == 1
+
+
+def test_max_length_cuts_as_trl_keep_start(hub):
+    """max_length alone (no prompt or completion cut) keeps what TRL 1.16 keeps with ``max_length`` and
+    ``truncation_mode="keep_start"``: the first max_length tokens of prompt + completion, and no row whose
+    prompt fills max_length. Compared on the sequences TRL's own collator builds."""
+    import datasets
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from prefopt.data.pairs import load_pairs
+
+    tok = _hub_tokenizer(hub)
+    rows = datasets.load_dataset(str(hub["dataset"]), split="test").to_list()
+    full, _ = load_pairs(str(hub["dataset"]), tok, split="test", max_length=1024)
+    prompt = min(len(p.prompt_ids) for p in full)
+    max_length = prompt + 3  # every completion is cut; a prompt one token longer is dropped
+    assert any(len(p.prompt_ids) >= max_length for p in full) and all(len(p.chosen_ids) > 3 for p in full)
+    pairs, report = load_pairs(str(hub["dataset"]), tok, split="test", max_length=max_length)
+    trl_rows = _trl_tokenise(rows, tok, max_length)
+    assert report.skipped.get("overlong", 0) == len(rows) - len(trl_rows) > 0
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)(trl_rows)
+    n = len(trl_rows)
+    for i, p in enumerate(pairs):
+        for j, completion in ((i, p.chosen_ids), (n + i, p.rejected_ids)):
+            kept = batch["attention_mask"][j].bool()
+            assert batch["input_ids"][j][kept].tolist() == p.prompt_ids + completion
+            assert batch["completion_mask"][j][kept].tolist() == [0] * len(p.prompt_ids) + [1] * len(completion)
 
 
 def test_explicit_prompt_schemas_and_text_with_the_trl_rule_match_trl(hub, tmp_path):
@@ -261,17 +297,10 @@ def test_version(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"prefopt {__version__}"
 
 
-def test_quickstart_comment_commands_are_valid(tmp_path):
-    """Every --set in the example's comment is one KEY=VALUE that validates."""
-    from prefopt.config import load_config
-
+def test_the_quickstart_points_at_the_readmes_recipe():
     comment = "".join(line[1:] for line in (ROOT / "examples" / "quickstart.yaml").read_text().splitlines(True) if line.startswith("#"))
-    command = re.search(r"prefopt train examples/quickstart\.yaml \\\n(.*?)(?:\n\n|\Z)", comment, re.S).group(1)
-    args = shlex.split(command.replace("\\\n", " "))
-    assert args[::2] == ["--set"] * (len(args) // 2) and all("=" in a for a in args[1::2])
-    assert args == readme_recipe()
-    config = load_config(ROOT / "examples" / "quickstart.yaml", args[1::2])
-    assert config.trainer.lr == 5e-7 and config.data.max_length == 1024
+    named = re.findall(r"prefopt train (examples/recipes/\S+\.yaml)", comment)
+    assert named and ROOT / named[0] == readme_recipe() and readme_recipe().exists()
 
 
 def test_samples_with_a_live_reference_come_from_the_reference_model(tmp_path):

@@ -27,20 +27,20 @@ def test_estimate_shards_everything_under_fsdp_and_adds_buckets_under_ddp():
     assert (fsdp.weights, fsdp.optimizer, fsdp.buckets, fsdp.reference) == (1001, 2002, 0, 0)
 
 
-def _configs(tmp_path) -> dict[str, str]:
+def _configs(tmp_path, **settings) -> dict[str, str]:
     assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
     paths = {}
     for mode in ("live", "cache"):
         path = tmp_path / f"{mode}.yaml"
-        path.write_text(yaml.safe_dump(make_config(assets, tmp_path / mode, batch_size=2, reference__mode=mode)))
+        path.write_text(yaml.safe_dump(make_config(assets, tmp_path / mode, batch_size=2, reference__mode=mode, **settings)))
         paths[mode] = str(path)
     return paths
 
 
-def _check(result: dict) -> None:
+def _check(result: dict, weight_bytes: int = 4) -> None:
     est = result["estimate"]
     assert result["measured"] == {k: est[k] for k in ("weights", "gradients", "optimizer", "reference")}
-    assert est["weights"] == 4 * result["parameters"] > 0
+    assert est["weights"] == weight_bytes * result["parameters"] > 0
 
 
 def test_one_process_holds_what_the_estimate_says(tmp_path):
@@ -49,6 +49,27 @@ def test_one_process_holds_what_the_estimate_says(tmp_path):
     _check(live)
     _check(cache)
     assert live["measured"]["reference"] == live["measured"]["weights"] and cache["measured"]["reference"] == 0
+
+
+def test_bf16_weights_hold_what_the_estimate_says_with_and_without_fp32_masters(tmp_path):
+    pure = _configs(tmp_path / "pure", model__dtype="bf16", master_weights="none")
+    live, cache = memory.measure_run(pure["live"]), memory.measure_run(pure["cache"])
+    _check(live, weight_bytes=2)  # weights, gradients, AdamW moments and the live reference all in bf16
+    _check(cache, weight_bytes=2)
+    assert live["measured"]["reference"] == live["measured"]["weights"] and cache["measured"]["reference"] == 0
+    masters = memory.measure_run(_configs(tmp_path / "masters", model__dtype="bf16")["cache"])
+    _check(masters)  # read in bf16, trained as fp32 masters: the fp32 run's bytes
+    assert masters["measured"]["weights"] == 2 * live["measured"]["weights"]
+
+
+def test_the_table_for_bf16_weights_halves_every_state():
+    n = memory.count_parameters(memory.MODELS["Qwen2-0.5B"])
+    for sharded in (False, True):
+        for live in (False, True):
+            full = memory.estimate(n, processes=8, sharded=sharded, live_reference=live)
+            half = memory.estimate(n, processes=8, sharded=sharded, live_reference=live, weight_bytes=2, reference_bytes=2)
+            assert abs(2 * half.total - full.total) <= 8  # equal up to the rounding up of shards
+    assert "| Qwen2-0.5B | 0.49 B | 5.5 | 4.6 | 0.6 | 0.5 |" in memory.table(8, "none")
 
 
 @pytest.mark.slow

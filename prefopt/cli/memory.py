@@ -3,11 +3,13 @@
 ``python -m prefopt.cli.memory`` prints the table in docs/engine.md. Activations and the logit
 buffer depend on batch size and sequence length and are not counted; neither is the CUDA context.
 
-The policy trains in fp32 (``trainer.precision`` only sets autocast), so per parameter a process
-holds 4 bytes of weights, 4 of gradient and 8 of AdamW moments for the policy, 4 bytes of DDP
-gradient buckets, and, for a live reference, its weights (4 bytes in fp32; in bf16 or fp16 its
-linear layers take 2, counted here as the whole model: embeddings, norms and, under FSDP, an
-untied output head stay fp32).
+By default the policy trains fp32 master weights (``trainer.precision`` only sets autocast; a
+``model.dtype: bf16`` model is upcast once after loading), so per parameter a process holds 4 bytes
+of weights, 4 of gradient and 8 of AdamW moments for the policy, 4 bytes of DDP gradient buckets,
+and, for a live reference, its weights (4 bytes in fp32; in bf16 or fp16 its linear layers take 2,
+counted here as the whole model: embeddings, norms and, under FSDP, an untied output head stay fp32).
+With ``model.dtype: bf16`` and ``trainer.master_weights: none`` (``--master-weights none``) every one
+of these is 2 bytes, the live reference wholly so.
 """
 from __future__ import annotations
 
@@ -59,11 +61,14 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.buckets + self.reference
 
 
-def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_reference: bool = True, reference_bytes: int = FP32) -> Estimate:
+def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_reference: bool = True, reference_bytes: int = FP32,
+             weight_bytes: int = FP32) -> Estimate:
     """Model-state bytes per process for full fine-tuning of ``n_params`` parameters.
 
     ``sharded`` (FSDP): every state is split over ``processes`` and there are no DDP buckets.
     Otherwise (one process or DDP) every process holds everything; DDP adds gradient buckets.
+    ``weight_bytes``: 4 for fp32 masters, 2 for weights updated in bf16/fp16 (gradients, AdamW
+    moments and buckets then take the weights' dtype too).
     """
     share = processes if sharded else 1
 
@@ -71,10 +76,10 @@ def estimate(n_params: int, *, processes: int = 1, sharded: bool = False, live_r
         return -(-n_params * bytes_per_param // share)  # ceil: shards are padded up
 
     return Estimate(
-        weights=part(FP32),
-        gradients=part(FP32),
-        optimizer=part(2 * FP32),  # AdamW exp_avg and exp_avg_sq
-        buckets=n_params * FP32 if processes > 1 and not sharded else 0,
+        weights=part(weight_bytes),
+        gradients=part(weight_bytes),
+        optimizer=part(2 * weight_bytes),  # AdamW exp_avg and exp_avg_sq, in the weights' dtype
+        buckets=n_params * weight_bytes if processes > 1 and not sharded else 0,
         reference=part(reference_bytes) if live_reference else 0,
     )
 
@@ -102,13 +107,16 @@ def measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     }
 
 
-def table(processes: int = 8) -> str:
-    """A markdown table of model-state GiB per GPU for :data:`MODELS` under DDP and FSDP, live and cached reference."""
+def table(processes: int = 8, master_weights: str = "fp32") -> str:
+    """A markdown table of model-state GiB per GPU for :data:`MODELS` under DDP and FSDP, live and cached reference
+    (``master_weights="none"``: weights held and updated in bf16, ``model.dtype: bf16``)."""
+    half = master_weights == "none"
+    sizes = {"weight_bytes": 2, "reference_bytes": 2} if half else {}
     rows = [f"| model | parameters | DDP, live ref | DDP, cached ref | FSDP x{processes}, live ref | FSDP x{processes}, cached ref |",
             "|---|---|---|---|---|---|"]
     for name, config in MODELS.items():
         n = count_parameters(config)
-        cells = [estimate(n, processes=processes, sharded=s, live_reference=live).total / GIB
+        cells = [estimate(n, processes=processes, sharded=s, live_reference=live, **sizes).total / GIB
                  for s in (False, True) for live in (True, False)]
         rows.append(f"| {name} | {n / 1e9:.2f} B | " + " | ".join(f"{c:,.1f}" for c in cells) + " |")
     return "\n".join(rows)
@@ -141,9 +149,10 @@ def measure_run(config_path: str) -> dict[str, Any]:
     optimizer.step()
     gc.collect()
     measured = measure(model, optimizer)
+    pure = config.model.dtype != "fp32" and config.trainer.master_weights == "none"
     est = estimate(n_params, processes=accelerator.num_processes, sharded=distributed.sharded(accelerator),
-                   live_reference=run.mode == "live",
-                   reference_bytes=2 if config.trainer.precision in ("bf16", "fp16") else FP32)
+                   live_reference=run.mode == "live", weight_bytes=2 if pure else FP32,
+                   reference_bytes=2 if pure or config.trainer.precision in ("bf16", "fp16") else FP32)
     result = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "reference": run.mode,
               "sharded": distributed.sharded(accelerator),
               "parameters": n_params, "measured": measured, "estimate": est.__dict__ | {"total": est.total},
@@ -160,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m prefopt.cli.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=8, help="GPUs the run is sharded over (FSDP columns)")
+    parser.add_argument("--master-weights", choices=("fp32", "none"), default="fp32",
+                        help="fp32: fp32 masters (the default); none: model.dtype bf16 weights updated in bf16")
     parser.add_argument("--measure", metavar="CONFIG", help="instead, set up this run (under a launcher: each process), "
                         "take one step and print each process's measured and estimated bytes as JSON")
     args = parser.parse_args(argv)
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(measure_run(args.measure)) + "\n")  # one write: processes share the pipe
         sys.stdout.flush()
         return 0
-    print(table(args.processes))
+    print(table(args.processes, args.master_weights))
     return 0
 
 

@@ -110,6 +110,7 @@ def load_examples(
     split: str = "train",
     max_length: int,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
     on_error: str = "raise",
     on_overlong: str = "drop",
     max_rows: int | None = None,
@@ -126,7 +127,9 @@ def load_examples(
     ``chosen``, ``rejected``, ``completions``, ``scores``, ``completion``, ``label``) to the
     dataset's own column names. ``text_tokenization`` is ``"separate"`` (prompt and
     completion tokenised apart) or ``"trl"`` (TRL's rule for plain text, see
-    docs/data.md); conversational rows always follow TRL.
+    docs/data.md); conversational rows always follow TRL. Cuts, in order: the prompt to its
+    last ``max_prompt_length`` tokens, each completion to its first ``max_completion_length``,
+    then each completion to what ``max_length`` leaves after the prompt.
     """
     if text_tokenization not in ("separate", "trl"):
         raise ValueError(f"text_tokenization must be 'separate' or 'trl', not {text_tokenization!r}")
@@ -151,7 +154,7 @@ def load_examples(
             report.add(*rec.problem)
             continue
         try:
-            examples.append(build(rec, fmt, tokenizer, max_length, max_prompt_length, text_tokenization))
+            examples.append(build(rec, fmt, tokenizer, (max_length, max_prompt_length, max_completion_length), text_tokenization))
         except _RowError as err:
             report.add(err.reason, _locate(rec, err, names))
     report.kept = len(examples)
@@ -189,7 +192,8 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
     examples come from ``cfg.eval``, else a seeded ``cfg.eval_fraction`` hold-out of train
     (drawn by prompt, before a ranking becomes pairs), else there are none.
     """
-    opts = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_error=cfg.on_error,
+    opts = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                max_completion_length=cfg.max_completion_length, on_error=cfg.on_error,
                 on_overlong=cfg.on_overlong, columns=cfg.columns, text_tokenization=cfg.text_tokenization)
     train, report, kind = load_examples(cfg.train, split=cfg.split, max_rows=cfg.max_rows, **opts)
     try:
@@ -517,9 +521,11 @@ def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Forma
     return prompt_ids, out
 
 
-def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str], max_length: int,
-         max_prompt_length: int | None) -> tuple[list[int], list[list[int]]]:
-    """Cut the prompt to ``max_prompt_length`` and each completion to the room ``max_length`` leaves."""
+def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str],
+         cuts: tuple[int, int | None, int | None]) -> tuple[list[int], list[list[int]]]:
+    """Cut the prompt to ``max_prompt_length``, each completion to ``max_completion_length`` and to the room
+    ``max_length`` leaves; ``cuts`` is ``(max_length, max_prompt_length, max_completion_length)``."""
+    max_length, max_prompt_length, max_completion_length = cuts
     for name, ids in zip(names, completions):
         if not ids:
             raise _RowError(EMPTY, name, "no completion tokens after the prompt's")
@@ -530,23 +536,25 @@ def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str], 
     room = max_length - len(prompt_ids)
     if room <= 0:
         raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
+    if max_completion_length is not None:
+        room = min(room, max_completion_length)
     return prompt_ids, [ids[:room] for ids in completions]
 
 
-def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Pair:
+def _to_pair(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, int | None], text_tokenization: str = "separate") -> Pair:
     prompt, chosen, rejected = _split(rec.value, fmt)
     names = ["chosen", "rejected"]
     prompt_ids, completions = _tokenise(prompt, [chosen, rejected], names, fmt, tokenizer, text_tokenization)
-    prompt_ids, (chosen_ids, rejected_ids) = _fit(prompt_ids, completions, names, max_length, max_prompt_length)
+    prompt_ids, (chosen_ids, rejected_ids) = _fit(prompt_ids, completions, names, cuts)
     return Pair(prompt_ids, chosen_ids, rejected_ids, rec.row)
 
 
-def _to_group(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_length: int | None, text_tokenization: str = "separate") -> Group:
+def _to_group(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, int | None], text_tokenization: str = "separate") -> Group:
     """A ranking (completions best first) or a labelled completion."""
     completions = _completions(rec.value, fmt)
     names = [fmt.field_of(i) for i in range(len(completions))]
     prompt_ids, ids = _tokenise(rec.value["prompt"], completions, names, fmt, tokenizer, text_tokenization)
-    prompt_ids, ids = _fit(prompt_ids, ids, names, max_length, max_prompt_length)
+    prompt_ids, ids = _fit(prompt_ids, ids, names, cuts)
     if fmt.kind == "labelled":
         return Group(prompt_ids, ids, labels=[rec.value["label"]], row=rec.row)
     ids, scores = ranked(ids, _scores(rec.value, fmt))

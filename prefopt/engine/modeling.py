@@ -11,29 +11,62 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt.engine import attention
-from prefopt.config import ModelConfig
+from prefopt.config import ModelConfig, is_template_text
 from prefopt.errors import ConfigError
 from prefopt.engine.logprobs import token_features
 
 log = logging.getLogger("prefopt")
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer, a pad token set to EOS if it has none; ``chat_template`` (Jinja text or a file) replaces its own."""
     name = cfg.tokenizer or cfg.name_or_path
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token_id is None:
         raise ConfigError(f"model.tokenizer: {name} has no EOS token; completions need one")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = read_chat_template(chat_template)
     return tok
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None, empty: bool = False) -> PreTrainedModel:
+def read_chat_template(value: str) -> str:
+    """``data.chat_template``: the Jinja text itself, or the text of the file it names."""
+    if is_template_text(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data.chat_template: {value!r} is neither a Jinja template (no '{{{{' or '{{%') nor a readable "
+                          f"file ({getattr(exc, 'strerror', None) or exc})") from None
+    if not is_template_text(text):
+        raise ConfigError(f"data.chat_template: {path} holds no Jinja template (no '{{{{' or '{{%')")
+    return text
+
+
+def weights_dtype(cfg: ModelConfig, master_weights: str = "fp32") -> torch.dtype:
+    """The dtype the policy's weights are held in: ``model.dtype``, except a full fine-tune with fp32 masters."""
+    if cfg.lora is None and master_weights == "fp32":
+        return torch.float32
+    return DTYPES[cfg.dtype]
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, empty: bool = False,
+               dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The policy (or, with ``name_or_path``, another pretrained model), with dropout disabled as in TRL.
 
-    ``empty``: the architecture without its weights (parameters on the meta device, buffers real), for a
-    process that receives them from the first one once sharded (FSDP)."""
+    The weights are read in ``model.dtype`` and then held in ``dtype`` (default: ``model.dtype``): a bf16
+    model upcast to fp32 masters holds exactly the bf16 values. ``empty``: the architecture without its
+    weights (parameters on the meta device, buffers real), for a process that receives them from the
+    first one once sharded (FSDP)."""
     source = name_or_path or cfg.name_or_path
+    loaded = DTYPES[cfg.dtype]
+    dtype = dtype or loaded
     if empty:
         from accelerate import init_empty_weights
 
@@ -43,22 +76,25 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, empty: bool = 
             params = dict(cfg.config or {})
             config = AutoConfig.for_model(params.pop("model_type"), **params)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
         model.tie_weights()  # the meta context registers a tied head as a parameter of its own
     elif source is not None and _has_weights(source):
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, dtype=loaded)
     elif source is not None:
         if cfg.init != "random":
             raise ConfigError(f"model: {source} has a config.json but no weights (*.safetensors, *.bin); if you mean to train "
                               f"from randomly initialised weights, set model.init: random")
         log.info("model: %s holds a config but no weights; initialising a fresh model from it (model.init: random)", source)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=loaded)
     else:
         params = dict(cfg.config or {})
         model_type = params.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.config.model_type: required (e.g. llama, qwen2, gpt2)")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **params))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **params), dtype=loaded)
+    if not empty and dtype != loaded:
+        model.to(dtype)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

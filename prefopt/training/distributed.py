@@ -115,6 +115,9 @@ def describe(accelerator: Any) -> None:
     kind = "FSDP2" if sharded(accelerator) else accelerator.distributed_type.value
     if accelerator.num_processes > 1:
         log.info("%d processes (%s on %s)", accelerator.num_processes, kind, accelerator.device.type)
+    if accelerator.device.type == "cpu":
+        log.info("CPU: %d threads per process (torch.get_num_threads(); set OMP_NUM_THREADS to change), %s cores visible",
+                 torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
 @contextmanager
@@ -205,6 +208,8 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     # no model.to(device) first: fully_shard moves each shard (not the whole model) to the mesh's device
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() not in ("0", "false", "no")
+    outside: list[torch.nn.Module] = []  # low-precision modules outside the decoder layers: the root unit's
+    inside: set[int] = set()  # parameters of the decoder layers (their own units)
     for sub in (model.policy, model.reference):
         if sub is None:
             continue
@@ -217,9 +222,13 @@ def shard(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
                 for unit in _low_precision_units(layer, set()):
                     fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-        # Outside the layers (an untied LM head, read by the log-prob kernels without a forward that
-        # would unshard it), back to fp32 for the root unit: exact, and cast to bf16 again for the matmul.
-        for module in _low_precision_units(sub, {id(layer) for layer in layers}):
+        outside += _low_precision_units(sub, {id(layer) for layer in layers})
+        inside |= {id(p) for layer in layers for p in layer.parameters()}
+    # Outside the layers (an untied LM head, read by the log-prob kernels without a forward that
+    # would unshard it), back to fp32 for the root unit: exact, and cast to bf16 again for the matmul.
+    # Unless the root unit is in one dtype already (models held wholly in bf16: trainer.master_weights: none).
+    if len({p.dtype for p in model.parameters() if id(p) not in inside}) > 1:
+        for module in outside:
             module.float()
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     return model

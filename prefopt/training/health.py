@@ -13,6 +13,9 @@ from prefopt.errors import ConfigError, PluginError, PrefoptError
 log = logging.getLogger("prefopt")
 
 LOGPROB_TOLERANCE = 1e-3  # fp32 chunked log-softmax vs the model's logits agree to ~1e-5
+# weights held in bf16/fp16 (model.dtype): packed and unpacked forwards round activations differently;
+# a transform prefopt does not reproduce (a logit scale, a softcap) still differs by tenths of a nat or more
+HALF_LOGPROB_TOLERANCE = 5e-2
 
 
 class TrainingError(PrefoptError):
@@ -83,7 +86,7 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     """Start-up check on the two shortest pairs, batched as training batches them: the engine's log-probs equal
     the model's own forward's on each sequence alone; returns the largest difference.
 
-    It runs where the model was loaded (the host, in fp32, once per process): what it checks, how the
+    It runs where the model was loaded (the host, in the weights' dtype, once per process): what it checks, how the
     model turns hidden states into logits, shows on any length, and short pairs keep a large model's
     start quick."""
     import heapq
@@ -101,7 +104,9 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     was_training = policy.training
     policy.eval()
     try:
-        worst = check_engine_logps(lambda: engine(batch)["logps"], lambda: model_token_logps(policy, [pairs[i] for i in take]), what)
+        half = any(p.dtype in (torch.bfloat16, torch.float16) for p in policy.parameters())
+        worst = check_engine_logps(lambda: engine(batch)["logps"], lambda: model_token_logps(policy, [pairs[i] for i in take]), what,
+                                   HALF_LOGPROB_TOLERANCE if half else LOGPROB_TOLERANCE)
         log.info("%s: the engine's log-probs match the model's own forward (largest difference %.2g)", what, worst)
         return worst
     finally:

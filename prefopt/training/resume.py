@@ -20,7 +20,7 @@ log = logging.getLogger("prefopt")
 RESUMABLE_CHANGES = {
     "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_every", "trainer.save_every",
     "trainer.keep_checkpoints", "trainer.report_to", "trainer.max_bad_steps", "trainer.output_dir",
-    "reference.cache_dir", "reference.batch_size", "data.eval", "data.eval_split",
+    "reference.cache_dir", "reference.batch_size", "data.eval", "data.eval_split", "trainer.project", "trainer.run_name",
 }
 
 
@@ -39,7 +39,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict, new: dict) -> list[str]:
     """Fields that differ between two configs and would break a resumed run."""
     a, b = flatten(old), flatten(new)
+    # a field added since the checkpoint was written is no change while it holds its default
+    a |= {k: v for k, v in _defaults().items() if k not in a}
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def _defaults() -> dict[str, Any]:
+    """``section.field`` -> default, for the fields that have one."""
+    out = {}
+    for section, info in RunConfig.model_fields.items():
+        fields = getattr(info.annotation, "model_fields", {})
+        for name, f in fields.items():
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            if not f.is_required() and not isinstance(default, dict):  # a mapping flattens into its own keys
+                out[f"{section}.{name}"] = default
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
 def check_resume(saved: dict[str, Any], facts: dict[str, Any], config: RunConfig) -> None:

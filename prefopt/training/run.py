@@ -23,7 +23,7 @@ from prefopt.data.pairs import fingerprint, load_data
 from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Feature, needs_of, reference_for, takes_of
-from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
+from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer, weights_dtype
 
 log = logging.getLogger("prefopt")
 
@@ -131,9 +131,11 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
+    if run_cfg.data.max_completion_length is not None:  # only when set: caches written before the field keep their keys
+        settings["max_completion_length"] = run_cfg.data.max_completion_length
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
     key = ref.cache_key(**parts)
-    path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
+    path = Path(run_cfg.reference.cache_dir).expanduser() / f"{key}.safetensors"
     cached = ref.load_cache(path, key, len(pairs), parts, per_token)
     # Every process must take the same branch (computing is collective): on machines that do
     # not share the cache directory, one that lacks the file makes all of them compute it.
@@ -181,7 +183,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing, config.trainer.precision)
     log.info("attention: %s (%s)", kernel, why)
     accelerators.check(accelerator.device, liger=config.trainer.liger)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.data.chat_template)
     train_pairs, eval_pairs, reports = load_data(config.data, tokenizer, config.trainer.seed, takes_of(loss), loss.name)
     for report in reports:
         log.info("%s", report.summary())
@@ -194,7 +196,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     empty = distributed.sharded(accelerator) and not accelerator.is_main_process
     if distributed.sharded(accelerator) and accelerator.is_main_process:
         log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
-    policy = load_model(config.model, empty=empty)
+    policy = load_model(config.model, empty=empty, dtype=weights_dtype(config.model, config.trainer.master_weights))
+    describe_weights(config, policy)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
@@ -249,6 +252,21 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs, pending)
+
+
+def describe_weights(config: RunConfig, policy: torch.nn.Module) -> None:
+    """Log the dtype the weights are held in and what AdamW updates; warn where updates are lost to rounding."""
+    held = next(policy.parameters()).dtype
+    if config.model.lora is not None:
+        log.info("weights: base held frozen in %s (model.dtype); LoRA adapters trained in fp32", config.model.dtype)
+    elif held == torch.float32:
+        shown = f"read in {config.model.dtype}, " if config.model.dtype != "fp32" else ""
+        log.info("weights: %sheld and updated by AdamW in fp32; forwards in %s (trainer.precision)", shown, config.trainer.precision)
+    else:
+        # an AdamW step moves each weight by about lr; a bf16 weight w only changes by steps of |w| * 2**-8
+        log.warning("weights: held and updated by AdamW in %s (trainer.master_weights: none): an update smaller than half "
+                    "the spacing of the weight's dtype is rounded away, at lr %g most are (bf16 spacing of 0.02 is 1.2e-4); "
+                    "trainer.master_weights: fp32 keeps fp32 masters", config.model.dtype, config.trainer.lr)
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

@@ -24,3 +24,28 @@ def log_text(accelerator, tag: str, text: str, step: int) -> None:
         if tracker.name == "tensorboard":
             tracker.writer.add_text(tag, text, global_step=step)
             tracker.writer.flush()
+
+
+# How each accelerate tracker takes a run's name (its project is accelerate's project_name).
+_RUN_NAME_ARG = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name",
+                 "clearml": "task_name", "dvclive": "exp_name"}
+
+
+def tracker_init_kwargs(trackers: list[str], run_name: str | None) -> dict[str, dict[str, str]]:
+    """``init_kwargs`` for ``Accelerator.init_trackers`` that name the run in each tracker that takes a name
+    (TensorBoard has none: its folder is ``output_dir/project``, and the run name is among the hparams)."""
+    if run_name is None:
+        return {}
+    names = set(_RUN_NAME_ARG) if "all" in trackers else set(trackers) & set(_RUN_NAME_ARG)
+    return {t: {_RUN_NAME_ARG[t]: run_name} for t in sorted(names)}
+
+
+def name_runs(accelerator, run_name: str | None) -> None:
+    """Name the run in trackers that are named after they start (Aim, Comet)."""
+    if run_name is None:
+        return
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "aim":
+            tracker.writer.name = run_name
+        elif tracker.name == "comet_ml":
+            tracker.writer.set_name(run_name)

@@ -27,7 +27,7 @@ from prefopt.training.resume import check_resume, config_differences, drop_metri
 from prefopt.training.run import make_accelerator, precompute_reference, setup
 from prefopt.training.samples import make_sampler
 from prefopt.training.step import LogWindow, evaluate, forward_backward, read_flags
-from prefopt.training.tracking import tracker_config
+from prefopt.training.tracking import name_runs, tracker_config, tracker_init_kwargs
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
@@ -71,8 +71,9 @@ class Trainer:
             ps, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=(fused and all(p.is_floating_point() for p in ps)) or None))
         self.plan = ForwardPlan(run, acc.num_processes, acc.process_index)
         self.total = tc.max_steps or math.ceil(tc.epochs * self.plan.steps_per_epoch)
-        schedule = "constant_with_warmup" if tc.schedule == "constant" and tc.warmup_steps else tc.schedule  # "constant" alone ignores warmup
-        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=self.total)
+        warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * self.total)
+        schedule = "constant_with_warmup" if tc.schedule == "constant" and warmup else tc.schedule  # "constant" alone ignores warmup
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total)
         self.unwrapped = acc.unwrap_model(self.model)
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": self.total}
@@ -82,7 +83,8 @@ class Trainer:
         if resume:
             self._restore()
         if self.main and tc.report_to != ["jsonl"]:
-            acc.init_trackers("prefopt", config=tracker_config(self.current))
+            acc.init_trackers(tc.project, config=tracker_config(self.current), init_kwargs=tracker_init_kwargs(tc.report_to, tc.run_name))
+            name_runs(acc, tc.run_name)
         self.sample = make_sampler(run, self.unwrapped, self.out)  # trainer.sample_prompts completions at each evaluation
 
     def fit(self, config_path: str) -> dict[str, Any]:

@@ -216,8 +216,9 @@ class Loss:
     """Base class of every preference loss, built-in or from a plugin.
 
     Subclasses set ``name``, ``Config`` (a :class:`LossConfig`) and ``features`` (or
-    the legacy ``reference``), and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
-    both build one; call it on :class:`LossInputs`.
+    the legacy ``reference``), declare ``couples_pairs`` if pairs interact, and implement
+    :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))`` both build one; call
+    it on :class:`LossInputs`.
     """
 
     name: ClassVar[str]
@@ -227,6 +228,11 @@ class Loss:
     examples: ClassVar[tuple[dict, ...]] = ()  # configs worth checking beside the default (kit, `prefopt losses`)
     reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
     sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
+    # True when a pair's loss depends on the other pairs of its batch (a sort across the batch, a
+    # batch-wide normaliser): the batch must then be computed whole, and the kit checks that the
+    # loss ignores the order of the pairs instead of checking pairs one by one. Read it from the
+    # configured loss; a loss whose coupling depends on its config overrides it with a property.
+    couples_pairs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

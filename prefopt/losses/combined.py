@@ -23,6 +23,10 @@ class WeightedLoss:
     def needs(self) -> frozenset[Feature]:
         return frozenset().union(*(needs_of(loss) for _, loss in self.terms))
 
+    @property
+    def couples_pairs(self) -> bool:
+        return any(loss.couples_pairs for _, loss in self.terms)
+
     def __call__(self, inputs: LossInputs) -> LossOutput:
         total: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}

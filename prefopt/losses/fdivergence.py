@@ -35,15 +35,19 @@ class FDivergenceConfig(LossConfig):
 
 
 def f_score(logratio: torch.Tensor, kind: FDivergence, alpha: float = 0.5) -> torch.Tensor:
-    """``f'(t)`` at ``t = exp(logratio)``, computed without overflow."""
+    """``f'(t)`` at ``t = exp(logratio)``, computed without overflow.
+
+    ``exp(x) - 1`` rather than ``expm1``: TRL's form, and expm1's backward loses the gradient
+    ``exp(x)`` when ``x`` is very negative (it computes ``expm1(x) + 1``).
+    """
     if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
         return logratio  # f'(t) = log t
     if kind == "forward_kl":
-        return -torch.expm1((-logratio).clamp(max=EXP_MAX))  # f'(t) = 1 - 1/t
+        return 1 - torch.exp((-logratio).clamp(max=EXP_MAX))  # f'(t) = 1 - 1/t
     if kind == "js_divergence":
         return math.log(2) + F.logsigmoid(logratio)  # f'(t) = log(2t / (t + 1))
     if kind == "alpha_divergence":
-        return torch.expm1(((alpha - 1.0) * logratio).clamp(max=EXP_MAX)) / (alpha - 1.0)  # (t^(a-1) - 1) / (a-1)
+        return (torch.exp(((alpha - 1.0) * logratio).clamp(max=EXP_MAX)) - 1) / (alpha - 1.0)  # (t^(a-1) - 1) / (a-1)
     raise ValueError(f"unknown f_divergence_type {kind!r}")
 
 

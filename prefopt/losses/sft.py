@@ -31,8 +31,9 @@ class SFT(Loss):
     def forward(self, inputs: LossInputs) -> LossOutput:
         n_chosen, _ = inputs.lengths()
         if self.config.normalize == "token":  # -sum(pc) / sum(|y_w|), spread so that losses.mean() is that
-            tokens = inputs.chosen_tokens.to(n_chosen.dtype).sum().clamp(min=1)
-            losses = -inputs.policy_chosen_logps * (n_chosen.numel() / tokens)
+            tokens = inputs.chosen_tokens.to(n_chosen.dtype)
+            share = (tokens > 0) * (n_chosen.numel() / tokens.sum().clamp(min=1))  # an empty completion has no token
+            losses = -inputs.policy_chosen_logps * share
         else:
             losses = -inputs.policy_chosen_logps / n_chosen
         metrics = {"nll/chosen": losses.detach().mean(), "logps/chosen": inputs.policy_chosen_logps.detach().mean()}

@@ -2,7 +2,8 @@
 
 :func:`check_loss` runs a loss class through the contract (:mod:`.kit`, cases in
 :mod:`.losscheck`, which training also runs before step 0); :func:`registered` registers
-loss classes for a test; :func:`trl_loss` (any TRL loss type, per-sequence log-probs) and
+loss classes for a test; :func:`trl_loss` (any TRL loss type, per-sequence log-probs;
+:func:`assert_matches_trl` compares a loss with it) and
 :func:`trl_dpo_loss` (per-token, WPO and LD-DPO) evaluate TRL's own DPOTrainer loss for
 comparison (:mod:`.trl`, TRL imported when called); :mod:`.tiny` builds small tokenizers
 and model configs locally.
@@ -10,6 +11,6 @@ May import: ``prefopt.engine`` (sync counting), ``prefopt.plugins``, ``prefopt.l
 ``prefopt.errors``. Not training or the CLI.
 """
 from prefopt.testing.kit import REWARD_METRICS, check_loss, registered
-from prefopt.testing.trl import TRLLoss, trl_dpo_loss, trl_loss
+from prefopt.testing.trl import TRLLoss, assert_matches_trl, trl_dpo_loss, trl_inputs, trl_loss
 
-__all__ = ["REWARD_METRICS", "TRLLoss", "check_loss", "registered", "trl_dpo_loss", "trl_loss"]
+__all__ = ["REWARD_METRICS", "TRLLoss", "assert_matches_trl", "check_loss", "registered", "trl_dpo_loss", "trl_inputs", "trl_loss"]

@@ -2,7 +2,8 @@
 
 :func:`trl_loss` evaluates ``DPOTrainer._compute_loss`` of the installed TRL (1.16) for any
 ``loss_type`` and ``f_divergence_type`` on per-sequence log-probs and completion lengths;
-:func:`trl_dpo_loss` does the same for ``sigmoid`` on per-token values (WPO, LD-DPO). Both
+:func:`assert_matches_trl` compares a prefopt loss with it on :func:`trl_inputs`, losses
+and gradients; :func:`trl_dpo_loss` evaluates ``sigmoid`` on per-token values (WPO, LD-DPO). All
 run TRL's code itself, with its model replaced by an object returning the given log-probs
 and its trainer by the attributes that method reads; nothing of the loss math is copied.
 TRL is imported when called (``pytest.importorskip("trl")`` in tests that use them).
@@ -67,6 +68,75 @@ def trl_loss(inputs: LossInputs, loss_type: str = "sigmoid", *, per_pair: bool =
         return TRLLoss(loss, None)
     pairs = [_sequence_loss(*(f[i : i + 1] for f in fields), loss_type=loss_type, settings=settings) for i in range(len(fields[0]))]
     return TRLLoss(loss, torch.stack(pairs))
+
+
+def trl_inputs(num_pairs: int = 8, *, seed: int = 0, extreme: bool = True) -> LossInputs:
+    """Random float64 inputs for :func:`assert_matches_trl`: varied lengths, an empty chosen and an
+    empty rejected completion, and (``extreme``) log-ratios of +-1e4 and +-60 on a third of the pairs."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (2, num_pairs), generator=g)
+    lengths[0, 0] = lengths[1, 1] = 0
+    ref = -lengths * torch.rand(2, num_pairs, generator=g, dtype=torch.float64) * 3
+    ratio = torch.randn(2, num_pairs, generator=g, dtype=torch.float64) * 4
+    if extreme:
+        big = torch.tensor([1e4, -1e4, 60.0, -60.0], dtype=torch.float64)
+        picks = torch.randint(0, 4, (2, num_pairs), generator=g)
+        ratio = torch.where(torch.arange(num_pairs) % 3 == 2, big[picks], ratio)
+    policy = torch.where(lengths > 0, ref + ratio, torch.zeros_like(ref))  # an empty completion has log-prob 0
+    return LossInputs(policy_chosen_logps=policy[0], policy_rejected_logps=policy[1], ref_chosen_logps=ref[0],
+                      ref_rejected_logps=ref[1], chosen_tokens=lengths[0], rejected_tokens=lengths[1])
+
+
+_LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def assert_matches_trl(loss: Callable[[LossInputs], Any], loss_type: str, inputs: LossInputs | None = None, *,
+                       tol: float = 1e-9, **settings: Any) -> int:
+    """Check a prefopt loss against TRL's ``loss_type`` (with DPOConfig ``settings``); return the pairs compared.
+
+    On ``inputs`` (default :func:`trl_inputs`), the loss, each pair's loss and the gradients
+    with respect to every log-prob must equal TRL's within ``tol`` (relative and absolute)
+    wherever TRL's value is finite; where it is not (TRL overflows), ours must still be finite.
+    A coupled loss type (``aot``, ``aot_unpaired``, ``sft``) is compared on the batch.
+    """
+    inputs = inputs if inputs is not None else trl_inputs()
+    leaves = {k: getattr(inputs, k).detach().clone().requires_grad_() for k in _LOGPS}
+    lengths = {"chosen_tokens": inputs.chosen_tokens, "rejected_tokens": inputs.rejected_tokens}
+    ours = loss(LossInputs(**leaves, **lengths))
+    theirs = trl_loss(LossInputs(**leaves, **lengths), loss_type, **settings)
+    where = f"{loss!r} vs TRL's {loss_type!r} with {settings}"
+    if not bool(torch.isfinite(ours.losses).all()):
+        raise AssertionError(f"{where}: non-finite losses {ours.losses.tolist()}")
+    if theirs.losses is None:
+        if not bool(torch.isfinite(theirs.loss)):
+            return 0
+        _close(ours.loss, theirs.loss, tol, f"{where}: loss")
+        mine, trl = ours.loss, theirs.loss
+        compared = len(ours.losses)
+    else:
+        finite = torch.isfinite(theirs.losses)
+        _close(ours.losses[finite], theirs.losses[finite], tol, f"{where}: per-pair losses")
+        if bool(finite.all()):
+            _close(ours.loss, theirs.loss, tol, f"{where}: loss")
+        mine, trl = ours.losses[finite].sum(), theirs.losses[finite].sum()  # pairs are independent: per-pair gradients
+        compared = int(finite.sum())
+    grads = torch.autograd.grad(mine, list(leaves.values()), allow_unused=True, retain_graph=True)
+    trl_grads = torch.autograd.grad(trl, list(leaves.values()), allow_unused=True)
+    for key, g, t in zip(leaves, grads, trl_grads):
+        zero = torch.zeros_like(leaves[key])
+        g, t = zero if g is None else g, zero if t is None else t
+        if not bool(torch.isfinite(g).all()):
+            raise AssertionError(f"{where}: non-finite gradient with respect to {key}: {g.tolist()}")
+        finite = torch.isfinite(t)  # TRL's backward can give inf * 0 where its loss is finite
+        _close(g[finite], t[finite], tol, f"{where}: gradient with respect to {key}")
+    return compared
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+    except AssertionError as exc:
+        raise AssertionError(f"{what} differ: {exc}") from None
 
 
 def _sequence_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, nc: torch.Tensor,

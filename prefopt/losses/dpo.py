@@ -7,16 +7,18 @@ from __future__ import annotations
 import pydantic
 from pydantic import Field
 
-from prefopt.losses.base import LEGACY_NEEDS, Feature, Loss, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
-from prefopt.losses.fdivergence import FDivergenceConfig, f_scores
+from prefopt.losses.base import LEGACY_NEEDS, Feature, Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
-class DPOConfig(FDivergenceConfig):
+class DPOConfig(LossConfig):
     beta: float = Field(0.1, gt=0, description="Inverse temperature: strength of the implicit KL penalty.")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Fraction of flipped labels assumed (conservative DPO); 0 is plain DPO."
     )
     reference_free: bool = Field(False, description="Use a uniform reference (no reference model at all).")
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 class DPO(Loss):

@@ -8,7 +8,7 @@ losses built on the chosen-minus-rejected score difference take these scores in 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +22,13 @@ FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 EXP_MAX = 80.0
 
 
-class FDivergenceConfig(LossConfig):
-    """Config fields of a loss that takes TRL's ``f_divergence_type``."""
-
-    f_divergence_type: FDivergence = Field(
-        "reverse_kl",
-        description="f-divergence to the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence.",
-    )
-    f_alpha_divergence_coef: float = Field(
-        0.5, gt=0, description="alpha of alpha_divergence (alpha -> 1 is reverse_kl); unused by the other divergences."
-    )
+# Config fields of a loss that takes TRL's f_divergence_type: declare both, after the loss's own fields:
+#     f_divergence_type: FDivergenceType = "reverse_kl"
+#     f_alpha_divergence_coef: FAlphaCoef = 0.5
+FDivergenceType = Annotated[FDivergence, Field(
+    description="f-divergence to the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence."
+)]
+FAlphaCoef = Annotated[float, Field(gt=0, description="alpha of alpha_divergence (alpha -> 1 is reverse_kl); unused by the other divergences.")]
 
 
 def f_score(logratio: torch.Tensor, kind: FDivergence, alpha: float = 0.5) -> torch.Tensor:
@@ -51,7 +48,7 @@ def f_score(logratio: torch.Tensor, kind: FDivergence, alpha: float = 0.5) -> to
     raise ValueError(f"unknown f_divergence_type {kind!r}")
 
 
-def f_scores(chosen: torch.Tensor, rejected: torch.Tensor, config: FDivergenceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chosen and rejected log-ratios as scores under ``config``'s f-divergence."""
+def f_scores(chosen: torch.Tensor, rejected: torch.Tensor, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen and rejected log-ratios as scores under ``config``'s ``f_divergence_type`` (see above)."""
     kind, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
     return f_score(chosen, kind, alpha), f_score(rejected, kind, alpha)

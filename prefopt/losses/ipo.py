@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, Field
 
-from prefopt.losses.base import Loss, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
-from prefopt.losses.fdivergence import FDivergenceConfig, f_scores
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
-class IPOConfig(FDivergenceConfig):
+class IPOConfig(LossConfig):
     tau: float = Field(
         0.1, gt=0, validation_alias=AliasChoices("tau", "beta"),
         description="Regularisation strength; the target margin is 1 / (2 tau). TRL's name for it, beta, is accepted.",
@@ -16,6 +16,8 @@ class IPOConfig(FDivergenceConfig):
         True,
         description="Average log-ratios over completion tokens (TRL's default); false sums them (the DPO reference repo).",
     )
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 class IPO(Loss):

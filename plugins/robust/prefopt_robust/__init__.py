@@ -4,15 +4,17 @@ from __future__ import annotations
 from pydantic import Field
 
 import prefopt
-from prefopt.losses.base import Loss, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
-from prefopt.losses.fdivergence import FDivergenceConfig, f_scores
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
-class RobustDPOConfig(FDivergenceConfig):
+class RobustDPOConfig(LossConfig):
     beta: float = Field(0.1, gt=0, description="Inverse temperature, as in DPO.")
     label_smoothing: float = Field(
         0.1, ge=0, lt=0.5, description="Assumed fraction eps of flipped preference labels; 0 is plain DPO."
     )
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 class RobustDPO(Loss):

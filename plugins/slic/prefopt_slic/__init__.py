@@ -5,12 +5,14 @@ import torch
 from pydantic import Field
 
 import prefopt
-from prefopt.losses.base import Loss, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
-from prefopt.losses.fdivergence import FDivergenceConfig, f_scores
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
-class SLiCConfig(FDivergenceConfig):
+class SLiCConfig(LossConfig):
     beta: float = Field(0.1, gt=0, description="Scale of the margin h; the hinge is 0 once h >= 1 / beta.")
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 class SLiC(Loss):

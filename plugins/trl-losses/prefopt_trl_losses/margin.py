@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prefopt.losses.base import Loss, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
-from prefopt.losses.fdivergence import FDivergenceConfig, f_scores
+from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
-class MarginConfig(FDivergenceConfig):
+class MarginConfig(LossConfig):
     beta: float = Field(0.1, gt=0, description="Inverse temperature: scale of the score margin.")
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 def _margin(loss: Loss, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -179,6 +179,13 @@ def test_not_installed_loss_names_its_package(not_installed):
     assert "'simpo' is provided by the first-party package prefopt-simpo (pip install ./plugins/simpo from the prefopt repository)" in message
 
 
+def test_not_installed_trl_names_point_to_their_packages(not_installed):
+    with pytest.raises(ConfigError, match=r"'apo_zero' is provided by the first-party package prefopt-trl-losses \(pip install ./plugins/trl-losses "):
+        build_loss({"name": "apo_zero"})
+    with pytest.raises(ConfigError, match=r"'hinge' is provided by the first-party package prefopt-slic \(pip install ./plugins/slic "):
+        build_loss({"name": "hinge"})
+
+
 def test_not_installed_message_suggests_the_closest_name(not_installed):
     with pytest.raises(ConfigError, match=r"did you mean 'robust'\?.*prefopt-robust \(pip install ./plugins/robust"):
         build_loss({"name": "robust_dpo"})

@@ -37,7 +37,7 @@ def test_losses_json(capsys):
     data = json.loads(_run(capsys, "losses", "--json"))
     assert data["conflicts"] == {} and data["broken"] == []
     rows = {row["name"]: row for row in data["losses"]}
-    assert list(rows) == ["dpo", "ipo", "sft", "tdpo"]
+    assert list(rows) == ["dpo", "ipo", "sft", "sigmoid", "tdpo"]
     version = plugins.plugin_info("prefopt").version
     for cls in (DPO, IPO, SFT, TDPO):
         row = rows[cls.name]
@@ -58,7 +58,7 @@ def test_losses_json(capsys):
     assert dpo["label_smoothing"]["default"] == 0.0 and dpo["reference_free"]["type"] == "bool"
     variant = {f["name"]: f for f in rows["tdpo"]["fields"]}["variant"]
     assert variant["required"] is True and variant["default"] is None and "tdpo1" in variant["type"]
-    assert rows["sft"]["fields"] == []
+    assert [f["name"] for f in rows["sft"]["fields"]] == ["normalize"]
 
 
 def test_describe_matches_json(capsys):

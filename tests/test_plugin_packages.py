@@ -28,22 +28,28 @@ from prefopt.losses.base import reference_for
 from prefopt.config import load_config
 from prefopt.errors import ConfigError
 from prefopt.plugins.registry import FIRST_PARTY, get_registry
+from prefopt.testing import assert_matches_trl, trl_inputs
+from prefopt.testing.trl import F_DIVERGENCE_LOSS_TYPES, TRL_LOSS_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
-# loss name -> (package directory, distribution, import package)
+# package directory -> (distribution, import package, the losses it provides, the first one trained below)
 PACKAGES = {
-    "simpo": ("plugins/simpo", "prefopt-simpo", "prefopt_simpo"),
-    "orpo": ("plugins/orpo", "prefopt-orpo", "prefopt_orpo"),
-    "slic": ("plugins/slic", "prefopt-slic", "prefopt_slic"),
-    "robust": ("plugins/robust", "prefopt-robust", "prefopt_robust"),
-    "wpo": ("plugins/wpo", "prefopt-wpo", "prefopt_wpo"),
-    "ld_dpo": ("plugins/ld-dpo", "prefopt-ld-dpo", "prefopt_ld_dpo"),
-    "plackett_luce": ("plugins/plackett-luce", "prefopt-plackett-luce", "prefopt_plackett_luce"),
-    "kto": ("plugins/kto", "prefopt-kto", "prefopt_kto"),
-    "example_margin": ("examples/custom_loss", "prefopt-example-loss", "prefopt_example_loss"),
+    "plugins/simpo": ("prefopt-simpo", "prefopt_simpo", ["simpo"]),
+    "plugins/orpo": ("prefopt-orpo", "prefopt_orpo", ["orpo"]),
+    "plugins/slic": ("prefopt-slic", "prefopt_slic", ["slic", "hinge"]),
+    "plugins/robust": ("prefopt-robust", "prefopt_robust", ["robust"]),
+    "plugins/wpo": ("prefopt-wpo", "prefopt_wpo", ["wpo"]),
+    "plugins/ld-dpo": ("prefopt-ld-dpo", "prefopt_ld_dpo", ["ld_dpo"]),
+    "plugins/trl-losses": ("prefopt-trl-losses", "prefopt_trl_losses", [
+        "aot", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]),
+    "plugins/plackett-luce": ("prefopt-plackett-luce", "prefopt_plackett_luce", ["plackett_luce"]),
+    "plugins/kto": ("prefopt-kto", "prefopt_kto", ["kto"]),
+    "examples/custom_loss": ("prefopt-example-loss", "prefopt_example_loss", ["example_margin"]),
 }
+# loss name -> (package directory, distribution, import package)
+LOSSES = {name: (directory, dist, module) for directory, (dist, module, names) in PACKAGES.items() for name in names}
 REFERENCE_FREE = {"simpo", "orpo"}
-PAIRWISE = [name for name in PACKAGES if name != "kto"]  # kto takes labelled completions, not pairs
+PAIRWISE = [names[0] for _, _, names in PACKAGES.values() if names != ["kto"]]  # kto takes labelled completions, not pairs
 
 INPUTS = LossInputs(
     policy_chosen_logps=[-4.0, -10.0, -1.0],
@@ -60,7 +66,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every package pip-installed (offline, no dependencies) into one target directory."""
     root = tmp_path_factory.mktemp("plugin-packages")
     sources = []
-    for directory, _, _ in PACKAGES.values():
+    for directory in PACKAGES:
         # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
         dest = root / "src" / Path(directory).name
         shutil.copytree(REPO / directory, dest, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -86,7 +92,7 @@ def installed(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
     _reload_plugins()
     yield plugin_site
     sys.path.remove(str(plugin_site))
-    for _, _, module in PACKAGES.values():
+    for _, module, _ in PACKAGES.values():
         sys.modules.pop(module, None)
     _reload_plugins()
 
@@ -103,17 +109,17 @@ def not_installed(monkeypatch: pytest.MonkeyPatch):
 
 def test_each_package_provides_its_loss_by_name(installed):
     reg = get_registry()
-    for name, (_, dist, module) in PACKAGES.items():
+    for name, (_, dist, module) in LOSSES.items():
         entry = reg.losses[name]
-        assert (entry.dist, entry.version, entry.cls.__module__) == (dist, "0.1.0", module)
+        assert (entry.dist, entry.version, entry.cls.__module__.split(".")[0]) == (dist, "0.1.0", module)
         loss = build_loss({"name": name})
         assert type(loss) is entry.cls
     assert not reg.conflicts and not reg.broken
-    assert {name: dist for name, (_, dist, _) in PACKAGES.items() if name in FIRST_PARTY} == FIRST_PARTY
+    assert {name: dist for name, (_, dist, _) in LOSSES.items() if name in FIRST_PARTY} == FIRST_PARTY
 
 
 def test_reference_free_losses_declare_no_reference(installed):
-    for name in PACKAGES:
+    for name in LOSSES:
         expected = Reference.NONE if name in REFERENCE_FREE else Reference.LOGPS
         assert reference_for(build_loss({"name": name}).needs) is expected, name
     # Combined with a built-in: the engine serves the most demanding term.
@@ -124,8 +130,8 @@ def test_reference_free_losses_declare_no_reference(installed):
 def test_plugins_command_lists_distributions_versions_and_losses(installed, capsys):
     assert cli.main(["plugins", "--json"]) == 0
     rows = {row["package"]: row for row in json.loads(capsys.readouterr().out)}
-    for name, (_, dist, _) in PACKAGES.items():
-        assert rows[dist]["version"] == "0.1.0" and rows[dist]["losses"] == [name] and rows[dist]["error"] is None
+    for dist, _, names in PACKAGES.values():
+        assert rows[dist]["version"] == "0.1.0" and sorted(rows[dist]["losses"]) == sorted(names) and rows[dist]["error"] is None
     assert {"dpo", "ipo", "sft", "tdpo"} <= set(rows["prefopt"]["losses"])
     assert cli.main(["plugins"]) == 0
     text = capsys.readouterr().out
@@ -170,12 +176,19 @@ def test_yaml_config_selects_a_plugin_loss(installed, tmp_path):
 
 def test_not_installed_loss_names_its_package(not_installed):
     builtin = ", ".join(sorted(get_registry().losses))
-    assert "dpo, ipo, sft, tdpo" in builtin and "simpo" not in builtin
+    assert "dpo, ipo, sft, sigmoid, tdpo" in builtin and "simpo" not in builtin
     with pytest.raises(ConfigError) as err:
         build_loss({"name": "simpo"})
     message = str(err.value)
     assert f"installed losses: {builtin}" in message
     assert "'simpo' is provided by the first-party package prefopt-simpo (pip install ./plugins/simpo from the prefopt repository)" in message
+
+
+def test_not_installed_trl_names_point_to_their_packages(not_installed):
+    with pytest.raises(ConfigError, match=r"'apo_zero' is provided by the first-party package prefopt-trl-losses \(pip install ./plugins/trl-losses "):
+        build_loss({"name": "apo_zero"})
+    with pytest.raises(ConfigError, match=r"'hinge' is provided by the first-party package prefopt-slic \(pip install ./plugins/slic "):
+        build_loss({"name": "hinge"})
 
 
 def test_not_installed_message_suggests_the_closest_name(not_installed):
@@ -187,7 +200,7 @@ def test_not_installed_message_suggests_the_closest_name(not_installed):
 
 
 def test_each_package_passes_its_own_tests(plugin_site):
-    dirs = [str(Path(directory) / "tests") for directory, _, _ in PACKAGES.values()]
+    dirs = [str(Path(directory) / "tests") for directory in PACKAGES]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), str(REPO)])}
     env.pop("PREFOPT_LOAD_PLUGINS", None)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", *dirs]
@@ -195,6 +208,21 @@ def test_each_package_passes_its_own_tests(plugin_site):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # Only the comparisons with TRL may skip, and only where TRL is not installed.
     assert " passed" in result.stdout and ("skipped" not in result.stdout or importlib.util.find_spec("trl") is None)
+
+
+def test_every_trl_loss_type_matches_trls_own_code(installed):
+    """Each TRL 1.16 loss type, by its TRL name and parameters, against TRL's _compute_loss: float64, within 1e-9."""
+    pytest.importorskip("trl")
+    extra = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.2}, "aot": {"label_smoothing": 0.1},
+             "aot_unpaired": {"label_smoothing": 0.1}, "discopop": {"discopop_tau": 0.05}}
+    inputs = trl_inputs(6, seed=7)
+    for loss_type in TRL_LOSS_TYPES:
+        divergences = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence") if loss_type in F_DIVERGENCE_LOSS_TYPES else ("reverse_kl",)
+        for divergence in divergences:
+            settings = {"beta": 0.7, **extra.get(loss_type, {}), "f_divergence_type": divergence, "f_alpha_divergence_coef": 0.4}
+            ours = {k: v for k, v in settings.items() if not k.startswith("f_") or loss_type in F_DIVERGENCE_LOSS_TYPES}
+            spec = {"name": "sft", "normalize": "token"} if loss_type == "sft" else {"name": loss_type, **ours}
+            assert assert_matches_trl(build_loss(spec), loss_type, inputs, **settings) > 0, (loss_type, divergence)
 
 
 def test_writing_a_loss_page_shows_the_example_package_verbatim():

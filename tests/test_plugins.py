@@ -206,7 +206,7 @@ def test_a_hook_returning_a_non_loss_is_flagged(monkeypatch):
     registry.reset()
     [bad] = get_registry().broken
     assert bad.name == "junk" and "not a prefopt.Loss subclass" in bad.error
-    assert sorted(get_registry().losses) == ["dpo", "ipo", "sft", "tdpo"]
+    assert sorted(get_registry().losses) == ["dpo", "ipo", "sft", "sigmoid", "tdpo"]
 
 
 # ---------------------------------------------------------------- config errors
@@ -250,7 +250,7 @@ def test_unknown_name_lists_installed_and_suggests_closest(monkeypatch):
         build_loss({"name": "tdpoo"})
     message = str(err.value)
     assert "unknown loss 'tdpoo'" in message
-    assert "installed losses: dpo, ipo, sft, tdpo" in message
+    assert "installed losses: dpo, ipo, sft, sigmoid, tdpo" in message
     assert "did you mean 'tdpo'?" in message
 
 
@@ -258,7 +258,7 @@ def test_unknown_name_with_nothing_close(monkeypatch):
     monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
     with pytest.raises(ConfigError) as err:
         build_loss({"name": "zzzzzz"})
-    assert "installed losses: dpo, ipo, sft, tdpo" in str(err.value) and "did you mean" not in str(err.value)
+    assert "installed losses: dpo, ipo, sft, sigmoid, tdpo" in str(err.value) and "did you mean" not in str(err.value)
 
 
 # ---------------------------------------------------------------- PREFOPT_LOAD_PLUGINS
@@ -313,5 +313,5 @@ def test_reference_needs_of_the_builtins(monkeypatch):
 
     monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "")
     needs = {name: e.cls.reference for name, e in get_registry().losses.items()}
-    assert needs == {"dpo": Reference.LOGPS, "ipo": Reference.LOGPS, "tdpo": Reference.TOKEN_KL, "sft": Reference.NONE}
+    assert needs == {"dpo": Reference.LOGPS, "sigmoid": Reference.LOGPS, "ipo": Reference.LOGPS, "tdpo": Reference.TOKEN_KL, "sft": Reference.NONE}
     assert reference_for(build_loss({"name": "dpo", "reference_free": True}).needs) is Reference.NONE

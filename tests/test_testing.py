@@ -260,7 +260,7 @@ def test_config_dependent_needs_are_checked_per_listed_config():
     broken = type("BrokenFree", (DPO,), {"name": "broken_free", "needs": property(lambda self: Reference.NONE)})
     with pytest.raises(AssertionError, match=r"BrokenFree \('broken_free'\): on ordinary inputs .*ref_chosen_logps is required"):
         check_loss(broken)
-    with pytest.raises(AssertionError, match=r"with \{'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False\}: on ordinary"):
+    with pytest.raises(AssertionError, match=r"with \{'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False, 'f_divergence_type': 'reverse_kl', 'f_alpha_divergence_coef': 0.5\}: on ordinary"):
         check_loss(broken, configs=[{"reference_free": True}, {"reference_free": False}])
 
 

@@ -271,8 +271,9 @@ class Loss:
     """Base class of every preference loss, built-in or from a plugin.
 
     Subclasses set ``name``, ``Config`` (a :class:`LossConfig`), ``features`` (or
-    the legacy ``reference``) and, beyond pairs, ``takes``, and implement :meth:`forward`. ``DPO(beta=0.2)`` or ``DPO(DPO.Config(beta=0.2))``
-    both build one; call it on :class:`LossInputs`.
+    the legacy ``reference``) and, beyond pairs, ``takes``; declare ``couples_pairs`` if the
+    examples of a batch interact; and implement :meth:`forward`. ``DPO(beta=0.2)`` or
+    ``DPO(DPO.Config(beta=0.2))`` both build one; call it on :class:`LossInputs`.
     """
 
     name: ClassVar[str]
@@ -283,7 +284,12 @@ class Loss:
     reduction: ClassVar[str] = "mean"  # how ``loss`` reduces ``losses``: "mean", "sum", or a stated other
     sign_exempt: ClassVar[str | None] = None  # why descending need not favour chosen at the reference point
     takes: ClassVar[frozenset[str]] = frozenset({"pairs"})  # the data it trains on: of "pairs", "rankings", "labelled"
-    couples_examples: ClassVar[str | None] = None  # why an example's loss may depend on other examples of the batch
+    # True when an example's loss depends on the other examples of its batch (a sort across the
+    # batch, a batch-wide normaliser or reference point): the batch must then be computed whole,
+    # and the kit checks that the loss ignores the order of the examples instead of checking them
+    # one by one. Read it from the configured loss; a loss whose coupling depends on its config
+    # overrides it with a property.
+    couples_pairs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

@@ -28,6 +28,10 @@ class WeightedLoss:
         """The data every term takes."""
         return takes_of(self)
 
+    @property
+    def couples_pairs(self) -> bool:
+        return any(loss.couples_pairs for _, loss in self.terms)
+
     def __call__(self, inputs: LossInputs) -> LossOutput:
         total: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}

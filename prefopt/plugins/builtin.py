@@ -1,6 +1,6 @@
 """The built-in losses, registered through the same hook as any third-party plugin."""
 from prefopt.plugins.hookspecs import hookimpl
-from prefopt.losses.dpo import DPO
+from prefopt.losses.dpo import DPO, Sigmoid
 from prefopt.losses.ipo import IPO
 from prefopt.losses.sft import SFT
 from prefopt.losses.tdpo import TDPO
@@ -8,4 +8,4 @@ from prefopt.losses.tdpo import TDPO
 
 @hookimpl
 def register_losses() -> list[type]:
-    return [DPO, IPO, TDPO, SFT]
+    return [DPO, Sigmoid, IPO, TDPO, SFT]

@@ -15,8 +15,10 @@ from prefopt.losses.combined import WeightedLoss
 # Losses shipped as first-party packages in plugins/<dir>: loss name -> distribution.
 # Named (and suggested) in the error when a config selects one that is not installed.
 FIRST_PARTY = {
-    "simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "robust": "prefopt-robust",
-    "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo", "plackett_luce": "prefopt-plackett-luce", "kto": "prefopt-kto",
+    "simpo": "prefopt-simpo", "orpo": "prefopt-orpo", "slic": "prefopt-slic", "hinge": "prefopt-slic",
+    "robust": "prefopt-robust", "wpo": "prefopt-wpo", "ld_dpo": "prefopt-ld-dpo", "plackett_luce": "prefopt-plackett-luce", "kto": "prefopt-kto",
+    **dict.fromkeys(["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+                     "discopop", "sigmoid_norm"], "prefopt-trl-losses"),
 }
 
 

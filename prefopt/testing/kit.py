@@ -3,11 +3,12 @@
 ``registered(MyLoss)`` makes a loss selectable by name for the duration of a
 ``with`` block, without installing anything. ``check_loss(MyLoss)`` runs a loss
 class through the contract every loss must honour, its math included, and raises
-``AssertionError`` with a message per broken rule. ``trl_dpo_loss`` runs TRL's own
-DPO loss code on given per-token values, for parity tests of TRL-style losses.
+``AssertionError`` with a message per broken rule. TRL's own losses, for parity
+tests, are in :mod:`prefopt.testing.trl`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import torch
 from prefopt.plugins import manager as plugins, registry
 from prefopt.plugins.hookspecs import hookimpl
 from prefopt.testing.losscheck import CASES, GROUP_CASES, Case, Synthetic, run_on, run_on_groups, shape, synthetic_group_inputs, synthetic_inputs
-from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, Tokens, as_needs, takes_of
+from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, as_needs, takes_of
 from prefopt.engine.syncs import SyncCounter
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
@@ -65,7 +66,8 @@ def check_loss(loss_cls: type[Loss], config: ConfigLike = None, *, configs: Sequ
     ``reduction`` states); metrics are finite detached scalars, with the reward metrics
     for a loss that reads the rejected completion; every declared feature is read and
     no undeclared one; forward and backward read nothing back to the host (a GPU sync);
-    per-pair losses depend only on their own pair; and at the
+    per-pair losses depend only on their own pair (or, for a loss that declares
+    ``couples_pairs``, the loss not on the order of the pairs); and at the
     reference point a step down the loss raises each chosen log-ratio and lowers each
     rejected one (unless ``sign_exempt`` gives the reason it need not).
     """
@@ -151,7 +153,7 @@ def _check_configured(loss: Loss, where: str) -> None:
 
 def _check_groups(loss: Loss, kind: str, needs: frozenset[Feature], where: str) -> set[str]:
     """The contract on group inputs of ``kind``: shapes, finite values and gradients, metrics, no host reads,
-    examples independent (unless the loss says why not), and the sign at the reference point. Returns the fields read."""
+    examples independent (unless the loss declares couples_pairs), and the sign at the reference point. Returns the fields read."""
     reads: set[str] = set()
     label = f"{where}: on {kind}"
     for case_name, case in GROUP_CASES[kind].items():
@@ -171,12 +173,12 @@ def _check_groups(loss: Loss, kind: str, needs: frozenset[Feature], where: str) 
     with SyncCounter() as host:
         loss(syn.inputs).loss.backward()
     _expect(host.count == 0, f"{label}: reads values back to the host in forward or backward ({', '.join(sorted(host.ops))}), a GPU sync per step")
-    if type(loss).couples_examples is None:
+    if not loss.couples_pairs:
         with torch.no_grad():
             base = run_on_groups(loss, case, needs)[1].losses
             changed = run_on_groups(loss, case.perturbed(0), needs)[1].losses
         _expect(torch.allclose(base[1:], changed[1:], rtol=1e-5, atol=1e-6), f"{label}: changing prompt 0 changed the losses of others "
-                "(set couples_examples = '<reason>' on the class if that is meant)")
+                "(set couples_pairs = True on the class if that is meant)")
     _check_group_sign(loss, kind, case, needs, label)
     return reads
 
@@ -235,7 +237,14 @@ def _check_no_host_reads(loss: Loss, case: Case, needs: frozenset[Feature], wher
 
 
 def _check_independent(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
-    """Changing every input of pair j leaves the per-pair loss of every other pair unchanged."""
+    """Changing every input of pair j leaves the per-pair loss of every other pair unchanged.
+
+    A loss that declares ``couples_pairs`` is exempt; its batch loss must instead not depend
+    on the order of the pairs.
+    """
+    if loss.couples_pairs:
+        _check_order_free(loss, case, needs, where)
+        return
     with torch.no_grad():
         base = run_on(loss, case, needs)[1].losses
         for j in (0, case.num_pairs - 1):
@@ -246,6 +255,17 @@ def _check_independent(loss: Loss, case: Case, needs: frozenset[Feature], where:
                         f"{where}: per-pair losses mix pairs: changing the inputs of pair {j} changed the loss of pair {i} "
                         f"({base[i].item():.6g} -> {changed[i].item():.6g}); losses[i] must depend on pair i only"
                     )
+
+
+def _check_order_free(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
+    b = case.num_pairs
+    order = [*reversed(range(b)), *(b + i for i in reversed(range(b)))]
+    swap = lambda values: tuple(values[k] for k in order)  # noqa: E731
+    reordered = dataclasses.replace(case, **{f.name: swap(getattr(case, f.name)) for f in dataclasses.fields(case)})
+    with torch.no_grad():
+        base, other = run_on(loss, case, needs)[1].loss, run_on(loss, reordered, needs)[1].loss
+    _expect(torch.allclose(base, other, rtol=1e-5, atol=1e-6), f"{where}: declares couples_pairs, but its loss depends on the "
+            f"order of the pairs in the batch ({base.item():.6g} -> {other.item():.6g} when reversed)")
 
 
 def _check_sign(loss: Loss, case: Case, needs: frozenset[Feature], where: str) -> None:
@@ -280,75 +300,3 @@ def _check_metrics(where: str, metrics: object, case: str) -> None:
             value = value.item()
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: metric {key!r} must be a number, got {type(value).__name__}")
         _expect(torch.isfinite(torch.tensor(float(value))).item(), f"{where}: metric {key!r} is not finite on {case} inputs: {value}")
-
-
-def trl_dpo_loss(policy: Tokens, ref: Tokens, beta: float, *, logsumsq: Tokens | None = None,
-                 ld_alpha: float | None = None) -> torch.Tensor:
-    """TRL's own ``DPOTrainer`` loss (``loss_type="sigmoid"``) on these per-token log-probs, for parity tests.
-
-    Runs TRL's loss computation with the per-token outputs of its model replaced by
-    ``policy`` (differentiable), ``ref`` and ``logsumsq`` (which turns on TRL's
-    ``use_weighting``, WPO); ``ld_alpha`` is TRL's LD-DPO option. Each completion sits
-    after a one-token prompt, so positions line up as in a real batch. Requires ``trl``.
-    """
-    from collections import defaultdict
-    from types import SimpleNamespace
-
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    values, mask = policy.padded()
-    rows, width = values.shape
-    completion_mask = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)  # prompt token first
-
-    class Head(torch.nn.Module):  # stands in for a model called with fused_lm_head=True
-        is_gradient_checkpointing = False
-
-        def __init__(self, logps: torch.Tensor) -> None:
-            super().__init__()
-            self.logps = logps
-
-        def forward(self, **_: Any) -> SimpleNamespace:
-            zeros = torch.zeros(rows, width)
-            lss = logsumsq.padded()[0] if logsumsq is not None else zeros
-            return SimpleNamespace(log_probs=self.logps, log_sum_sq_probs=lss, entropy=zeros, mean_logits=zeros,
-                                   is_top1=torch.zeros(rows, width, dtype=torch.bool), aux_loss=None)
-
-    model = Head(values)
-    identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
-    trainer = SimpleNamespace(
-        model=model, ref_model=Head(ref.padded()[0].detach()), accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
-        args=SimpleNamespace(gradient_checkpointing_kwargs=None), aux_loss_enabled=False, precompute_ref_logps=False,
-        ld_alpha=ld_alpha, use_weighting=logsumsq is not None, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
-        loss_weights=[1.0], beta=beta, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1,
-    )
-    inputs = {"input_ids": torch.ones(rows, width + 1, dtype=torch.long), "attention_mask": torch.ones(rows, width + 1, dtype=torch.long),
-              "completion_mask": completion_mask}
-    return DPOTrainer._compute_loss(trainer, model, inputs, False)
-
-
-def trl_kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, mismatched: torch.Tensor,
-                 ref_mismatched: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """TRL's own ``KTOTrainer`` loss (``loss_type="kto"``) on these summed log-probs, one completion per example,
-    and the metrics it logs. ``policy`` may require grad; the reference values are TRL's precomputed ones
-    (``ref_logps``, ``ref_KL_logps``); ``mismatched`` are the policy's ``KL_logps``. Requires ``trl``."""
-    from collections import defaultdict
-    from types import SimpleNamespace
-
-    from trl.trainer.kto_trainer import KTOTrainer
-
-    n = policy.shape[0]
-    zeros = torch.zeros(n, 1, dtype=policy.dtype)
-    model = lambda **_: SimpleNamespace(log_probs=policy[:, None], entropy=zeros, mean_logits=zeros)  # noqa: E731
-    identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity),
-        calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1, _compute_kl_logps=lambda model, batch: mismatched,
-    )
-    inputs = {"input_ids": torch.ones(n, 2, dtype=torch.long), "attention_mask": torch.ones(n, 2, dtype=torch.long),
-              "completion_mask": torch.tensor([[0, 1]] * n), "label": labels.to(torch.bool), "ref_logps": ref, "ref_KL_logps": ref_mismatched}
-    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
-    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}

@@ -27,7 +27,7 @@ class KTO(Loss):
     features = frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS})
     takes = frozenset({"labelled"})
     reduction = "mean over the batch's labelled completions (each prompt's loss sums its completions' terms), as TRL"
-    couples_examples = "the reference point z0 is the batch mean of the mismatched log-ratios (detached), as in TRL"
+    couples_pairs = True  # the reference point z0 is the batch mean of the mismatched log-ratios (detached), as in TRL
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         cfg = self.config

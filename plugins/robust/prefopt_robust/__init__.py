@@ -5,6 +5,7 @@ from pydantic import Field
 
 import prefopt
 from prefopt.losses.base import Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 
 class RobustDPOConfig(LossConfig):
@@ -12,10 +13,15 @@ class RobustDPOConfig(LossConfig):
     label_smoothing: float = Field(
         0.1, ge=0, lt=0.5, description="Assumed fraction eps of flipped preference labels; 0 is plain DPO."
     )
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: FAlphaCoef = 0.5
 
 
 class RobustDPO(Loss):
-    """``((1 - eps) * l(beta h) - eps * l(-beta h)) / (1 - 2 eps)`` with ``l(x) = -logsigmoid(x)``."""
+    """``((1 - eps) * l(beta h) - eps * l(-beta h)) / (1 - 2 eps)`` with ``l(x) = -logsigmoid(x)`` (TRL's ``robust``).
+
+    ``h`` is the log-ratio margin, or the f-divergence score difference.
+    """
 
     name = "robust"
     Config = RobustDPOConfig
@@ -24,10 +30,10 @@ class RobustDPO(Loss):
     def forward(self, inputs: LossInputs) -> LossOutput:
         beta, eps = self.config.beta, self.config.label_smoothing
         chosen, rejected = log_ratios(inputs)
-        chosen, rejected = beta * chosen, beta * rejected
-        logits = chosen - rejected
+        score_chosen, score_rejected = f_scores(chosen, rejected, self.config)
+        logits = beta * (score_chosen - score_rejected)
         losses = ((1 - eps) * preference_loss(logits) - eps * preference_loss(-logits)) / (1 - 2 * eps)
-        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+        return LossOutput(losses.mean(), losses, reward_metrics(beta * chosen, beta * rejected, inputs))
 
 
 @prefopt.hookimpl

@@ -58,3 +58,14 @@ def test_selectable_by_name():
     with registered(RobustDPO):
         loss = build_loss({"name": "robust", "label_smoothing": 0.25})
     assert isinstance(loss, RobustDPO) and reference_for(loss.needs) is Reference.LOGPS
+
+
+@pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_matches_trls_own_code(f_divergence_type):
+    settings = {"beta": 0.5, "label_smoothing": 0.2, "f_divergence_type": f_divergence_type}
+    check_loss(RobustDPO, settings)
+    pytest.importorskip("trl")
+    from prefopt.testing import assert_matches_trl, trl_inputs
+
+    for seed in range(2):
+        assert assert_matches_trl(RobustDPO(**settings), "robust", trl_inputs(seed=seed), **settings) > 0

@@ -44,3 +44,24 @@ def test_needs_reference_log_probs_and_selectable_by_name():
     with registered(SLiC):
         loss = build_loss({"name": "slic", "beta": 0.5})
     assert isinstance(loss, SLiC) and reference_for(loss.needs) is Reference.LOGPS
+
+
+def test_hinge_is_slic_under_trls_name():
+    from prefopt_slic import Hinge
+
+    check_loss(Hinge, configs=[None, {"f_divergence_type": "js_divergence"}, {"f_divergence_type": "alpha_divergence"}])
+    with registered(SLiC, Hinge):
+        hinge = build_loss({"name": "hinge", "beta": 0.1})
+    assert type(hinge) is Hinge and isinstance(hinge, SLiC)
+    torch.testing.assert_close(hinge(PUBLISHED).losses, SLiC(beta=0.1)(PUBLISHED).losses)
+
+
+@pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_hinge_matches_trls_own_code(f_divergence_type):
+    pytest.importorskip("trl")
+    from prefopt.testing import assert_matches_trl, trl_inputs
+    from prefopt_slic import Hinge
+
+    settings = {"beta": 0.5, "f_divergence_type": f_divergence_type}
+    for seed in range(2):
+        assert assert_matches_trl(Hinge(**settings), "hinge", trl_inputs(seed=seed), **settings) > 0

@@ -155,3 +155,18 @@ def test_trl_helper_catches_a_wrong_loss():
 
     with pytest.raises(AssertionError, match="vs TRL's 'hinge'.*per-pair losses differ"):
         assert_matches_trl(FlippedHinge(beta=0.5), "hinge", beta=0.5)
+
+
+def test_a_token_budget_is_refused_for_a_loss_that_couples_its_pairs(tmp_path):
+    """sft's token mean divides by the tokens of the whole batch: a budget that splits the batch would change it."""
+    from engine_helpers import make_config, write_assets
+
+    from prefopt.config import RunConfig
+    from prefopt.training.preflight import preflight
+
+    assets = write_assets(tmp_path / "assets", n_train=16, n_eval=4)
+    coupled = {"name": "sft", "normalize": "token"}
+    with pytest.raises(ConfigError, match=r"trainer.max_tokens_per_forward: loss 'sft' couples the pairs"):
+        preflight(RunConfig(**make_config(assets, tmp_path, loss=coupled, max_tokens_per_forward=64)), hub=False)
+    preflight(RunConfig(**make_config(assets, tmp_path, loss=coupled)), hub=False)  # no budget: accepted
+    preflight(RunConfig(**make_config(assets, tmp_path, max_tokens_per_forward=64)), hub=False)  # dpo: pairs independent

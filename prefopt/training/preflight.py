@@ -63,10 +63,23 @@ def preflight(config: RunConfig, hub: bool = True) -> None:
         if modules and not any(importlib.util.find_spec(mod) for mod in modules):
             problems.append(f"trainer.report_to: tracker {name!r} needs the {modules[0]} package (pip install {modules[0]})")
     problems.extend(_data_fits_loss(config))
+    problems.extend(_coupled_loss_fits_budget(config))
     problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
     problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _coupled_loss_fits_budget(config: RunConfig) -> list[str]:
+    """A loss whose pairs interact (``couples_pairs``, e.g. ``aot`` sorts across its batch) needs each micro-batch in
+    one forward: a token budget could split it and silently change the loss."""
+    budget = config.trainer.max_tokens_per_forward
+    loss = config.build_loss()
+    if budget is None or not loss.couples_pairs:
+        return []
+    return [f"trainer.max_tokens_per_forward: loss {loss.name!r} couples the pairs of its batch (its value depends on all of "
+            f"them together), so a token budget that splits a batch across forwards would change it; unset "
+            f"trainer.max_tokens_per_forward, or lower trainer.batch_size and raise trainer.grad_accum instead"]
 
 
 def _data_fits_loss(config: RunConfig) -> list[str]:

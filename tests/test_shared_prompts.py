@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,121 @@ def test_shared_layout_positions_and_key_pieces():
     assert batch["completion_lengths"].tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="same number of completions"):
         pack_shared([([1], [[2]]), ([1], [[2], [3]])], [0, 1], 2)
+
+
+# ---------------------------------------------------------------- runs: shared and unshared train the same model
+
+
+@pytest.fixture(scope="module")
+def long_prompt_assets(tmp_path_factory):
+    """Chats whose prompts are most of the tokens (some cut to max_prompt_length, some completions to max_length)."""
+    from engine_helpers import word_rows, write_jsonl
+    from prefopt.testing.tiny import build_tokenizer
+
+    root = tmp_path_factory.mktemp("long_prompts")
+    train, held = word_rows(1, 48, prompt=(6, 30), completion=(1, 12)), word_rows(2, 8, prompt=(6, 30), completion=(1, 12))
+    tokenizer = build_tokenizer([r[k] for r in train + held for k in ("prompt", "chosen", "rejected")] * 4, vocab_size=128)
+    tokenizer.save_pretrained(root / "tokenizer")
+    return {"train": str(write_jsonl(root / "train.jsonl", train)), "eval": str(write_jsonl(root / "eval.jsonl", held)),
+            "tokenizer": str(root / "tokenizer"), "vocab_size": len(tokenizer)}
+
+
+def _train_both(assets, tmp_path, **settings) -> tuple[dict, dict]:
+    """The same run unshared then shared; returns both configs."""
+    from engine_helpers import make_config, train_raw
+
+    common = dict(data__eval=assets["eval"], data__max_prompt_length=28, data__max_length=40, **settings)
+    configs = {}
+    for name, share in (("unshared", False), ("shared", True)):
+        configs[name] = make_config(assets, tmp_path / name, share_prompt=share, **common)
+        train_raw(configs[name])
+    return configs["unshared"], configs["shared"]
+
+
+def _assert_same_training(a: dict, b: dict, keys: tuple[str, ...], tol: float = 1e-5) -> None:
+    from safetensors.torch import load_file
+
+    from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, read_metrics
+
+    ra, rb = read_metrics(a["trainer"]["output_dir"]), read_metrics(b["trainer"]["output_dir"])
+    assert_rows_close(ra, rb, keys, abs=tol, rel=tol)
+    assert all(y["num_tokens"] < x["num_tokens"] for x, y in zip(ra, rb))  # the prompt computed once
+    assert_rows_close(eval_rows(a["trainer"]["output_dir"]), eval_rows(b["trainer"]["output_dir"]), ("eval/loss", "eval/rewards/margins"),
+                      abs=tol, rel=tol)
+    saved = lambda c: {p.name: load_file(str(p)) for p in Path(c["trainer"]["output_dir"]).glob("*.safetensors")}  # noqa: E731
+    wa, wb = saved(a), saved(b)  # the model, or a LoRA adapter
+    assert wa and wa.keys() == wb.keys()
+    for name in wa:
+        assert_weights_close(wa[name], wb[name], atol=tol, rtol=tol)
+
+
+def test_ten_steps_shared_and_unshared_with_a_cached_reference(long_prompt_assets, tmp_path, caplog):
+    """A 10-step trajectory (DPO, cached reference computed shared in one run, unshared in the other): losses,
+    rewards, gradient norms, held-out metrics and final weights within 1e-5; the two caches hold the same values."""
+    from safetensors.torch import load_file
+
+    caplog.set_level("INFO", logger="prefopt")
+    a, b = _train_both(long_prompt_assets, tmp_path, max_steps=10, reference__batch_size=5)
+    assert "shared prompts: on" in caplog.text and "shared prompts: off (set by trainer.share_prompt: false" in caplog.text
+    _assert_same_training(a, b, ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "grad_norm"))
+    files = {p.name: p for p in (tmp_path / "unshared" / "cache").glob("*.safetensors")}
+    assert len(files) == 2 and {p.name for p in (tmp_path / "shared" / "cache").glob("*.safetensors")} == set(files)  # one key
+    for file in files.values():
+        for name, value in load_file(str(file)).items():
+            torch.testing.assert_close(load_file(str(tmp_path / "shared" / "cache" / file.name))[name], value, atol=1e-5, rtol=1e-5)
+
+
+class _TokenMean:
+    """A loss reading per-token policy and (cached) reference log-probs, and the policy's per-token entropy."""
+
+    @staticmethod
+    def cls():
+        from prefopt.losses.base import Feature, Loss, LossConfig, LossOutput, preference_loss, reward_metrics
+
+        class TokenMean(Loss):
+            name = "shared-token-mean"
+            Config = LossConfig
+            features = frozenset({Feature.POLICY_TOKEN_LOGPS, Feature.REF_TOKEN_LOGPS, Feature.TOKEN_ENTROPY})
+
+            def forward(self, inputs):
+                ratio = inputs.policy_token_logps.like(inputs.policy_token_logps.values - inputs.ref_token_logps.values)
+                (c, r), (ec, er) = ratio.mean(), inputs.token_entropy.mean()
+                losses = preference_loss(c - r) + 0.01 * (ec + er)
+                return LossOutput(losses.mean(), losses, reward_metrics(c, r, inputs))
+
+        return TokenMean
+
+
+@pytest.mark.parametrize("setting", ["per-token-cache-budget", "live-kl-checkpointing", "lora"])
+def test_shared_prompts_train_like_unshared_with_every_feature(setting, long_prompt_assets, tmp_path):
+    """Per-token cached features with a token budget per forward; a live reference's token KL (TDPO) with
+    gradient checkpointing; LoRA with the adapter-disabled reference. Three steps each, within 1e-5."""
+    from prefopt.testing import registered
+
+    settings = {
+        "per-token-cache-budget": dict(loss={"name": "shared-token-mean"}, max_tokens_per_forward=150, reference__batch_size=3),
+        "live-kl-checkpointing": dict(loss={"name": "tdpo", "variant": "tdpo2"}, reference__mode="live", gradient_checkpointing=True),
+        "lora": dict(reference__mode="live", model__lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lr=1e-2),
+    }[setting]
+    with registered(_TokenMean.cls()):
+        a, b = _train_both(long_prompt_assets, tmp_path, max_steps=3, **settings)
+    keys = ("loss", "rewards/margins", "grad_norm") + (("kl/chosen",) if "live-kl" in setting else ())
+    _assert_same_training(a, b, keys)
+
+
+def test_sharing_is_chosen_with_a_reason():
+    from prefopt.engine.attention import choose_sharing
+    from prefopt.errors import ConfigError
+
+    llama = _model("llama")
+    assert choose_sharing("auto", llama, True)[0] is True
+    assert choose_sharing(False, llama, True) == (False, "set by trainer.share_prompt: false; each prompt computed once per completion")
+    off, why = choose_sharing("auto", llama, False)
+    assert not off and "packed batches" in why
+    with pytest.raises(ConfigError, match="share_prompt: true, but it needs packed batches"):
+        choose_sharing(True, llama, False)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    bloom = AutoModelForCausalLM.from_config(AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    off, why = choose_sharing("auto", bloom, True)  # ALiBi: positions from the layout, not from position ids
+    assert not off and "bloom does not place tokens by position ids" in why

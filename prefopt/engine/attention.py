@@ -11,6 +11,7 @@ Mistral, GPT-2, ...) can run packed batches. The kernel is chosen once per run:
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -81,6 +82,30 @@ def choose_kernel(requested: str, device: torch.device, packing: bool, precision
                if not has_varlen else "FlashAttention needs bf16 or fp16; trainer.precision is fp32")
         return "sdpa", f"packed rows, one scaled_dot_product_attention call per sequence; {why}"
     return "varlen", "packed rows, one variable-length FlashAttention call per layer (no padding, no per-length plans)"
+
+
+_NO_POSITION_IDS = {"bloom", "mpt"}  # ALiBi models: positions come from the sequence layout, not from position ids
+
+
+def choose_sharing(requested: str | bool, model: torch.nn.Module, packing: bool) -> tuple[bool, str]:
+    """Whether a run shares each prompt between its completions (``trainer.share_prompt``), and why (logged)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    backbone = getattr(base, "base_model", base)
+    why_not = None
+    if not packing:
+        why_not = "it needs packed batches (trainer.packing: true)"
+    elif config.model_type in _NO_POSITION_IDS or getattr(config, "alibi", False) or \
+            "position_ids" not in inspect.signature(backbone.forward).parameters:
+        why_not = f"model type {config.model_type} does not place tokens by position ids"
+    if requested is True and why_not:
+        raise ConfigError(f"trainer.share_prompt: true, but {why_not}; use auto or false")
+    if requested is False:
+        return False, "set by trainer.share_prompt: false; each prompt computed once per completion"
+    if why_not:
+        return False, f"off: {why_not}; each prompt computed once per completion"
+    return True, ("each pair one packed segment [prompt | chosen | rejected]: the prompt computed once, "
+                  "each completion attending to the prompt and itself, positions continuing from the prompt's end")
 
 
 def packed_attention(

@@ -42,6 +42,7 @@ class Run:
     eval_pairs: list
     caches: dict[str, ref.RefCache] = field(default_factory=dict)
     kernel: str = "sdpa"
+    shared: bool = False  # each pair's prompt computed once (trainer.share_prompt)
     needs: frozenset[Feature] = frozenset()  # what the loss reads (computed once)
     # under FSDP, the cache to fill once sharded: (weights fingerprint, per-token, a separate reference or None)
     pending_cache: tuple[str, bool, torch.nn.Module | None] | None = None
@@ -67,7 +68,8 @@ class Run:
         model.eval()
         for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             if pairs:
-                self.caches[name] = fill_cache(self.config, acc, forward, self.tokenizer, pairs, name, weights_fp, per_token, matched=True)
+                self.caches[name] = fill_cache(self.config, acc, forward, self.tokenizer, pairs, name, weights_fp, per_token,
+                                               matched=True, shared=self.shared)
         model.train()
         self.pending_cache = None
 
@@ -78,7 +80,7 @@ class Run:
         (``ref_sums``, and ``ref_tokens`` when the loss reads them per token), so they travel
         to the device with it.
         """
-        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices)
+        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices, self.shared)
         cache = self.caches.get(split) if split is not None and self.mode == "cache" else None
         if cache is not None:
             batch["ref_sums"] = cache.pair_sums(batch["index_host"])
@@ -87,11 +89,11 @@ class Run:
         return batch
 
 
-def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any) -> dict[str, Any]:
-    """Pack (or, with ``trainer.packing: false``, pad) the given pairs."""
+def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any, shared: bool = False) -> dict[str, Any]:
+    """Pack (each prompt once with ``shared``; or, with ``trainer.packing: false``, pad) the given pairs."""
     chosen = [pairs[i] for i in indices]
     if config.trainer.packing:
-        return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of)
+        return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of, shared)
     return collate(chosen, indices, pad_id)
 
 
@@ -123,11 +125,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 
 def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[dict[str, Any]], torch.Tensor], tokenizer,
-               pairs: list, name: str, weights_fp: str, per_token: bool = False, matched: bool = False) -> ref.RefCache:
+               pairs: list, name: str, weights_fp: str, per_token: bool = False, matched: bool = False,
+               shared: bool = False) -> ref.RefCache:
     """Reference log-probs of ``pairs`` from the disk cache, computing (once, across processes) and saving them if needed.
 
     ``forward(batch)``: the reference's flat per-token log-probs of a host batch; ``matched``: every process
-    runs as many forwards (a sharded model gathers its shards in each)."""
+    runs as many forwards (a sharded model gathers its shards in each); ``shared``: batches with each prompt once
+    (the same values, so the cache does not depend on it)."""
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
@@ -145,9 +149,9 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
         return cached
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     budget = run_cfg.trainer.max_tokens_per_forward  # the training budget bounds these forwards too
-    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    sizes = [pair_tokens(p, shared) for p in pairs] if budget else [0] * len(pairs)
     mine = forward_plans(sizes, bs, budget, accelerator.num_processes, matched)[accelerator.process_index]
-    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g or [0]) | ({"filler": True} if g is None else {}) for g in mine]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g or [0], shared) | ({"filler": True} if g is None else {}) for g in mine]
 
     counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs] if per_token else None
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
@@ -195,12 +199,14 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     if distributed.sharded(accelerator) and accelerator.is_main_process:
         log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
     policy = load_model(config.model, empty=empty)
+    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
+    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
     # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
-    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx)  # noqa: E731
+    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared)  # noqa: E731
     distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
                                                                         "sdpa", "model"))
     reference: torch.nn.Module | str | None = None
@@ -227,7 +233,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
 
                 for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
                     if pairs:
-                        caches[name] = fill_cache(config, accelerator, forward, tokenizer, pairs, name, weights_fp, per_token)
+                        caches[name] = fill_cache(config, accelerator, forward, tokenizer, pairs, name, weights_fp, per_token,
+                                                  shared=shared)
         elif ref_model is not None:
             reference = frozen_copy(ref_model, _precision_dtype(config))
         elif config.model.lora is None:
@@ -248,7 +255,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs, pending)
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

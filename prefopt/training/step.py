@@ -177,7 +177,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
         model = acc.unwrap_model(model)  # no DDP hooks: processes may run different numbers of forwards
     tc = run.config.trainer
     budget = tc.max_tokens_per_forward
-    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    sizes = [pair_tokens(p, run.shared) for p in pairs] if budget else [0] * len(pairs)
     mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded)[acc.process_index]
     if not mine:  # no held-out pair here: one filler forward, for the metric names of the reduction
         mine = [None]

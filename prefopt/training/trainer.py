@@ -235,7 +235,7 @@ class ForwardPlan:
     def __init__(self, run: Any, world: int, rank: int) -> None:
         self.run, self.tc, self.world, self.rank = run, run.config.trainer, world, rank
         self.lengths = [pair_length(p) for p in run.train_pairs]
-        self.sizes = [pair_tokens(p) for p in run.train_pairs]
+        self.sizes = [pair_tokens(p, run.shared) for p in run.train_pairs]
         tc = self.tc
         micro_per_epoch = len(batch_order(self.lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
         self.steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)

@@ -88,7 +88,13 @@ def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_
     """
     if share_prompt:
         return pack_shared([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], indices, pad_id, multiple_of)
-    rows = _sequences(pairs)
+    return pack_rows(_sequences(pairs), indices, pad_id, multiple_of)
+
+
+def pack_rows(rows: Sequence[tuple[list[int], list[int]]], indices: Sequence[int], pad_id: int,
+              multiple_of: int | None = None) -> dict[str, Any]:
+    """Unshared packing of ``(prompt, completion)`` sequences in the given order (see :func:`pack`)."""
+    rows = list(rows)
     ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
@@ -106,23 +112,21 @@ def pack(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int, multiple_
 
 def pack_shared(groups: Sequence[tuple[list[int], Sequence[list[int]]]], indices: Sequence[int], pad_id: int,
                 multiple_of: int | None = None) -> dict[str, Any]:
-    """Each prompt once: group ``g`` (a prompt and its ``K`` completions, ``K`` the same for all) is one segment
+    """Each prompt once: group ``g`` (a prompt and its ``K_g >= 1`` completions) is one segment
     ``[prompt | c_1 | ... | c_K]``. Completion ``c_k`` has position ids continuing from the prompt's end and
     attends to the prompt and to itself (causally), never to another completion.
 
-    Sequences are numbered completion-major (``c_1`` of every group, then ``c_2``, ...), as pairs number
-    chosen then rejected. Attention runs over pieces: ``[prompt | c_1]`` (plain causal), then each further
+    Sequences are numbered completion-major (``c_1`` of every group, then ``c_2`` of every group that has
+    one, ...), as pairs number chosen then rejected. Attention runs over pieces: ``[prompt | c_1]`` (plain causal), then each further
     ``c_k`` whose queries read the keys ``[prompt | c_k]`` gathered by ``kv_index`` (causal aligned to the
     end: all of the prompt, then causal over ``c_k``). ``cu_seqlens``/``cu_seqlens_k`` delimit the query and
     key pieces.
     """
-    if len({len(c) for _, c in groups}) > 1:
-        raise ValueError("pack_shared: every prompt needs the same number of completions")
     ids: list[int] = []
     positions: list[int] = []
     kv: list[int] = []
     cu_q, cu_k = [0], [0]
-    where: list[list[tuple[int, int]]] = [[] for _ in (groups[0][1] if groups else [])]
+    where: list[list[tuple[int, int]]] = [[] for _ in range(max((len(c) for _, c in groups), default=0))]
     for prompt, completions in groups:
         start, n = len(ids), len(prompt)
         ids += prompt
@@ -140,7 +144,7 @@ def pack_shared(groups: Sequence[tuple[list[int], Sequence[list[int]]]], indices
                 continue
             cu_q.append(len(ids))
             cu_k.append(len(kv))
-    rows = [(prompt, completions[k]) for k in range(len(where)) for prompt, completions in groups]
+    rows = [(prompt, completions[k]) for k in range(len(where)) for prompt, completions in groups if k < len(completions)]
     flat = [w for side in where for w in side]
     gather = kv if len(where) > 1 else None  # one completion per prompt: every piece reads its own keys
     return _row(ids, positions, cu_q, cu_k, gather, pad_id, multiple_of) | _token_fields(rows, flat, indices)
@@ -176,7 +180,12 @@ def _row(ids: list[int], positions: list[int], cu_q: list[int], cu_k: list[int],
 
 def collate(pairs: Sequence["Pair"], indices: Sequence[int], pad_id: int) -> dict[str, Any]:
     """Chosen rows then rejected rows, right-padded to the longest in this batch only."""
-    rows = _sequences(pairs)
+    return collate_rows(_sequences(pairs), indices, pad_id)
+
+
+def collate_rows(rows: Sequence[tuple[list[int], list[int]]], indices: Sequence[int], pad_id: int) -> dict[str, Any]:
+    """``(prompt, completion)`` sequences in the given order, one padded row each (see :func:`collate`)."""
+    rows = list(rows)
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

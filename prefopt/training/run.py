@@ -19,10 +19,11 @@ from prefopt.engine import reference as ref
 from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
 from prefopt.data.examples import Group
+from prefopt.data.groups import group_tokens, pack_groups
 from prefopt.data.pairs import fingerprint, load_data
 from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Feature, needs_of, reference_for, takes_of
+from prefopt.losses.base import TOKEN_FEATURES, Feature, needs_of, reference_for, takes_of
 from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer
 
 log = logging.getLogger("prefopt")
@@ -80,18 +81,27 @@ class Run:
         (``ref_sums``, and ``ref_tokens`` when the loss reads them per token), so they travel
         to the device with it.
         """
-        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices, self.shared)
+        mismatched = Feature.MISMATCHED_LOGPS in self.needs
+        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices, self.shared, mismatched)
         cache = self.caches.get(split) if split is not None and self.mode == "cache" else None
-        if cache is not None:
+        if isinstance(cache, ref.GroupRefCache):
+            counts = [len(pairs[i].completions) for i in batch["index_host"]]
+            batch["ref_grid"] = cache.grid(batch["index_host"], counts, batch["group_shape"], batch["has_mismatched"])
+        elif cache is not None:
             batch["ref_sums"] = cache.pair_sums(batch["index_host"])
             if Feature.REF_TOKEN_LOGPS in self.needs:
                 batch["ref_tokens"] = cache.batch_tokens(batch["index_host"], batch).values
         return batch
 
 
-def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any, shared: bool = False) -> dict[str, Any]:
-    """Pack (each prompt once with ``shared``; or, with ``trainer.packing: false``, pad) the given pairs."""
+def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any, shared: bool = False,
+               mismatched: bool = False) -> dict[str, Any]:
+    """Pack (each prompt once with ``shared``; or, with ``trainer.packing: false``, pad) the given pairs or groups
+    (with their mismatched completions if ``mismatched``)."""
     chosen = [pairs[i] for i in indices]
+    if isinstance(chosen[0], Group):
+        return pack_groups(chosen, indices, pad_id, packing=config.trainer.packing, shared=shared, mismatched=mismatched,
+                           multiple_of=config.trainer.pad_to_multiple_of)
     if config.trainer.packing:
         return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of, shared)
     return collate(chosen, indices, pad_id)
@@ -135,6 +145,13 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
+    groups = source_groups(pairs) if not per_token else None
+    if groups is not None:  # groups, or pairs taken from rankings: one cache per completion of the groups
+        cache = fill_group_cache(run_cfg, accelerator, forward, tokenizer, groups, name, weights_fp, matched, shared, settings)
+        if isinstance(pairs[0], Group):
+            return cache
+        index = {id(g): i for i, g in enumerate(groups)}
+        return ref.RefCache(cache.pair_sums([(index[id(p.source[0])], p.source[1], p.source[2]) for p in pairs]))
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
@@ -173,6 +190,54 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
     return values
 
 
+def source_groups(examples: list) -> list[Group] | None:
+    """The groups ``examples`` are (or, for pairs from rankings, come from, in order of first use); ``None`` for plain pairs."""
+    if isinstance(examples[0], Group):
+        return examples
+    if any(p.source is None for p in examples):
+        return None
+    seen: dict[int, Group] = {}
+    for p in examples:
+        seen.setdefault(id(p.source[0]), p.source[0])
+    return list(seen.values())
+
+
+def fill_group_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[dict[str, Any]], torch.Tensor], tokenizer,
+                     groups: list[Group], name: str, weights_fp: str, matched: bool, shared: bool, settings: dict) -> ref.GroupRefCache:
+    """Reference log-probs of every completion of ``groups`` (with their mismatched ones), from the disk cache or
+    computed (once, across processes) and saved: one cache for every loss that trains on these groups."""
+    parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(groups), settings)
+    key = ref.cache_key(**parts)
+    path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
+    counts = [len(g.completions) + (g.mismatched_ids is not None) for g in groups]
+    cached = ref.load_group_cache(path, key, counts)
+    missing = cached is None
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
+    if not missing:
+        log.info("reference cache (%s): reusing %s", name, path)
+        return cached
+    bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
+    budget = run_cfg.trainer.max_tokens_per_forward
+    sizes = [group_tokens(g, shared, True) for g in groups] if budget else [0] * len(groups)
+    mine = forward_plans(sizes, bs, budget, accelerator.num_processes, matched)[accelerator.process_index]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, groups, g or [0], shared, True) | ({"filler": True} if g is None else {})
+               for g in mine]
+    local = ref.compute_group_ref(forward, batches, counts, accelerator.is_main_process)
+    values = ref.GroupRefCache(accelerator.reduce(local.values.to(accelerator.device), "sum").cpu(), local.offsets)
+    bad = (~torch.isfinite(values.values)).nonzero()
+    if len(bad):
+        g = int(torch.searchsorted(values.offsets, bad[0], right=True)) - 1
+        raise ConfigError(f"data.{'eval' if name == 'eval' else 'train'}: the reference model's log-probs are not finite for "
+                          f"{len(bad)} completions (first: row {groups[g].row}); check the reference weights and precision")
+    if accelerator.is_local_main_process:
+        ref.save_group_cache(path, key, values, parts)
+        if accelerator.is_main_process:
+            log.info("reference cache (%s): wrote %s", name, path)
+    accelerator.wait_for_everyone()
+    return values
+
+
 def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     """Load tokenizer, data, loss and models; choose the reference mode; fill the cache if used."""
     accelerator = accelerator or make_accelerator(config)
@@ -190,8 +255,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     for report in reports:
         log.info("%s", report.summary())
     if isinstance(train_pairs[0], Group):
-        raise ConfigError(f"loss {loss.name!r}: this engine trains on pairs only so far; {train_pairs[0].kind} need one prompt "
-                          "with K completions per sequence (see docs/data.md); train a pairwise loss with data.pairs_from meanwhile")
+        check_group_needs(loss.name, needs, train_pairs[0].kind)
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     # FSDP: only the first process reads the weights; the others receive their shards from it once sharded
@@ -206,9 +270,10 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
     # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
-    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared)  # noqa: E731
+    mismatched = Feature.MISMATCHED_LOGPS in needs
+    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared, mismatched)  # noqa: E731
     distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
-                                                                        "sdpa", "model"))
+                                                                        "sdpa", "model", mismatched))
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None
@@ -217,7 +282,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
             distributed.on_main_process(accelerator, lambda: health.check_start(
-                ref_model, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model.reference"))
+                ref_model, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model.reference", mismatched))
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = distributed.on_main_process(accelerator, lambda: ref.weights_fingerprint(source))
@@ -256,6 +321,16 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+
+
+def check_group_needs(loss_name: str, needs: frozenset[Feature], kind: str) -> None:
+    """Refuse features the engine does not compute for groups yet (per-token values, the live KL)."""
+    unsupported = sorted(f.value for f in needs if f in TOKEN_FEATURES or f == Feature.KL)
+    if unsupported:
+        raise ConfigError(f"loss {loss_name!r} reads {', '.join(unsupported)}, which the engine computes for pairs only; "
+                          f"on {kind} it provides per-completion sums (policy_logps, ref_logps, completion_tokens, mismatched_logps)")
+    if kind == "labelled" and Feature.MISMATCHED_LOGPS not in needs:
+        log.info("labelled data: the loss reads no mismatched log-probs, so no mismatched completions are computed")
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

@@ -80,7 +80,9 @@ def test_each_completion_of_a_group_sums_the_models_own_logps(layout, labelled):
 @pytest.fixture(scope="module")
 def group_plugins(tmp_path_factory):
     """plackett_luce and kto installed (offline, no dependencies) for this module's tests."""
-    from prefopt import plugins
+    import importlib
+
+    from prefopt.plugins import manager as plugins
 
     root = tmp_path_factory.mktemp("group-plugins")
     sources = []
@@ -94,8 +96,9 @@ def group_plugins(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.delenv("PREFOPT_LOAD_PLUGINS", raising=False)
     mp.syspath_prepend(str(root / "site"))
+    importlib.invalidate_caches()
     plugins.reset()
-    yield
+    yield root / "site"
     mp.undo()
     for module in ("prefopt_plackett_luce", "prefopt_kto"):
         sys.modules.pop(module, None)
@@ -109,8 +112,9 @@ def ranked_assets(tmp_path_factory):
     from prefopt.testing.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("ranked")
-    rows, held = word_rows(3, 40, completion=(1, 6)), word_rows(4, 8, completion=(1, 6))
-    extra = word_rows(5, 48, prompt=(1, 1), completion=(1, 6))
+    distinct = lambda rs: [r | {"chosen": "good " + r["chosen"], "rejected": "bad " + r["rejected"]} for r in rs]  # noqa: E731
+    rows, held = distinct(word_rows(3, 40, completion=(1, 6))), distinct(word_rows(4, 8, completion=(1, 6)))
+    extra = [r | {"chosen": "so so " + r["chosen"]} for r in word_rows(5, 48, prompt=(1, 1), completion=(1, 6))]
     tokenizer = build_tokenizer([r[k] for r in rows + held + extra for k in ("prompt", "chosen", "rejected")] * 4, vocab_size=128)
     tokenizer.save_pretrained(root / "tokenizer")
     two = lambda rs: [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]} for r in rs]  # noqa: E731
@@ -126,8 +130,8 @@ def ranked_assets(tmp_path_factory):
 def _config(assets, out: Path, train: str, loss: dict, **settings) -> dict:
     from engine_helpers import make_config
 
-    return make_config({**assets, "train": assets[train]}, out, loss=loss, data__eval=assets[f"{train}_eval"], max_steps=4,
-                       log_every=1, **settings)
+    settings = {"max_steps": 4, "log_every": 1, **settings}
+    return make_config({**assets, "train": assets[train]}, out, loss=loss, data__eval=assets[f"{train}_eval"], **settings)
 
 
 @pytest.mark.slow
@@ -208,3 +212,33 @@ def test_the_examples_train_their_group_losses(name, loss, metrics, group_plugin
     start = math.log(24) if loss["name"] == "plackett_luce" else 0.5  # four completions ranked: log 4!
     assert rows[0]["eval/loss"] == pytest.approx(start, abs=1e-5) and rows[1]["eval/loss"] < start
     assert all(math.isfinite(r["loss"]) for r in read_metrics(raw["trainer"]["output_dir"]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_processes_train_rankings_like_one_process(group_plugins, ranked_assets, tmp_path):
+    """Plackett-Luce on rankings of three, two DDP processes of 2 groups each (two micro-batches per step) train
+    like one process of 4: losses, ranking metrics, gradient norms, held-out loss, weights and the group cache."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from dist_helpers import ROOT, cpu_env, launch, torchrun, train_one_process
+    from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, read_metrics
+
+    common = dict(max_steps=3, grad_accum=2, group_by_length=False)
+    single = _config(ranked_assets, tmp_path / "single", "three", {"name": "plackett_luce"}, batch_size=4, **common)
+    ddp = _config(ranked_assets, tmp_path / "ddp", "three", {"name": "plackett_luce"}, batch_size=2, **common)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
+    proc = launch(torchrun(2, "train", str(tmp_path / "ddp.yaml")), cpu_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(group_plugins)])))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_one_process(single)
+    a, b = single["trainer"]["output_dir"], ddp["trainer"]["output_dir"]
+    keys = ("loss", "rewards/accuracies", "rewards/top1_accuracy", "rewards/margins", "grad_norm")
+    assert_rows_close(read_metrics(a), read_metrics(b), keys)
+    assert_rows_close(eval_rows(a), eval_rows(b), ("eval/loss", "eval/rewards/accuracies"))
+    assert_weights_close(final_weights(a), final_weights(b))
+    caches = [{p.name: load_file(str(p)) for p in (tmp_path / run / "cache").glob("*.safetensors")} for run in ("single", "ddp")]
+    assert len(caches[0]) == 2 and caches[0].keys() == caches[1].keys()
+    for name, tensors in caches[0].items():
+        torch.testing.assert_close(caches[1][name]["ref_completion_logps"], tensors["ref_completion_logps"], atol=1e-5, rtol=1e-5)

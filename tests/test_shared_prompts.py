@@ -155,8 +155,11 @@ def test_shared_layout_positions_and_key_pieces():
     assert batch["token_index"].tolist() == [2, 3, 2, 2, 6, 7]
     assert batch["token_target"].tolist() == [8, 9, 10, 11, 12, 13]
     assert batch["completion_lengths"].tolist() == [2, 1, 3]
-    with pytest.raises(ValueError, match="same number of completions"):
-        pack_shared([([1], [[2]]), ([1], [[2], [3]])], [0, 1], 2)
+    # prompts with different numbers of completions (rankings of ragged K): c_1 of every prompt, then c_2 where present
+    ragged = pack_shared([([1], [[2]]), ([4], [[5], [6]])], [0, 1], 2, multiple_of=5)
+    assert ragged["position_ids"].tolist() == [[0, 1, 0, 1, 1]] and ragged["token_target"].tolist() == [2, 5, 6]
+    assert ragged["token_index"].tolist() == [0, 2, 2] and ragged["kv_index"].tolist() == [0, 1, 2, 3, 2, 4]
+    assert ragged["cu_k_host"].tolist() == [0, 2, 4, 6]
 
 
 # ---------------------------------------------------------------- runs: shared and unshared train the same model

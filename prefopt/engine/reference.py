@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefopt.atomic import atomic_write
+from prefopt.data.groups import grid_sums
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference, Tokens
 
@@ -302,8 +303,6 @@ def compute_group_ref(forward: Callable[[dict], torch.Tensor], batches: Sequence
     completion where they have one), zero for groups not in them (so shares of several processes add up).
 
     ``counts[g]``: completions of group ``g`` in the layout. A ``filler`` batch is run and not recorded."""
-    from prefopt.data.groups import grid_sums
-
     offsets = torch.tensor([0, *counts]).cumsum(0)
     values = torch.zeros(int(offsets[-1]))
     for batch in tqdm(batches, desc="reference log-probs", disable=not show_progress):

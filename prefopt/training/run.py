@@ -78,8 +78,8 @@ class Run:
         """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded), on the host.
 
         With ``split`` and a cached reference, the batch carries its reference log-probs
-        (``ref_sums``, and ``ref_tokens`` when the loss reads them per token), so they travel
-        to the device with it.
+        (``ref_sums``, and ``ref_tokens`` when the loss reads them per token; for groups the
+        ``(B, W)`` grid ``ref_grid``), so they travel to the device with it.
         """
         mismatched = Feature.MISMATCHED_LOGPS in self.needs
         batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices, self.shared, mismatched)
@@ -290,16 +290,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             if distributed.sharded(accelerator):
                 pending = (weights_fp, per_token, ref_model)  # computed sharded: Run.fill_pending_cache
             else:
-                module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
-
-                def forward(batch: dict[str, Any]) -> torch.Tensor:
-                    with accelerator.autocast(), torch.inference_mode():
-                        return module(to_device(batch, accelerator.device))["logps"]
-
-                for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-                    if pairs:
-                        caches[name] = fill_cache(config, accelerator, forward, tokenizer, pairs, name, weights_fp, per_token,
-                                                  shared=shared)
+                caches = _fill_caches(config, accelerator, source, kernel, tokenizer, (train_pairs, eval_pairs), weights_fp,
+                                      per_token, shared)
         elif ref_model is not None:
             reference = frozen_copy(ref_model, _precision_dtype(config))
         elif config.model.lora is None:
@@ -321,6 +313,19 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+
+
+def _fill_caches(config: RunConfig, accelerator: Accelerator, source: torch.nn.Module, kernel: str, tokenizer,
+                 splits: tuple[list, list], weights_fp: str, per_token: bool, shared: bool) -> dict[str, ref.RefCache]:
+    """The reference caches of the train and eval splits, computed by ``source`` (unsharded) where not on disk."""
+    module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
+
+    def forward(batch: dict[str, Any]) -> torch.Tensor:
+        with accelerator.autocast(), torch.inference_mode():
+            return module(to_device(batch, accelerator.device))["logps"]
+
+    return {name: fill_cache(config, accelerator, forward, tokenizer, examples, name, weights_fp, per_token, shared=shared)
+            for name, examples in zip(("train", "eval"), splits) if examples}
 
 
 def check_group_needs(loss_name: str, needs: frozenset[Feature], kind: str) -> None:
@@ -345,6 +350,7 @@ def precompute_reference(config: RunConfig) -> dict[str, str]:
         raise ConfigError(f"reference.mode: the run uses mode {run.mode!r}; only 'cache' has anything to precompute")
     if run.pending_cache is not None:  # FSDP: the sharded policy computes it
         distributed.prepare(run, lambda params: torch.optim.SGD(params, lr=0.0))
-    return {name: f"{len(t.sums)} pairs" for name, t in run.caches.items()}
+    return {name: f"{len(t.sums)} pairs" if isinstance(t, ref.RefCache) else f"{len(t.offsets) - 1} groups"
+            for name, t in run.caches.items()}
 
 

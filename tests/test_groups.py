@@ -242,3 +242,14 @@ def test_two_processes_train_rankings_like_one_process(group_plugins, ranked_ass
     assert len(caches[0]) == 2 and caches[0].keys() == caches[1].keys()
     for name, tensors in caches[0].items():
         torch.testing.assert_close(caches[1][name]["ref_completion_logps"], tensors["ref_completion_logps"], atol=1e-5, rtol=1e-5)
+
+
+def test_features_the_engine_does_not_compute_for_groups_are_refused():
+    """A group loss declaring per-token features or the live KL is refused at start-up, naming them."""
+    from prefopt.errors import ConfigError
+    from prefopt.losses.base import Feature
+    from prefopt.training.run import check_group_needs
+
+    with pytest.raises(ConfigError, match="reads kl, policy_token_logps, which the engine computes for pairs only"):
+        check_group_needs("listwise", frozenset({Feature.POLICY_LOGPS, Feature.POLICY_TOKEN_LOGPS, Feature.KL}), "rankings")
+    check_group_needs("kto", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}), "labelled")

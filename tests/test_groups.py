@@ -135,15 +135,17 @@ def _config(assets, out: Path, train: str, loss: dict, **settings) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["plain", "budget-unshared"])
+@pytest.mark.parametrize("setting", ["plain", "budget-unshared", "live"])
 def test_plackett_luce_on_rankings_of_two_trains_like_dpo_on_pairs(setting, group_plugins, ranked_assets, tmp_path):
     """Plackett-Luce on K = 2 rankings is DPO: 4 steps give the same losses, rewards, gradient norms, held-out
     metrics and weights as DPO on the same pairs (for the groups: cut into forwards by a token budget, and
-    laid out unshared, so the weighting of forwards and the unshared group layout are checked too)."""
+    laid out unshared, so the weighting of forwards and the unshared group layout are checked too; and with a
+    live reference for both)."""
     from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, read_metrics, train_raw
 
-    extra = {"max_tokens_per_forward": 60, "share_prompt": False} if setting != "plain" else {}
-    dpo = _config(ranked_assets, tmp_path / "dpo", "pairs", {"name": "dpo", "beta": 0.1})
+    extra = {"max_tokens_per_forward": 60, "share_prompt": False} if setting == "budget-unshared" else {}
+    extra |= {"reference__mode": "live"} if setting == "live" else {}
+    dpo = _config(ranked_assets, tmp_path / "dpo", "pairs", {"name": "dpo", "beta": 0.1}, **({"reference__mode": "live"} if setting == "live" else {}))
     pl = _config(ranked_assets, tmp_path / "pl", "two", {"name": "plackett_luce", "beta": 0.1}, **extra)
     train_raw(dpo)
     train_raw(pl)

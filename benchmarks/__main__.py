@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from benchmarks import fixtures, report
-from benchmarks.scenarios import PROFILES, WINDOWS, RunSpec, training_runs, vocab_runs
+from benchmarks.budget import Budget
+from benchmarks.scenarios import BUDGET_PRIORS, PROFILES, WINDOWS, RunSpec, training_runs, vocab_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--gpu", action="store_true", help="Qwen2-0.5B shape in bf16 on the CUDA device, with MFU; TRL also with Liger")
     mode.add_argument("--gpu-llama", action="store_true", help="the same with the Llama-3.2-1B shape (vocabulary 128,256)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
-    p.add_argument("--only", nargs="*", metavar="SCENARIO", help="run only these scenarios (1 2 3 4 5)")
+    p.add_argument("--only", nargs="*", metavar="SCENARIO", help="run only these scenarios (1 2 3 4 5 6)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="fit steps and repeats into this wall time: scenarios 1 2 4 6, prefopt shared and unshared and TRL, "
+                        "with the profiler's top operators (the one-call GPU check: --gpu --budget 420)")
     p.add_argument("--steps", type=int, help="override the profile's number of optimiser steps")
     p.add_argument("--repeats", type=int, help="override how many times each training run is repeated")
     p.add_argument("--threads", type=int, help="intra-op threads per run (CPU profiles default to 1: stable on a shared machine)")
@@ -49,9 +53,9 @@ def _prepare(workdir: Path, profile: dict) -> dict:
     data = {}
     # The long-tailed set fills at least one window of prefopt's length-grouping sampler
     # (64 batches), as any real data set does; only the first `steps` batches are trained on.
-    for name, long_tailed, n in (("uniform", False, rows), ("long_tail", True, max(rows, profile["batch_size"] * 64))):
+    for name in ("uniform", "long_tail", "long_prompt"):
         data[name] = workdir / f"{name}.jsonl"
-        fixtures.write_pairs(data[name], n, profile["max_length"], long_tailed, seed=1)
+        fixtures.write_pairs(data[name], rows if name == "uniform" else max(rows, profile["batch_size"] * 64), profile["max_length"], name, seed=1)
     tok_dir = workdir / "tokenizer"
     fixtures.build_tokenizer(tok_dir, data["uniform"], profile["tokenizer_vocab"])
     from transformers import AutoTokenizer
@@ -74,7 +78,7 @@ def _spec(run: RunSpec, i: int, profile: dict, shared: dict, workdir: Path) -> d
         "loss": run.settings.get("loss", "dpo"), "beta": 0.1, "seed": 0, "lr": profile["lr"],
         "batch_size": profile["batch_size"], "max_length": profile["max_length"], "steps": profile["steps"],
         "warmup": profile["warmup"], "precision": profile["precision"], "optim": "adamw_torch", "liger": run.settings.get("liger", False),
-        "prefopt_overrides": profile.get("prefopt_overrides", []),
+        "prefopt_overrides": profile.get("prefopt_overrides", []), "share_prompt": run.settings.get("share_prompt", "auto"),
     }
 
 
@@ -133,6 +137,30 @@ def _liger_side(profile: dict, wanted: bool | None, notes: list[str]) -> bool:
     return why is None
 
 
+def _run_all(runs: list[RunSpec], profile: dict, shared: dict, workdir: Path, budget: Budget | None, notes: list[str]) -> list[dict]:
+    """Every run in order, each in a fresh process; with a budget, each run's steps fitted to what is left."""
+    results = []
+    for i, run in enumerate(runs):
+        run_profile = profile
+        if budget is not None and run.side != "logits":
+            steps = budget.steps(len(runs) - i)
+            if steps is None:
+                notes.append(f"{run.scenario} / {run.label}: not measured, the budget of {budget.seconds:.0f} s ran out.")
+                print(notes[-1], file=sys.stderr)
+                continue
+            run_profile = {**profile, "steps": steps}
+        spec = _spec(run, i, run_profile, shared, workdir)
+        t0 = time.perf_counter()
+        result = _execute(spec, workdir)
+        wall = time.perf_counter() - t0
+        if budget is not None and result.get("ok") and run.side != "logits":
+            budget.record(wall, result["steps"], result["step_times"])
+        status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
+        print(f"[{i + 1}/{len(runs)}] scenario {run.scenario} / {run.label}: {status} ({wall:.0f} s)", flush=True)
+        results.append({"scenario": run.scenario, "side": run.side, "label": run.label, "settings": run.settings, "result": result})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     name = "gpu" if args.gpu else "gpu-llama" if args.gpu_llama else "quick" if args.quick else "full"
@@ -156,23 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("--gpu needs a CUDA device; none is visible", file=sys.stderr)
             return 2
-    only = set(args.only or ["1", "2", "3", "4", "5"])
     notes: list[str] = []
-    liger = _liger_side(profile, args.liger, notes)
-    runs = [r for r in training_runs(profile["repeats"], liger) if r.scenario[0] in only]
+    budget = None
+    if args.budget:
+        profile["budget"] = args.budget
+        profile["profile_dir"] = profile.get("profile_dir") or str((out / "profiles").resolve())  # the top operators
+        budget = Budget(args.budget, profile["warmup"], profile["steps"], **BUDGET_PRIORS[profile["device"]])
+    only = set(args.only or (["1", "2", "4", "6"] if budget else ["1", "2", "3", "4", "5", "6"]))
+    liger = _liger_side(profile, args.liger if budget is None else bool(args.liger), notes)  # a budget leaves Liger out unless asked
+    runs = [r for r in training_runs(1 if budget else profile["repeats"], liger, losses=budget is None) if r.scenario[0] in only]
+    if budget is not None and not args.repeats:
+        profile["repeats"] = budget.repeats(len(runs))
+        runs = [r for r in training_runs(profile["repeats"], liger, losses=False) if r.scenario[0] in only]
     runs += [r for r in vocab_runs(profile["vocab_sizes"]) if r.scenario[0] in only]
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     started = time.perf_counter()
     try:
         shared = _prepare(workdir, profile)
-        results = []
-        for i, run in enumerate(runs):
-            spec = _spec(run, i, profile, shared, workdir)
-            t0 = time.perf_counter()
-            result = _execute(spec, workdir)
-            status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
-            print(f"[{i + 1}/{len(runs)}] scenario {run.scenario} / {run.label}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            results.append({"scenario": run.scenario, "side": run.side, "label": run.label, "settings": run.settings, "result": result})
+        results = _run_all(runs, profile, shared, workdir, budget, notes)
     finally:
         if args.keep:
             print(f"working directory kept: {workdir}")

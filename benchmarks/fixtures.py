@@ -20,26 +20,46 @@ def _text(n_words: int, lexicon: list[str], rng: random.Random) -> str:
     return " ".join(rng.choice(lexicon) for _ in range(n_words))
 
 
-def write_pairs(path: Path, rows: int, max_tokens: int, long_tailed: bool, seed: int) -> None:
+def _lengths(kind: str, budget: int, rng: random.Random) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) words of one row of ``kind``."""
+    if kind == "long_tail":
+        total = min(budget, max(8, int(rng.lognormvariate(0, 0.9) * budget / 7)))
+        p = max(2, int(total * rng.uniform(0.2, 0.5)))
+        return (p, *(max(1, int((total - p) * rng.uniform(0.5, 1.0))) for _ in range(2)))
+    if kind == "long_prompt":  # multi-turn history as the prompt, short long-tailed answers
+        p = max(4, int(budget * rng.uniform(0.35, 0.85)))
+        return (p, *(max(1, min(budget - p, int(rng.lognormvariate(0, 0.8) * budget / 16))) for _ in range(2)))
+    p = int(budget * rng.uniform(0.15, 0.35))
+    return (p, *(max(1, int((budget - p) * rng.uniform(0.2, 0.6))) for _ in range(2)))
+
+
+def _chat(n_words: int, lexicon: list[str], rng: random.Random) -> str:
+    """A multi-turn history of ``n_words`` words: turns marked user: / assistant:."""
+    words, speaker = [], 0
+    while len(words) < n_words:
+        turn = min(n_words - len(words), max(2, int(rng.lognormvariate(2.5, 0.6))))
+        words += [("user:", "assistant:")[speaker]] + [rng.choice(lexicon) for _ in range(turn - 1)]
+        speaker ^= 1
+    return " ".join(words[:n_words])
+
+
+def write_pairs(path: Path, rows: int, max_tokens: int, kind: str, seed: int) -> None:
     """Preference pairs as JSONL (prompt/chosen/rejected strings); one word is one token.
 
-    Uniform data: prompts take 15-35% of ``max_tokens`` and completions 20-60% of the
-    rest. Long-tailed data: log-normal lengths (many short pairs, a few near the
-    limit), the shape of real chat data. Every row fits ``max_tokens`` including EOS.
+    ``uniform``: prompts take 15-35% of ``max_tokens`` and completions 20-60% of the rest.
+    ``long_tail``: log-normal lengths (many short pairs, a few near the limit), the shape of
+    real chat data. ``long_prompt``: multi-turn histories of 35-85% of ``max_tokens`` as the
+    prompt and short log-normal answers (the prompt is most of each pair's tokens). Every
+    row fits ``max_tokens`` including EOS.
     """
     rng = random.Random(seed)
     lexicon = _lexicon(400, random.Random(0))
     budget = max_tokens - 2  # EOS, and one token of slack
     with path.open("w", encoding="utf-8") as f:
         for _ in range(rows):
-            if long_tailed:
-                total = min(budget, max(8, int(rng.lognormvariate(0, 0.9) * budget / 7)))
-                p = max(2, int(total * rng.uniform(0.2, 0.5)))
-                c, r = (max(1, int((total - p) * rng.uniform(0.5, 1.0))) for _ in range(2))
-            else:
-                p = int(budget * rng.uniform(0.15, 0.35))
-                c, r = (max(1, int((budget - p) * rng.uniform(0.2, 0.6))) for _ in range(2))
-            row = {"prompt": _text(p, lexicon, rng), "chosen": " " + _text(c, lexicon, rng), "rejected": " " + _text(r, lexicon, rng)}
+            p, c, r = _lengths(kind, budget, rng)
+            prompt = _chat(p, lexicon, rng) if kind == "long_prompt" else _text(p, lexicon, rng)
+            row = {"prompt": prompt, "chosen": " " + _text(c, lexicon, rng), "rejected": " " + _text(r, lexicon, rng)}
             f.write(json.dumps(row) + "\n")
 
 

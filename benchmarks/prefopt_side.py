@@ -30,6 +30,7 @@ def config_dict(spec: dict) -> dict:
             "group_by_length": spec.get("group_by_length", True),
             "log_every": 10,  # a metrics row every 10 steps, as TRL logs by default (its runs here log nothing)
             "report_to": ["jsonl"],
+            "share_prompt": spec.get("share_prompt", "auto"),
         },
     }
 
@@ -50,4 +51,22 @@ def run(spec: dict) -> None:
     from prefopt.config import apply_overrides
 
     raw = apply_overrides(config_dict(spec), spec.get("prefopt_overrides") or [])
+    _report_pair_tokens()
     train(validate(raw, "benchmark"), overwrite=True)
+
+
+def _report_pair_tokens() -> None:
+    """Tell the probe the pair tokens of each step (with shared prompts the model computes fewer)."""
+    from benchmarks import probe
+    from prefopt.data.batching import pair_tokens
+    from prefopt.training.trainer import ForwardPlan
+
+    original = ForwardPlan.forwards
+
+    def forwards(self, step: int):
+        batches, weights, padding = original(self, step)
+        if probe.CURRENT is not None:
+            probe.CURRENT.note_pair_tokens(sum(pair_tokens(self.run.train_pairs[i]) for b in batches for i in b["index_host"]))
+        return batches, weights, padding
+
+    ForwardPlan.forwards = forwards

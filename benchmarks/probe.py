@@ -1,10 +1,12 @@
 """Engine-agnostic instrumentation, installed the same way in every measured process.
 
-Step ends come from a global optimiser-step hook; processed tokens from the input
-embedding of every forward that builds a graph (the policy's), so prefopt and TRL
-are counted by one rule: non-pad tokens of the chosen and rejected sequences, and
-all positions of the padded batches they were in. The same embedding hook records
-the distinct ``input_ids`` shapes of every forward (policy and reference).
+Step ends come from a global optimiser-step hook; computed tokens from the input
+embedding of every forward that builds a graph (the policy's): non-pad tokens, and
+all positions of the batches they were in. Throughput counts *pair tokens*, the same
+rule for every engine: the tokens of the trained pairs with the prompt counted once per
+completion (what TRL and unshared prefopt compute); an engine that computes a shared
+prompt once reports them with :meth:`Probe.note_pair_tokens`, the others are counted at
+the embedding. The same hook records the distinct ``input_ids`` shapes of every forward.
 
 Two short windows inside the untimed warm-up steps measure what would disturb the
 timing: host syncs per step (a dispatch mode, see :class:`SyncCounter`) and, where
@@ -24,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from prefopt.engine.syncs import SyncCounter
 
+CURRENT: "Probe | None" = None  # the probe of this process, for an engine to report pair tokens to
 
 
 def rss_bytes() -> int:
@@ -60,6 +63,7 @@ class Probe:
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.forwards: list[tuple[float, torch.Tensor, int]] = []
+        self.pair_tokens: list[tuple[float, int]] = []
         self.shapes: set[tuple[int, ...]] = set()
         self.sync_window = (1, 1 + sync_steps)  # (starts after step, ends after step)
         self.profile_window = (1 + sync_steps, 1 + sync_steps + profile_steps) if profile_steps else None
@@ -77,8 +81,13 @@ class Probe:
         """The warm-up (untimed steps before the timed window) the windows need."""
         return (self.profile_window or self.sync_window)[1] - 1
 
+    def note_pair_tokens(self, n: int) -> None:
+        """The pair tokens of the forwards about to run (an engine that does not compute them all)."""
+        self.pair_tokens.append((time.perf_counter(), n))
+
     def install(self) -> "Probe":
-        probe = self
+        global CURRENT
+        CURRENT = probe = self
         orig = torch.nn.Embedding.forward
 
         def forward(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -150,6 +159,7 @@ class Probe:
             "profiled_wall_s": self.profile_wall,
             "kernel_s": sum(e - s for s, e in kernels) / 1e6,
             "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+            "top_ops": _top_ops(averages, self.cuda),
         }
         if self.cuda:
             out["top_cuda"] = averages.table(sort_by="self_device_time_total", row_limit=rows)
@@ -164,6 +174,8 @@ class Probe:
         window = [f for f in self.forwards if start < f[0] <= stop]
         tokens = int(sum(int(f[1]) for f in window))
         positions = sum(f[2] for f in window)
+        noted = [n for t, n in self.pair_tokens if start < t <= stop]
+        pair_tokens = sum(noted) if self.pair_tokens else tokens
         step_times = [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])]
         sync_steps = self.sync_window[1] - self.sync_window[0]
         return {
@@ -174,11 +186,21 @@ class Probe:
             "step_times": step_times,
             "tokens": tokens,
             "positions": positions,
-            "tokens_per_s": tokens / (stop - start),
+            "tokens_per_s": pair_tokens / (stop - start),  # pair tokens (see the module's docstring)
+            "pair_tokens": pair_tokens,
+            "computed_tokens": tokens,
             "pad_fraction": 1 - tokens / positions if positions else 0.0,
             "input_shapes": len(self.shapes),
             # tensors made from Python data (batch building, on a GPU copied pinned and non-blocking) are not counted
             "host_syncs_per_step": sum(v for k, v in self.reads.ops.items() if k != "from_python") / sync_steps if self.reads else None,
             "host_sync_ops": dict(self.reads.ops) if self.reads else {},
+            "aten_ops_per_step": self.reads.calls / sync_steps if self.reads else None,
             "cuda_sync_warnings_per_step": self.sync_warnings / sync_steps if self.sync_warnings is not None else None,
         }
+
+
+def _top_ops(averages: Any, cuda: bool, n: int = 5) -> list[tuple[str, float]]:
+    """The ``n`` aten operators with the most self time (CUDA time on a GPU), as (name, ms over the profiled steps)."""
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted((e for e in averages if e.key.startswith("aten::")), key=lambda e: -getattr(e, key))
+    return [(e.key, getattr(e, key) / 1e3) for e in ops[:n]]

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from benchmarks.scenarios import peak_flops
 
 MiB = 2**20
-SIDE_BY_SIDE = ("1-live-reference", "2-cached-reference", "4-long-tail")
+SIDE_BY_SIDE = ("1-live-reference", "2-cached-reference", "4-long-tail", "6-long-prompt")
+SHARED_SIDES = ("prefopt", "prefopt-unshared", "TRL")
 
 
 def _params(model_config: dict) -> int:
@@ -21,12 +22,18 @@ def _params(model_config: dict) -> int:
     return sum(p.numel() for p in model.parameters())  # tied embeddings count once
 
 
-def _aggregate(runs: list[dict]) -> dict | None:
+def _aggregate(runs: list[dict], batch_size: int) -> dict | None:
     ok = [r["result"] for r in runs if r["result"].get("ok")]
     if not ok:
         return None
     steps = [t for r in ok for t in r["step_times"]]
     return {
+        # positions through the policy per trained pair (padding included): what the model computed
+        "computed_per_pair": statistics.mean(r["positions"] / (r["timed_steps"] * batch_size) for r in ok if "positions" in r)
+        if all("positions" in r for r in ok) else None,
+        "computed_per_s": statistics.median(r.get("computed_tokens", r["tokens"]) / r["seconds"] for r in ok) if all("seconds" in r for r in ok) else None,
+        "aten_ops_per_step": _median([r.get("aten_ops_per_step") for r in ok]),
+        "top_ops": ok[0].get("top_ops"),
         "repeats": len(ok),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
         "tokens_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in ok),
@@ -54,13 +61,13 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["scenario"], r["label"])].append(r)
-    agg = {f"{s} / {label}": _aggregate(rs) for (s, label), rs in groups.items() if s != "3-large-vocab"}
+    agg = {f"{s} / {label}": _aggregate(rs, profile["batch_size"]) for (s, label), rs in groups.items() if s != "3-large-vocab"}
     params = _params(model_config)
     peak = peak_flops(device.get("gpu"))
     for key, a in agg.items():
-        if a and peak:  # 6N FLOPs per trained token, 2N more per token through a live reference
+        if a and peak:  # 6N FLOPs per computed token, 2N more per token through a live reference
             live = "2-cached-reference" not in key
-            a["mfu"] = (6 + 2 * live) * params * a["tokens_per_s"] / peak
+            a["mfu"] = (6 + 2 * live) * params * (a.get("computed_per_s") or a["tokens_per_s"]) / peak
 
     def get(scenario: str, label: str) -> dict | None:
         return agg.get(f"{scenario} / {label}")
@@ -81,6 +88,11 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
         p, t = get(s, "prefopt"), get(s, "TRL+Liger")
         if p and t:
             liger[s] = {"throughput": p["tokens_per_s"] / t["tokens_per_s"], "peak_memory": p["peak_memory"] / t["peak_memory"]}
+    shared = {}
+    for s in SIDE_BY_SIDE:
+        p, u = get(s, "prefopt"), get(s, "prefopt-unshared")
+        if p and u:  # the same pairs in the same order: the throughput ratio is the step-time ratio
+            shared[s] = {"throughput": p["tokens_per_s"] / u["tokens_per_s"], "peak_memory": p["peak_memory"] / u["peak_memory"]}
     live, cached = get("1-live-reference", "prefopt"), get("2-cached-reference", "prefopt")
     cache_vs_live = cached["step_s"] / live["step_s"] if live and cached else None
     cache_vs_live_cpu = live["tokens_per_cpu_s"] / cached["tokens_per_cpu_s"] if live and cached else None
@@ -97,7 +109,8 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
         summary = "prefopt/TRL throughput ratio: n/a (scenario: none ran side by side)"
     doc = {
         "profile": name, "settings": profile, "model_config": model_config, "parameters": params, "device": device,
-        "command": "python -m benchmarks " + " ".join(argv), "wall_s": wall_s, "aggregates": agg, "ratios": ratios, "ratios_liger": liger, "notes": notes or [],
+        "command": "python -m benchmarks " + " ".join(argv), "wall_s": wall_s, "aggregates": agg, "ratios": ratios, "ratios_liger": liger,
+        "ratios_shared": shared, "notes": notes or [],
         "cached_vs_live_step": cache_vs_live, "cached_vs_live_cpu": cache_vs_live_cpu, "large_vocab": vocab, "runs": results, "summary": summary,
     }
     for r in results:
@@ -105,12 +118,72 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
             c = r["result"]["compilations"]
             doc["notes"].append(f"{r['scenario']} / {r['label']}: torch.compile compiled {c.get('graphs', 0)} graphs, "
                                 f"{c.get('recompiles', 0)} of them recompiles.")
+    doc["shared_targets"] = _shared_targets(profile["device"], agg, ratios, shared)
     if profile["device"] == "cuda":
         doc["targets"] = _targets(agg, ratios, liger)
         if not peak:
             doc["notes"].append(f"MFU: n/a, {device.get('gpu')} is not in benchmarks.scenarios.PEAK_BF16_FLOPS.")
-    doc["markdown"] = _markdown(doc, peak)
+    doc["markdown"] = _budget_markdown(doc, peak) if profile.get("budget") else _markdown(doc, peak)
     return doc
+
+
+def _shared_targets(device: str, agg: dict, ratios: dict, shared: dict) -> list[tuple[str, str, bool | None]]:
+    """The shared-prompt targets: (target, measured, met); met is None where a figure is missing."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def add(target: str, values: dict[str, float], ok: Callable[[float], bool], fmt: str = "{:.2f}") -> None:
+        shown = ", ".join(f"{fmt.format(v)} ({k.split('-')[0]})" for k, v in values.items()) or "not measured"
+        rows.append((target, shown, all(ok(v) for v in values.values()) if values else None))
+
+    if device == "cpu":
+        add(">= 1.3x unshared on the long-prompt scenario", {s: r["throughput"] for s, r in shared.items() if s.startswith("6")}, lambda v: v >= 1.3)
+        add(">= 0.97x unshared on the other scenarios", {s: r["throughput"] for s, r in shared.items() if not s.startswith("6")}, lambda v: v >= 0.97)
+        add("peak memory <= unshared", {s: r["peak_memory"] for s, r in shared.items()}, lambda v: v <= 1.0)
+    else:
+        add(">= 1.5x TRL 1.16 as shipped", {s: r["throughput"] for s, r in ratios.items()}, lambda v: v >= 1.5)
+        mfu = {s: agg[f"{s} / prefopt"].get("mfu") for s in SIDE_BY_SIDE if agg.get(f"{s} / prefopt")}
+        add("MFU >= 40% with a cached reference", {s: v for s, v in mfu.items() if v is not None and s.startswith("2")}, lambda v: v >= 0.40, "{:.1%}")
+        add("peak memory <= TRL's", {s: r["peak_memory"] for s, r in ratios.items()}, lambda v: v <= 1.0)
+    return rows
+
+
+def _shared_table(doc: dict, peak: float | None) -> list[str]:
+    """Per scenario, prefopt with shared prompts, prefopt unshared and TRL: one row each."""
+    agg, cuda = doc["aggregates"], doc["settings"]["device"] == "cuda"
+    mem = "CUDA MiB" if cuda else "RSS MiB"
+    lines = ["| Scenario | side | computed tokens / pair | pair tok/s | s / step | " + ("MFU | " if peak else "")
+             + f"peak {mem} | aten ops / step | vs unshared | vs TRL | top operators (self {'CUDA' if cuda else 'CPU'} ms) |",
+             "|---|---|---:|---:|---:|" + ("---:|" if peak else "") + "---:|---:|---:|---:|---|"]
+    for sc in SIDE_BY_SIDE:
+        for side in SHARED_SIDES:
+            a = agg.get(f"{sc} / {side}")
+            if not a:
+                continue
+            u, t = agg.get(f"{sc} / prefopt-unshared"), agg.get(f"{sc} / TRL")
+            vs_u = f"{a['tokens_per_s'] / u['tokens_per_s']:.2f}x" if u else "n/a"
+            vs_t = f"{a['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t else "n/a"
+            per_pair = "n/a" if a.get("computed_per_pair") is None else f"{a['computed_per_pair']:.0f}"
+            ops = "n/a" if a.get("aten_ops_per_step") is None else f"{a['aten_ops_per_step']:,.0f}"
+            top = ", ".join(f"{n.removeprefix('aten::')} {ms:.0f}" for n, ms in (a.get("top_ops") or [])[:3]) or "n/a"
+            mfu = (f"{a['mfu']:.1%} | " if a.get("mfu") is not None else "n/a | ") if peak else ""
+            lines.append(f"| {sc} | {side} | {per_pair} | {a['tokens_per_s']:,.0f} | {a['step_s']:.3f} | {mfu}{_mib(a['peak_memory'])} | "
+                         f"{ops} | {vs_u} | {vs_t} | {top} |")
+    return lines + [""]
+
+
+def _budget_markdown(doc: dict, peak: float | None) -> str:
+    """The one-call check (``--budget``): one table, its targets and notes."""
+    s, dev = doc["settings"], doc["device"]
+    lines = [f"### `{doc['command'].strip()}`", "",
+             f"Device: {dev.get('gpu') or dev['cpu']}; torch {dev['torch']}, transformers {dev['transformers']}, TRL {dev['trl']}. "
+             f"Model: {doc['model_config']['model_type']} shape, {doc['parameters'] / 1e6:.1f}M parameters; {s['precision']}, batch "
+             f"{s['batch_size']} pairs, max length {s['max_length']}; steps fitted to the budget, the first {s['warmup']} untimed; "
+             f"each run {s['repeats']}x. Total wall time {doc['wall_s']:.0f} s.", "", *_shared_table(doc, peak),
+             "| Target | Measured | Met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["shared_targets"]]
+    lines += [""] + [f"Note: {n}" for n in doc["notes"]]
+    lines += [f"FAILED: scenario {r['scenario']} / {r['label']}: {r['result'].get('error')}" for r in doc["runs"] if not r["result"].get("ok")]
+    return "\n".join(lines) + "\n"
 
 
 def _targets(agg: dict, ratios: dict, liger: dict) -> list[tuple[str, str, bool | None]]:
@@ -172,8 +245,8 @@ def _markdown(doc: dict, peak: float | None) -> str:
         f"Total wall time {doc['wall_s']:.0f} s."
         + (f" prefopt config overrides: `{' '.join(s['prefopt_overrides'])}`." if s.get("prefopt_overrides") else ""),
         "",
-        f"Tokens/s counts all processed tokens: non-pad tokens of the chosen and rejected sequences (prompt + completion), "
-        f"the same rule for both. Memory: {mem} of the run's own process"
+        f"Tokens/s counts pair tokens: the tokens of the trained pairs' chosen and rejected sequences (prompt + completion), "
+        f"the same rule for every engine, whether or not it computes a shared prompt once. Memory: {mem} of the run's own process"
         + (", and that peak minus the resident size after imports (the import baseline differs: TRL imports more)." if s["device"] == "cpu" else "."),
         "",
     ]
@@ -200,6 +273,11 @@ def _markdown(doc: dict, peak: float | None) -> str:
         row += f" {p['pad_fraction']:.1%} / {t['pad_fraction']:.1%} |"
         lines.append(row)
     lines += ["", *_per_run(doc, peak)]
+    lines += ["Shared prompts: prefopt (shared, the default), prefopt with `trainer.share_prompt: false` and TRL. Computed tokens / "
+              "pair: positions through the policy per trained pair; pair tok/s: the pairs' tokens with the prompt counted once per "
+              "completion, per second (the same work for all three); aten ops / step: operators dispatched in one warm-up step.", "",
+              *_shared_table(doc, peak), "| Target | Measured | Met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["shared_targets"]] + [""]
     if doc["ratios_liger"]:
         lines += ["prefopt against TRL with `use_liger_kernel=True`:", "",
                   "| Scenario | prefopt tok/s | TRL+Liger tok/s | **ratio** | memory ratio |", "|---|---:|---:|---:|---:|"]

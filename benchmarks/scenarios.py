@@ -21,6 +21,9 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS if device_name and k in device_name), None)
 
 
+# Priors of the budget planner (benchmarks.budget): a run's start-up and the slowest side's step, in seconds.
+BUDGET_PRIORS = {"cpu": dict(overhead_s=10.0, step_s=0.1), "cuda": dict(overhead_s=30.0, step_s=1.0)}
+
 PROFILES: dict[str, dict] = {
     # Two CPU cores, a few minutes.
     "quick": dict(
@@ -58,28 +61,36 @@ class RunSpec:
     settings: dict = field(default_factory=dict)
 
 
-def training_runs(repeats: int, liger: bool = False) -> list[RunSpec]:
-    """Training runs in order; prefopt and TRL alternate, and swap who goes first on each repeat.
+SHARED_SCENARIOS = ("1-live-reference", "2-cached-reference", "4-long-tail", "6-long-prompt")
 
-    ``liger``: TRL also runs with ``use_liger_kernel=True`` (label ``TRL+Liger``) after them.
+
+def training_runs(repeats: int, liger: bool = False, losses: bool = True) -> list[RunSpec]:
+    """Training runs in order; in each scenario prefopt (shared prompts, the default), prefopt with
+    ``share_prompt: false`` and TRL alternate, and swap who goes first on each repeat.
+
+    ``liger``: TRL also runs with ``use_liger_kernel=True`` (label ``TRL+Liger``) after them;
+    ``losses``: scenario 5 (prefopt's other losses) too.
     """
     runs: list[RunSpec] = []
     for r in range(repeats):
 
-        def pair(scenario: str, settings: dict) -> list[RunSpec]:
+        def trio(scenario: str, settings: dict) -> list[RunSpec]:
             p = RunSpec(scenario, "prefopt", "prefopt", settings)
+            u = RunSpec(scenario, "prefopt", "prefopt-unshared", {**settings, "share_prompt": False})
             t = RunSpec(scenario, "trl", "TRL", settings)
             extra = [RunSpec(scenario, "trl", "TRL+Liger", {**settings, "liger": True})] if liger else []
-            return ([p, t] if r % 2 == 0 else [t, p]) + extra
+            return ([p, u, t] if r % 2 == 0 else [t, u, p]) + extra
 
-        runs += pair("1-live-reference", {"reference": "live", "data": "uniform"})
+        runs += trio("1-live-reference", {"reference": "live", "data": "uniform"})
         cached = {"reference": "cache", "data": "uniform"}
-        if r == 0:  # prefopt's measured run is then its second, reusing the disk cache
+        if r == 0:  # prefopt's measured runs are then later ones, reusing the disk cache (computed shared or not: the same values)
             runs.append(RunSpec("2-cached-reference", "prefopt", "cache-build", cached))
-        runs += pair("2-cached-reference", cached)
-        runs += pair("4-long-tail", {"reference": "live", "data": "long_tail"})
-        for loss in ("ipo", "tdpo"):
-            runs.append(RunSpec("5-losses", "prefopt", loss, {"reference": "live", "data": "uniform", "loss": loss}))
+        runs += trio("2-cached-reference", cached)
+        runs += trio("4-long-tail", {"reference": "live", "data": "long_tail"})
+        runs += trio("6-long-prompt", {"reference": "live", "data": "long_prompt"})
+        if losses:
+            for loss in ("ipo", "tdpo"):
+                runs.append(RunSpec("5-losses", "prefopt", loss, {"reference": "live", "data": "uniform", "loss": loss}))
     return runs
 
 

@@ -110,6 +110,9 @@ class TrainerConfig(_Section):
     max_tokens_per_forward: int | None = Field(
         None, gt=0, description="Token budget of one forward: a step's pairs are packed into forwards of at most this many tokens "
         "(the optimiser batch stays batch_size * grad_accum pairs). Null: grad_accum forwards of batch_size pairs.")
+    share_prompt: Literal["auto"] | bool = Field(
+        "auto", description="Each pair as one packed segment [prompt | chosen | rejected]: the prompt computed once, the same numbers. "
+        "auto: on wherever supported (packed batches, a model that takes position ids); the start-up log says which and why.")
     pad_to_multiple_of: int | None = Field(
         None, gt=0, description="Round packed rows up to a multiple of this, bounding the number of distinct shapes "
         "(null: a step of 1/32 of the row's power of two, at least 8: under 1/16 of the row is padding).")

@@ -51,11 +51,13 @@ def test_liger_without_cuda_or_package_is_a_clear_config_error(assets, tmp_path)
         setup(validate(make_config(assets, tmp_path, reference__mode="live", liger=True), "test"))
 
 
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["unshared", "shared-prompts"])
 @pytest.mark.parametrize("kernel", ["varlen", "sdpa"])
-def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel):
+def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel, shared):
     """New row widths and sequence counts (every batch, with packing and a token budget) cost one recompile,
     not one each: nothing batch-specific reaches a compiled layer as a Python value. ``aot_eager`` traces
-    the kernels' fake implementations as inductor would; the varlen op runs on CPU kernels (tests/varlen_cpu.py)."""
+    the kernels' fake implementations as inductor would; the varlen op runs on CPU kernels (tests/varlen_cpu.py).
+    With shared prompts, the gathered key pieces vary in length too."""
     import varlen_cpu
     from test_packing import _model, _pairs
 
@@ -67,7 +69,7 @@ def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel)
     torch._dynamo.reset()
     policy = _model("qwen2", kv_heads=2)
     use_packed_attention(policy)
-    batches = [pack(pairs, range(len(pairs)), 2) for pairs in (_pairs(2 + i % 5, 64, seed=i) for i in range(12))]
+    batches = [pack(pairs, range(len(pairs)), 2, share_prompt=shared) for pairs in (_pairs(2 + i % 5, 64, seed=i) for i in range(12))]
     assert len({b["input_ids"].shape[1] for b in batches}) >= 6 and len({len(b["cu_host"]) for b in batches}) >= 4
 
     def run(model: PreferenceModel) -> list[torch.Tensor]:

@@ -144,6 +144,30 @@ def test_fsdp_with_a_token_budget_runs_matched_forwards_and_trains_like_one_proc
     assert_rows_close(*evals, ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"))
 
 
+def test_fsdp_with_shared_prompts_trains_like_one_unshared_process(tmp_path):
+    """Two FSDP processes on the shared-prompt layout (matched forwards under a token budget, a live reference's KL,
+    a tied head) give one unshared process's losses, KL, gradient norms, held-out metrics and final weights."""
+    assets = write_assets(tmp_path / "assets", n_train=48, n_eval=9)
+    common = dict(arch="gpt2", max_steps=4, group_by_length=False, max_tokens_per_forward=100, data__eval=assets["eval"],
+                  reference__mode="live", loss={"name": "tdpo", "variant": "tdpo2"})
+    single = make_config(assets, tmp_path / "single", batch_size=8, share_prompt=False, **common)
+    fsdp = make_config(assets, tmp_path / "fsdp", batch_size=4, share_prompt=True, **common)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    proc = launch(_fsdp(config), cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shared prompts: on" in proc.stderr
+    train_one_process(single)
+    one, two = read_metrics(single["trainer"]["output_dir"]), read_metrics(fsdp["trainer"]["output_dir"])
+    assert_rows_close(one, two, ("loss", "rewards/margins", "kl/chosen", "kl/rejected", "grad_norm"))
+    assert all(b["num_tokens"] < a["num_tokens"] for a, b in zip(one, two))
+    assert_rows_close(eval_rows(single["trainer"]["output_dir"]), eval_rows(fsdp["trainer"]["output_dir"]), ("eval/loss", "eval/rewards/margins"))
+    saved = final_weights(fsdp["trainer"]["output_dir"])
+    if "lm_head.weight" in saved:  # the gathered state holds the tied head under its own name too
+        assert torch.equal(saved.pop("lm_head.weight"), saved["transformer.wte.weight"])
+    assert_weights_close(final_weights(single["trainer"]["output_dir"]), saved)
+
+
 def test_fsdp_in_bf16_with_a_live_token_level_reference_starts_at_kl_zero(tmp_path):
     """The GPU configuration on two CPU processes: bf16 autocast, a live reference held in bf16 and sharded,
     whose weights the second process received from the first; at step 0 it equals the policy (KL exactly 0,

@@ -4,7 +4,8 @@
 CUDA only) and its registered backward ``torch_attn::_varlen_attn_backward``. Registering CPU kernels for
 both keeps everything else real: the public function, the op's autograd formula, and its fake (meta)
 implementation that ``torch.compile`` traces. The math is plain attention in fp32 over each sequence
-(causal, with a left window), returning the kernel's dtypes and shapes: ``out`` like ``query``, ``lse``
+(causal, with a left window; with fewer queries than keys both aligned to the end, as FlashAttention's
+are), returning the kernel's dtypes and shapes: ``out`` like ``query``, ``lse``
 ``(heads, total_q)`` in fp32.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ _registered = False
 calls: list[tuple[int, ...]] = []  # the query shape of every forward call
 
 
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_q: int) -> None:
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_q: int, cu_k: torch.Tensor,
+           max_k: int) -> None:
     """What FlashAttention's varlen forward requires of its inputs (it reads only ``max_q`` tokens of a sequence)."""
     assert query.ndim == key.ndim == value.ndim == 3, "expects (tokens, heads, dim)"
     assert query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.bfloat16), \
@@ -23,6 +25,9 @@ def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torc
     assert all(t.stride(-1) == 1 for t in (query, key, value)), "last dimension must be contiguous"
     assert cu.dtype == torch.int32 and int(cu[-1]) == query.shape[0], "cu_seqlens: int32, ending at the token count"
     assert max_q >= int((cu[1:] - cu[:-1]).max()), "max_seqlen below the longest sequence"
+    assert cu_k.dtype == torch.int32 and cu_k.shape == cu.shape and int(cu_k[-1]) == key.shape[0], \
+        "cu_seqlens_k: int32, one boundary per query boundary, ending at the key count"
+    assert max_k >= int((cu_k[1:] - cu_k[:-1]).max()), "max_seqlen_k below the longest key sequence"
 
 
 def _spans(cu: torch.Tensor) -> list[tuple[int, int]]:
@@ -34,7 +39,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: bool,
     """``(heads, Lq, Lk)`` masked scores of one sequence; k already repeated to the query heads."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    i = torch.arange(q.shape[0])[:, None]
+    i = torch.arange(q.shape[0])[:, None] + (k.shape[0] - q.shape[0])  # FlashAttention: aligned to the bottom right
     j = torch.arange(k.shape[0])[None, :]
     keep = torch.ones_like(s[0], dtype=torch.bool)
     if causal or window[1] >= 0:
@@ -50,7 +55,7 @@ def _repeat(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None, window_size=None,
             enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-    _check(query, key, value, cu_seq_q, max_q)
+    _check(query, key, value, cu_seq_q, max_q, cu_seq_k, max_k)
     calls.append(tuple(query.shape))
     window = list(window_size) if window_size is not None else [-1, -1]
     heads = query.shape[1]

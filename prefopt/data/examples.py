@@ -8,7 +8,7 @@ trains on rankings through :func:`to_pairs` (``data.pairs_from``). See docs/data
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prefopt.errors import DataError
 
@@ -24,6 +24,8 @@ class Pair:
     chosen_ids: list[int]  # EOS appended, unless cut by truncation
     rejected_ids: list[int]
     row: int  # 0-based row index in its source
+    # from a ranking (data.pairs_from): (its group, chosen slot, rejected slot), so the group's cache serves it
+    source: tuple["Group", int, int] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def to_pairs(groups: Iterable[Group], how: str) -> list[Pair]:
             picks = [(0, j) for j in range(1, len(c)) if s[j] < s[0]]
         else:
             picks = [(i, j) for i in range(len(c)) for j in range(i + 1, len(c)) if s[j] < s[i]]
-        out.extend(Pair(g.prompt_ids, c[i], c[j], g.row) for i, j in picks)
+        out.extend(Pair(g.prompt_ids, c[i], c[j], g.row, (g, i, j)) for i, j in picks)
     return out
 
 

@@ -11,6 +11,7 @@ Mistral, GPT-2, ...) can run packed batches. The kernel is chosen once per run:
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +84,30 @@ def choose_kernel(requested: str, device: torch.device, packing: bool, precision
     return "varlen", "packed rows, one variable-length FlashAttention call per layer (no padding, no per-length plans)"
 
 
+_NO_POSITION_IDS = {"bloom", "mpt"}  # ALiBi models: positions come from the sequence layout, not from position ids
+
+
+def choose_sharing(requested: str | bool, model: torch.nn.Module, packing: bool) -> tuple[bool, str]:
+    """Whether a run shares each prompt between its completions (``trainer.share_prompt``), and why (logged)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    backbone = getattr(base, "base_model", base)
+    why_not = None
+    if not packing:
+        why_not = "it needs packed batches (trainer.packing: true)"
+    elif config.model_type in _NO_POSITION_IDS or getattr(config, "alibi", False) or \
+            "position_ids" not in inspect.signature(backbone.forward).parameters:
+        why_not = f"model type {config.model_type} does not place tokens by position ids"
+    if requested is True and why_not:
+        raise ConfigError(f"trainer.share_prompt: true, but {why_not}; use auto or false")
+    if requested is False:
+        return False, "set by trainer.share_prompt: false; each prompt computed once per completion"
+    if why_not:
+        return False, f"off: {why_not}; each prompt computed once per completion"
+    return True, ("each pair one packed segment [prompt | chosen | rejected]: the prompt computed once, "
+                  "each completion attending to the prompt and itself, positions continuing from the prompt's end")
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -111,26 +136,40 @@ def packed_attention(
                 raise ConfigError("trainer.attention: varlen (FlashAttention) needs trainer.precision bf16 or fp16")
             dtype = torch.get_autocast_dtype(device)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        cu = kwargs["cu_seq_lens_q"]
-        out = varlen_attn(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_q"], scale=scaling,
-                          window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
+        kv_index = kwargs.get("prefopt_kv_index")
+        if kv_index is not None:  # shared prompts: each completion's keys are [prompt | completion]
+            k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+        # with fewer queries than keys, FlashAttention aligns the causal mask (and the window) to the end
+        out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"],
+                          scale=scaling, window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
         return out.unsqueeze(0), None
     p = dropout if module.training else 0.0
-    return _per_sequence(query, key, value, kwargs["prefopt_cu_host"], window, p, scaling), None
+    return _per_sequence(query, key, value, kwargs["prefopt_cu_host"], window, p, scaling,
+                         kwargs.get("prefopt_cu_k_host"), kwargs.get("prefopt_kv_index")), None
 
 
 @torch.compiler.disable
 def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_host: torch.Tensor, window: int | None,
-                  dropout: float, scaling: float | None) -> torch.Tensor:
-    """One SDPA call per sequence, ``(1, L, heads, dim)``; ``cu_host``: the boundaries, an int64 CPU tensor.
-    Left out of compiled regions: a loop over the boundaries would make every batch composition a recompile."""
+                  dropout: float, scaling: float | None, cu_k_host: torch.Tensor | None = None,
+                  kv_index: torch.Tensor | None = None) -> torch.Tensor:
+    """One SDPA call per piece, ``(1, L, heads, dim)``; ``cu_host``: the query boundaries, an int64 CPU tensor.
+
+    With ``kv_index`` (shared prompts), piece ``i``'s keys are ``key[kv_index]`` between ``cu_k_host[i]`` and
+    ``cu_k_host[i + 1]``, at least as many as its queries: the mask is causal aligned to the end, the
+    window counted in positions. Left out of compiled regions: a loop over the boundaries would make every
+    batch composition a recompile."""
     gqa = key.shape[1] != query.shape[1]
+    if kv_index is not None:
+        key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
+    cu_k_host = cu_host if kv_index is None else cu_k_host
     parts = []
-    for q, k, v in zip(*(t.tensor_split(cu_host[1:-1], dim=2) for t in (query, key, value))):
-        n = q.shape[2]
-        if window and n > window:
-            i = torch.arange(n, device=q.device)
-            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    queries = query.tensor_split(cu_host[1:-1], dim=2)
+    for q, k, v in zip(queries, *(t.tensor_split(cu_k_host[1:-1], dim=2) for t in (key, value))):
+        n, m = q.shape[2], k.shape[2]
+        if (window and m > window) or n != m:
+            mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+            if window:
+                mask = mask.triu(m - n - window + 1)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
         else:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))

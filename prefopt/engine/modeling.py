@@ -176,11 +176,11 @@ class PreferenceModel(nn.Module):
                 model.config._attn_implementation = attention.NAME
             # Host-side boundaries for the per-sequence kernel, as a CPU tensor: compiled layers make its length
             # dynamic once, where a Python list would be guarded on (a recompile per batch composition).
-            host = {"prefopt_cu_host": batch["cu_host"]} if self.kernel != "varlen" else {}
+            host = {"prefopt_cu_host": batch["cu_host"], "prefopt_cu_k_host": batch.get("cu_k_host")} if self.kernel != "varlen" else {}
             out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                           max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
-                           prefopt_kernel=self.kernel, **host)
+                           cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch.get("cu_seqlens_k", batch["cu_seqlens"]),
+                           max_length_q=batch["max_seqlen"], max_length_k=batch.get("max_seqlen_k", batch["max_seqlen"]),
+                           prefopt_kernel=self.kernel, prefopt_kv_index=batch.get("kv_index"), **host)
         else:
             out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         hidden = out.last_hidden_state
@@ -196,7 +196,7 @@ class PreferenceModel(nn.Module):
         """Flat per-token ``logps`` of the policy; ``reference="logps"`` adds ``ref_logps``,
         ``"kl"`` adds ``ref_logps`` and ``kl``; ``stats`` adds ``entropy`` and ``logsumsq``."""
         index = batch["token_index"]
-        target = batch["targets"].reshape(-1).index_select(0, index)
+        target = batch["token_target"] if "token_target" in batch else batch["targets"].reshape(-1).index_select(0, index)
         hidden, head = self._hidden(self.policy, batch)
         hidden = hidden.index_select(0, index)
         ref_out: dict[str, torch.Tensor] = {}

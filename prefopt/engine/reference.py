@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefopt.atomic import atomic_write
+from prefopt.data.groups import grid_sums
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference, Tokens
 
@@ -230,3 +231,90 @@ def compute_ref_logps(
                 start = int(offsets[pair]) + (0 if side == 0 else int(split[pair]))
                 tokens[start : start + part.shape[0]] = part
     return RefCache(sums, tokens, offsets, split)
+
+
+class GroupRefCache:
+    """Cached reference log-probs of a split of groups, one value per completion of the layout.
+
+    Group ``g``'s completions are ``values[offsets[g]:offsets[g + 1]]``, in order, then its mismatched
+    completion (KTO) where it has one. Pairs taken from those groups (``data.pairs_from``) read it too.
+    """
+
+    def __init__(self, values: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.values, self.offsets = values, offsets
+        self._offsets_host = offsets.tolist()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ref_completion_logps": self.values, "ref_group_offsets": self.offsets}
+
+    def grid(self, index: list[int], counts: list[int], shape: tuple[int, int], mismatched: bool) -> torch.Tensor:
+        """The ``(B, W)`` grid of a batch's groups: completion ``k`` in column ``k``, the mismatched one (if asked
+        for) in column ``W - 1``. ``counts[b]``: how many own completions group ``index[b]`` has."""
+        out = torch.zeros(shape)
+        for b, (g, k) in enumerate(zip(index, counts)):
+            start = self._offsets_host[g]
+            out[b, :k] = self.values[start : start + k]
+            if mismatched:
+                out[b, -1] = self.values[start + k]
+        return out
+
+    def pair_sums(self, sources: list[tuple[int, int, int]]) -> torch.Tensor:
+        """``(n, 2)`` sums of pairs given as ``(group, chosen slot, rejected slot)``."""
+        at = torch.tensor([[self._offsets_host[g] + i, self._offsets_host[g] + j] for g, i, j in sources], dtype=torch.long)
+        return self.values[at.reshape(-1)].reshape(-1, 2) if len(sources) else torch.zeros(0, 2)
+
+
+def load_group_cache(path: Path, key: str, counts: Sequence[int]) -> GroupRefCache | None:
+    """The cached per-completion values of groups with ``counts`` completions each, or ``None`` (logged) if absent,
+    stale or corrupted."""
+    if not path.exists():
+        log.info("reference cache: none at %s yet; computing it", path)
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        values, offsets = tensors["ref_completion_logps"], tensors["ref_group_offsets"]
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        log.warning("reference cache %s is unreadable (%s); recomputing it", path, exc)
+        return None
+    expected = torch.tensor([0, *counts]).cumsum(0)
+    if meta.get("key") != key or offsets.shape != expected.shape or not torch.equal(offsets, expected) or values.shape != (int(expected[-1]),):
+        log.warning("reference cache %s is stale (fingerprint or size differs); recomputing it", path)
+        return None
+    if meta.get("sha256") != _checksum(tensors):
+        log.warning("reference cache %s fails its checksum (corrupted); recomputing it", path)
+        return None
+    return GroupRefCache(values, offsets)
+
+
+def save_group_cache(path: Path, key: str, cache: GroupRefCache, parts: dict) -> None:
+    tensors = {k: v.contiguous() for k, v in cache.tensors().items()}
+    meta = {"key": key, "sha256": _checksum(tensors), "format": str(CACHE_FORMAT), "parts": json.dumps(parts, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+@torch.no_grad()
+def compute_group_ref(forward: Callable[[dict], torch.Tensor], batches: Sequence[dict], counts: Sequence[int],
+                      show_progress: bool = True) -> GroupRefCache:
+    """Reference log-probs of every completion of the groups in ``batches`` (laid out with their mismatched
+    completion where they have one), zero for groups not in them (so shares of several processes add up).
+
+    ``counts[g]``: completions of group ``g`` in the layout. A ``filler`` batch is run and not recorded."""
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    values = torch.zeros(int(offsets[-1]))
+    for batch in tqdm(batches, desc="reference log-probs", disable=not show_progress):
+        grid = grid_sums(forward(batch).float(), batch).cpu()
+        if batch.get("filler"):
+            continue
+        w = batch["group_shape"][1]
+        for b, g in enumerate(batch["index_host"]):
+            n = counts[g]
+            start = int(offsets[g])
+            own = n - batch["has_mismatched"]
+            values[start : start + own] = grid[b, :own]
+            if batch["has_mismatched"]:
+                values[start + own] = grid[b, w - 1]
+    return GroupRefCache(values, offsets)

@@ -29,6 +29,7 @@ SYNC_OPS = {
 
 class SyncCounter(TorchDispatchMode):
     """``with SyncCounter() as c: ...`` then ``c.count`` (``c.ops`` says which); ``.tolist()`` counts once.
+    ``c.calls`` counts every aten operator dispatched inside (a CPU stand-in for kernel launches).
 
     ``device_only``: count only reads of non-CPU tensors and blocking copies to a non-CPU
     device (on CUDA, what makes the host wait for the GPU). Without it every read counts, and
@@ -40,6 +41,7 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.device_only = device_only
         self.ops: Counter[str] = Counter()
+        self.calls = 0
         self._tolist: Any = None
 
     def _counts(self, tensors: Any) -> bool:
@@ -68,6 +70,7 @@ class SyncCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += 1
         if func in SYNC_OPS and self._counts(args):
             self.ops[str(func.overloadpacket.__name__)] += 1
         if func is _aten._to_copy.default and kwargs and kwargs.get("device") is not None:

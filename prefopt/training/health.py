@@ -25,24 +25,29 @@ class TrainingError(PrefoptError):
 # ---------------------------------------------------------------- engine log-probs
 
 
-def model_token_logps(model: nn.Module, pairs: list) -> torch.Tensor:
+def model_token_logps(model: nn.Module, pairs: list, mismatched: bool = False) -> torch.Tensor:
     """Completion-token log-probs from the model's own forward, each sequence alone (no padding, no packing).
 
-    Flat, in the engine's order: chosen completions of ``pairs``, then rejected ones.
+    Flat, in the engine's order: chosen completions of ``pairs``, then rejected ones; for groups, completion-major
+    (with each group's mismatched completion last if ``mismatched``).
     """
-    from prefopt.engine.attention import standard
     from prefopt.data.batching import completion_tokens
+    from prefopt.data.examples import Group
+    from prefopt.data.groups import group_sequences
+    from prefopt.engine.attention import standard
 
+    if pairs and isinstance(pairs[0], Group):
+        rows = group_sequences(pairs, mismatched)
+    else:
+        rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     out = []
     with standard(model):
-        for prompt_of, completion_of in ((lambda p: p.prompt_ids, lambda p: p.chosen_ids), (lambda p: p.prompt_ids, lambda p: p.rejected_ids)):
-            for pair in pairs:
-                prompt, completion = prompt_of(pair), completion_of(pair)
-                k = completion_tokens(prompt, completion)
-                ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
-                out.append(logp[logp.shape[0] - k :] if k else logp[:0])
+        for prompt, completion in rows:
+            k = completion_tokens(prompt, completion)
+            ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(logp[logp.shape[0] - k :] if k else logp[:0])
     return torch.cat(out)
 
 
@@ -82,7 +87,7 @@ def check_output_head(model: nn.Module) -> None:
 
 
 def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict], pairs: list, chunk_tokens: int,
-                kernel: str = "sdpa", what: str = "model") -> float:
+                kernel: str = "sdpa", what: str = "model", mismatched: bool = False) -> float:
     """Start-up check on the two shortest pairs, batched as training batches them: the engine's log-probs equal
     the model's own forward's on each sequence alone; returns the largest difference.
 
@@ -92,12 +97,15 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     import heapq
 
     from prefopt.data.batching import pair_tokens, to_device
+    from prefopt.data.examples import Group
+    from prefopt.data.groups import group_tokens
     from prefopt.engine.modeling import PreferenceModel
 
     check_output_head(policy)
     if not pairs:
         return 0.0
-    take = sorted(heapq.nsmallest(2, range(len(pairs)), key=lambda i: pair_tokens(pairs[i])))
+    size = (lambda e: group_tokens(e, False, mismatched)) if isinstance(pairs[0], Group) else pair_tokens
+    take = sorted(heapq.nsmallest(2, range(len(pairs)), key=lambda i: size(pairs[i])))
     device = next(policy.parameters()).device
     batch = to_device(make_batch(pairs, take), device)
     engine = PreferenceModel(policy, chunk_tokens=chunk_tokens, kernel=kernel)
@@ -105,7 +113,7 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     policy.eval()
     try:
         half = any(p.dtype in (torch.bfloat16, torch.float16) for p in policy.parameters())
-        worst = check_engine_logps(lambda: engine(batch)["logps"], lambda: model_token_logps(policy, [pairs[i] for i in take]), what,
+        worst = check_engine_logps(lambda: engine(batch)["logps"], lambda: model_token_logps(policy, [pairs[i] for i in take], mismatched), what,
                                    HALF_LOGPROB_TOLERANCE if half else LOGPROB_TOLERANCE)
         log.info("%s: the engine's log-probs match the model's own forward (largest difference %.2g)", what, worst)
         return worst

@@ -19,10 +19,11 @@ from prefopt.engine import reference as ref
 from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
 from prefopt.data.examples import Group
+from prefopt.data.groups import group_tokens, pack_groups
 from prefopt.data.pairs import fingerprint, load_data
 from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
-from prefopt.losses.base import Feature, needs_of, reference_for, takes_of
+from prefopt.losses.base import TOKEN_FEATURES, Feature, needs_of, reference_for, takes_of
 from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer, weights_dtype
 
 log = logging.getLogger("prefopt")
@@ -42,6 +43,7 @@ class Run:
     eval_pairs: list
     caches: dict[str, ref.RefCache] = field(default_factory=dict)
     kernel: str = "sdpa"
+    shared: bool = False  # each pair's prompt computed once (trainer.share_prompt)
     needs: frozenset[Feature] = frozenset()  # what the loss reads (computed once)
     # under FSDP, the cache to fill once sharded: (weights fingerprint, per-token, a separate reference or None)
     pending_cache: tuple[str, bool, torch.nn.Module | None] | None = None
@@ -67,7 +69,8 @@ class Run:
         model.eval()
         for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             if pairs:
-                self.caches[name] = fill_cache(self.config, acc, forward, self.tokenizer, pairs, name, weights_fp, per_token, matched=True)
+                self.caches[name] = fill_cache(self.config, acc, forward, self.tokenizer, pairs, name, weights_fp, per_token,
+                                               matched=True, shared=self.shared)
         model.train()
         self.pending_cache = None
 
@@ -75,23 +78,32 @@ class Run:
         """The batch of ``pairs[i] for i in indices`` in the run's layout (packed or padded), on the host.
 
         With ``split`` and a cached reference, the batch carries its reference log-probs
-        (``ref_sums``, and ``ref_tokens`` when the loss reads them per token), so they travel
-        to the device with it.
+        (``ref_sums``, and ``ref_tokens`` when the loss reads them per token; for groups the
+        ``(B, W)`` grid ``ref_grid``), so they travel to the device with it.
         """
-        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices)
+        mismatched = Feature.MISMATCHED_LOGPS in self.needs
+        batch = make_batch(self.config, self.tokenizer.pad_token_id, pairs, indices, self.shared, mismatched)
         cache = self.caches.get(split) if split is not None and self.mode == "cache" else None
-        if cache is not None:
+        if isinstance(cache, ref.GroupRefCache):
+            counts = [len(pairs[i].completions) for i in batch["index_host"]]
+            batch["ref_grid"] = cache.grid(batch["index_host"], counts, batch["group_shape"], batch["has_mismatched"])
+        elif cache is not None:
             batch["ref_sums"] = cache.pair_sums(batch["index_host"])
             if Feature.REF_TOKEN_LOGPS in self.needs:
                 batch["ref_tokens"] = cache.batch_tokens(batch["index_host"], batch).values
         return batch
 
 
-def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any) -> dict[str, Any]:
-    """Pack (or, with ``trainer.packing: false``, pad) the given pairs."""
+def make_batch(config: RunConfig, pad_id: int, pairs: list, indices: Any, shared: bool = False,
+               mismatched: bool = False) -> dict[str, Any]:
+    """Pack (each prompt once with ``shared``; or, with ``trainer.packing: false``, pad) the given pairs or groups
+    (with their mismatched completions if ``mismatched``)."""
     chosen = [pairs[i] for i in indices]
+    if isinstance(chosen[0], Group):
+        return pack_groups(chosen, indices, pad_id, packing=config.trainer.packing, shared=shared, mismatched=mismatched,
+                           multiple_of=config.trainer.pad_to_multiple_of)
     if config.trainer.packing:
-        return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of)
+        return pack(chosen, indices, pad_id, config.trainer.pad_to_multiple_of, shared)
     return collate(chosen, indices, pad_id)
 
 
@@ -123,16 +135,25 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 
 def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[dict[str, Any]], torch.Tensor], tokenizer,
-               pairs: list, name: str, weights_fp: str, per_token: bool = False, matched: bool = False) -> ref.RefCache:
+               pairs: list, name: str, weights_fp: str, per_token: bool = False, matched: bool = False,
+               shared: bool = False) -> ref.RefCache:
     """Reference log-probs of ``pairs`` from the disk cache, computing (once, across processes) and saving them if needed.
 
     ``forward(batch)``: the reference's flat per-token log-probs of a host batch; ``matched``: every process
-    runs as many forwards (a sharded model gathers its shards in each)."""
+    runs as many forwards (a sharded model gathers its shards in each); ``shared``: batches with each prompt once
+    (the same values, so the cache does not depend on it)."""
 
     settings = {"precision": run_cfg.trainer.precision, "max_length": run_cfg.data.max_length,
                 "max_prompt_length": run_cfg.data.max_prompt_length, "per_token": per_token}
     if run_cfg.data.max_completion_length is not None:  # only when set: caches written before the field keep their keys
         settings["max_completion_length"] = run_cfg.data.max_completion_length
+    groups = source_groups(pairs) if not per_token else None
+    if groups is not None:  # groups, or pairs taken from rankings: one cache per completion of the groups
+        cache = fill_group_cache(run_cfg, accelerator, forward, tokenizer, groups, name, weights_fp, matched, shared, settings)
+        if isinstance(pairs[0], Group):
+            return cache
+        index = {id(g): i for i, g in enumerate(groups)}
+        return ref.RefCache(cache.pair_sums([(index[id(p.source[0])], p.source[1], p.source[2]) for p in pairs]))
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(pairs), settings)
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir).expanduser() / f"{key}.safetensors"
@@ -147,9 +168,9 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
         return cached
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     budget = run_cfg.trainer.max_tokens_per_forward  # the training budget bounds these forwards too
-    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    sizes = [pair_tokens(p, shared) for p in pairs] if budget else [0] * len(pairs)
     mine = forward_plans(sizes, bs, budget, accelerator.num_processes, matched)[accelerator.process_index]
-    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g or [0]) | ({"filler": True} if g is None else {}) for g in mine]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, pairs, g or [0], shared) | ({"filler": True} if g is None else {}) for g in mine]
 
     counts = [(completion_tokens(p.prompt_ids, p.chosen_ids), completion_tokens(p.prompt_ids, p.rejected_ids)) for p in pairs] if per_token else None
     local = ref.compute_ref_logps(forward, batches, len(pairs), accelerator.is_main_process, counts)
@@ -165,6 +186,54 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
                           f"{len(bad)} pairs (first: row {pairs[int(bad[0])].row}); check the reference weights and precision")
     if accelerator.is_local_main_process:  # one writer per machine (atomic, so a shared directory is safe)
         ref.save_cache(path, key, values, parts)
+        if accelerator.is_main_process:
+            log.info("reference cache (%s): wrote %s", name, path)
+    accelerator.wait_for_everyone()
+    return values
+
+
+def source_groups(examples: list) -> list[Group] | None:
+    """The groups ``examples`` are (or, for pairs from rankings, come from, in order of first use); ``None`` for plain pairs."""
+    if isinstance(examples[0], Group):
+        return examples
+    if any(p.source is None for p in examples):
+        return None
+    seen: dict[int, Group] = {}
+    for p in examples:
+        seen.setdefault(id(p.source[0]), p.source[0])
+    return list(seen.values())
+
+
+def fill_group_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[dict[str, Any]], torch.Tensor], tokenizer,
+                     groups: list[Group], name: str, weights_fp: str, matched: bool, shared: bool, settings: dict) -> ref.GroupRefCache:
+    """Reference log-probs of every completion of ``groups`` (with their mismatched ones), from the disk cache or
+    computed (once, across processes) and saved: one cache for every loss that trains on these groups."""
+    parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(groups), settings)
+    key = ref.cache_key(**parts)
+    path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
+    counts = [len(g.completions) + (g.mismatched_ids is not None) for g in groups]
+    cached = ref.load_group_cache(path, key, counts)
+    missing = cached is None
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
+    if not missing:
+        log.info("reference cache (%s): reusing %s", name, path)
+        return cached
+    bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
+    budget = run_cfg.trainer.max_tokens_per_forward
+    sizes = [group_tokens(g, shared, True) for g in groups] if budget else [0] * len(groups)
+    mine = forward_plans(sizes, bs, budget, accelerator.num_processes, matched)[accelerator.process_index]
+    batches = [make_batch(run_cfg, tokenizer.pad_token_id, groups, g or [0], shared, True) | ({"filler": True} if g is None else {})
+               for g in mine]
+    local = ref.compute_group_ref(forward, batches, counts, accelerator.is_main_process)
+    values = ref.GroupRefCache(accelerator.reduce(local.values.to(accelerator.device), "sum").cpu(), local.offsets)
+    bad = (~torch.isfinite(values.values)).nonzero()
+    if len(bad):
+        g = int(torch.searchsorted(values.offsets, bad[0], right=True)) - 1
+        raise ConfigError(f"data.{'eval' if name == 'eval' else 'train'}: the reference model's log-probs are not finite for "
+                          f"{len(bad)} completions (first: row {groups[g].row}); check the reference weights and precision")
+    if accelerator.is_local_main_process:
+        ref.save_group_cache(path, key, values, parts)
         if accelerator.is_main_process:
             log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()
@@ -188,8 +257,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     for report in reports:
         log.info("%s", report.summary())
     if isinstance(train_pairs[0], Group):
-        raise ConfigError(f"loss {loss.name!r}: this engine trains on pairs only so far; {train_pairs[0].kind} need one prompt "
-                          "with K completions per sequence (see docs/data.md); train a pairwise loss with data.pairs_from meanwhile")
+        check_group_needs(loss.name, needs, train_pairs[0].kind)
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     # FSDP: only the first process reads the weights; the others receive their shards from it once sharded
@@ -198,14 +266,17 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
     policy = load_model(config.model, empty=empty, dtype=weights_dtype(config.model, config.trainer.master_weights))
     describe_weights(config, policy)
+    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
+    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
     # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
-    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx)  # noqa: E731
+    mismatched = Feature.MISMATCHED_LOGPS in needs
+    batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared, mismatched)  # noqa: E731
     distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
-                                                                        "sdpa", "model"))
+                                                                        "sdpa", "model", mismatched))
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None
@@ -214,7 +285,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         if ref_model is not None:
             ref_model.config._attn_implementation = policy.config._attn_implementation
             distributed.on_main_process(accelerator, lambda: health.check_start(
-                ref_model, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model.reference"))
+                ref_model, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model.reference", mismatched))
         if mode == "cache":
             source = ref_model or policy  # before training, the policy is the reference
             weights_fp = distributed.on_main_process(accelerator, lambda: ref.weights_fingerprint(source))
@@ -222,15 +293,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             if distributed.sharded(accelerator):
                 pending = (weights_fp, per_token, ref_model)  # computed sharded: Run.fill_pending_cache
             else:
-                module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
-
-                def forward(batch: dict[str, Any]) -> torch.Tensor:
-                    with accelerator.autocast(), torch.inference_mode():
-                        return module(to_device(batch, accelerator.device))["logps"]
-
-                for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-                    if pairs:
-                        caches[name] = fill_cache(config, accelerator, forward, tokenizer, pairs, name, weights_fp, per_token)
+                caches = _fill_caches(config, accelerator, source, kernel, tokenizer, (train_pairs, eval_pairs), weights_fp,
+                                      per_token, shared)
         elif ref_model is not None:
             reference = frozen_copy(ref_model, _precision_dtype(config))
         elif config.model.lora is None:
@@ -251,7 +315,30 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, needs, pending)
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+
+
+def _fill_caches(config: RunConfig, accelerator: Accelerator, source: torch.nn.Module, kernel: str, tokenizer,
+                 splits: tuple[list, list], weights_fp: str, per_token: bool, shared: bool) -> dict[str, ref.RefCache]:
+    """The reference caches of the train and eval splits, computed by ``source`` (unsharded) where not on disk."""
+    module = PreferenceModel(source, chunk_tokens=config.trainer.logprob_chunk_tokens, kernel=kernel).to(accelerator.device).eval()
+
+    def forward(batch: dict[str, Any]) -> torch.Tensor:
+        with accelerator.autocast(), torch.inference_mode():
+            return module(to_device(batch, accelerator.device))["logps"]
+
+    return {name: fill_cache(config, accelerator, forward, tokenizer, examples, name, weights_fp, per_token, shared=shared)
+            for name, examples in zip(("train", "eval"), splits) if examples}
+
+
+def check_group_needs(loss_name: str, needs: frozenset[Feature], kind: str) -> None:
+    """Refuse features the engine does not compute for groups yet (per-token values, the live KL)."""
+    unsupported = sorted(f.value for f in needs if f in TOKEN_FEATURES or f == Feature.KL)
+    if unsupported:
+        raise ConfigError(f"loss {loss_name!r} reads {', '.join(unsupported)}, which the engine computes for pairs only; "
+                          f"on {kind} it provides per-completion sums (policy_logps, ref_logps, completion_tokens, mismatched_logps)")
+    if kind == "labelled" and Feature.MISMATCHED_LOGPS not in needs:
+        log.info("labelled data: the loss reads no mismatched log-probs, so no mismatched completions are computed")
 
 
 def describe_weights(config: RunConfig, policy: torch.nn.Module) -> None:
@@ -281,6 +368,7 @@ def precompute_reference(config: RunConfig) -> dict[str, str]:
         raise ConfigError(f"reference.mode: the run uses mode {run.mode!r}; only 'cache' has anything to precompute")
     if run.pending_cache is not None:  # FSDP: the sharded policy computes it
         distributed.prepare(run, lambda params: torch.optim.SGD(params, lr=0.0))
-    return {name: f"{len(t.sums)} pairs" for name, t in run.caches.items()}
+    return {name: f"{len(t.sums)} pairs" if isinstance(t, ref.RefCache) else f"{len(t.offsets) - 1} groups"
+            for name, t in run.caches.items()}
 
 

@@ -17,6 +17,8 @@ import torch
 
 from prefopt.training import distributed
 from prefopt.data.batching import forward_plans, pair_tokens, to_device
+from prefopt.data.examples import Group
+from prefopt.data.groups import grid_sums, group_tokens, to_grid
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
 from prefopt.training.run import Run
 
@@ -41,7 +43,10 @@ class Plan:
 
 def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature]) -> LossInputs:
     """The declared features of one batch, from the model's flat outputs and the batch's cached reference
-    (``ref_tokens`` or ``ref_sums``, see :meth:`prefopt.training.run.Run.make_batch`)."""
+    (``ref_tokens``, ``ref_sums`` or ``ref_grid``, see :meth:`prefopt.training.run.Run.make_batch`)."""
+    if "group_flat" in batch:
+        return group_inputs(out, batch, needs)
+
     def tokens(values: torch.Tensor) -> Tokens:
         return Tokens(values, batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
 
@@ -73,6 +78,34 @@ def loss_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: froz
     if Feature.TOKEN_LOGSUMSQ in needs:
         inputs.token_logsumsq = tokens(out["logsumsq"])
     return inputs
+
+
+def group_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: frozenset[Feature]) -> LossInputs:
+    """The group fields of a batch of groups: per-completion sums scattered into ``(B, K)`` (the mismatched
+    completion, in the grid's last column, detached: its log-ratio only sets KTO's reference point)."""
+    mask = batch["completion_mask"]
+    k = mask.shape[1]
+    policy = grid_sums(out["logps"], batch)
+    inputs = LossInputs(policy_logps=policy[:, :k], completion_mask=mask, scores=batch["scores"], labels=batch["labels"])
+    if Feature.LENGTHS in needs:
+        inputs.completion_tokens = to_grid(batch["completion_lengths"].float(), batch["group_flat"], batch["group_shape"])[:, :k]
+    ref = grid_sums(out["ref_logps"], batch) if "ref_logps" in out else batch.get("ref_grid")
+    if ref is not None and needs & {Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}:
+        inputs.ref_logps = ref[:, :k]
+    if Feature.MISMATCHED_LOGPS in needs and batch["has_mismatched"]:
+        inputs.mismatched_logps, inputs.ref_mismatched_logps = policy[:, -1].detach(), ref[:, -1]
+    return inputs
+
+
+def example_weight(example: Any) -> int:
+    """What an example counts for when a step's forwards are weighted: one pair or ranking, or the labelled
+    completions it holds (a loss over labelled completions averages over completions, as TRL's KTO)."""
+    return len(example.completions) if isinstance(example, Group) and example.labels is not None else 1
+
+
+def example_tokens(example: Any, shared: bool, mismatched: bool) -> int:
+    """Tokens an example (pair or group) puts in a packed forward."""
+    return group_tokens(example, shared, mismatched) if isinstance(example, Group) else pair_tokens(example, shared)
 
 
 def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -167,7 +200,8 @@ class LogWindow:
 
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
-    """Loss and reward metrics on the held-out pairs (``eval/`` prefixed), averaged over pairs."""
+    """Loss and reward metrics on the held-out examples (``eval/`` prefixed), averaged over pairs or groups
+    (labelled completions: over completions)."""
     pairs, acc = run.eval_pairs, run.accelerator
     if not pairs:
         return {}
@@ -177,7 +211,8 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
         model = acc.unwrap_model(model)  # no DDP hooks: processes may run different numbers of forwards
     tc = run.config.trainer
     budget = tc.max_tokens_per_forward
-    sizes = [pair_tokens(p) for p in pairs] if budget else [0] * len(pairs)
+    mismatched = Feature.MISMATCHED_LOGPS in run.needs
+    sizes = [example_tokens(p, run.shared, mismatched) for p in pairs] if budget else [0] * len(pairs)
     mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded)[acc.process_index]
     if not mine:  # no held-out pair here: one filler forward, for the metric names of the reduction
         mine = [None]
@@ -185,7 +220,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     count = torch.zeros((), device=acc.device)
     for b in mine:
         out = compute_loss(run, model, run.make_batch(pairs, b or [0], "eval"))
-        n = len(b) if b else 0
+        n = sum(example_weight(pairs[i]) for i in b) if b else 0
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
             totals[key] = totals.get(key, 0) + value.float() * n
         count += n

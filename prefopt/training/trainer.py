@@ -16,7 +16,10 @@ from transformers import get_scheduler
 
 from prefopt.training import checkpoint as ckpt
 from prefopt.training import distributed, health
-from prefopt.data.batching import batch_order, pair_length, pair_tokens, split_by_tokens
+from prefopt.data.batching import batch_order, pair_length, split_by_tokens
+from prefopt.data.examples import Group
+from prefopt.data.groups import group_length
+from prefopt.losses.base import Feature
 from prefopt.config import RunConfig
 from prefopt.data.pairs import fingerprint
 from prefopt.errors import ConfigError
@@ -26,7 +29,7 @@ from prefopt.training.lock import DirectoryLock
 from prefopt.training.resume import check_resume, config_differences, drop_metrics_after, prepare_output
 from prefopt.training.run import make_accelerator, precompute_reference, setup
 from prefopt.training.samples import make_sampler
-from prefopt.training.step import LogWindow, evaluate, forward_backward, read_flags
+from prefopt.training.step import LogWindow, evaluate, example_tokens, example_weight, forward_backward, read_flags
 from prefopt.training.tracking import name_runs, tracker_config, tracker_init_kwargs
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
@@ -236,8 +239,10 @@ class ForwardPlan:
 
     def __init__(self, run: Any, world: int, rank: int) -> None:
         self.run, self.tc, self.world, self.rank = run, run.config.trainer, world, rank
-        self.lengths = [pair_length(p) for p in run.train_pairs]
-        self.sizes = [pair_tokens(p) for p in run.train_pairs]
+        mismatched = Feature.MISMATCHED_LOGPS in run.needs
+        self.lengths = [group_length(p) if isinstance(p, Group) else pair_length(p) for p in run.train_pairs]
+        self.sizes = [example_tokens(p, run.shared, mismatched) for p in run.train_pairs]
+        self.weights = [example_weight(p) for p in run.train_pairs]
         tc = self.tc
         micro_per_epoch = len(batch_order(self.lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
         self.steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)
@@ -261,10 +266,10 @@ class ForwardPlan:
             pairs = [[i for k in range(accum) for i in self.micro_batch(step * accum + k, r)] for r in range(self.world)]
             most = max(len(split_by_tokens(p, self.sizes, tc.max_tokens_per_forward)) for p in pairs)
             groups = split_by_tokens(pairs[self.rank], self.sizes, tc.max_tokens_per_forward, at_least=most)
-        n = sum(len(g) for g in groups)
+        w = [sum(self.weights[i] for i in g) for g in groups]
         batches = [self.run.make_batch(self.run.train_pairs, g, "train") for g in groups]
         padding = sum(b["padding"] * b["input_ids"].numel() for b in batches) / sum(b["input_ids"].numel() for b in batches)
-        return batches, [len(g) / n for g in groups], padding
+        return batches, [x / sum(w) for x in w], padding
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -255,3 +255,15 @@ def test_features_the_engine_does_not_compute_for_groups_are_refused():
     with pytest.raises(ConfigError, match="reads kl, policy_token_logps, which the engine computes for pairs only"):
         check_group_needs("listwise", frozenset({Feature.POLICY_LOGPS, Feature.POLICY_TOKEN_LOGPS, Feature.KL}), "rankings")
     check_group_needs("kto", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}), "labelled")
+
+
+def test_a_reference_point_from_mismatched_completions_is_refused_over_several_processes():
+    """KTO's z0 is a mean over the batch's mismatched completions: per process it would differ from one process's."""
+    from prefopt.errors import ConfigError
+    from prefopt.losses.base import Feature
+    from prefopt.training.run import check_group_needs
+
+    kto = frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS})
+    with pytest.raises(ConfigError, match=r"loss 'kto' estimates its reference point .* train it in one process \(2 were launched\)"):
+        check_group_needs("kto", kto, "labelled", processes=2)
+    check_group_needs("plackett_luce", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS}), "rankings", processes=2)

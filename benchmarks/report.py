@@ -92,7 +92,8 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
     for s in SIDE_BY_SIDE:
         p, u = get(s, "prefopt"), get(s, "prefopt-unshared")
         if p and u:  # the same pairs in the same order: the throughput ratio is the step-time ratio
-            shared[s] = {"throughput": p["tokens_per_s"] / u["tokens_per_s"], "peak_memory": p["peak_memory"] / u["peak_memory"]}
+            shared[s] = {"throughput": p["tokens_per_s"] / u["tokens_per_s"], "peak_memory": p["peak_memory"] / u["peak_memory"],
+                         "throughput_cpu_time": p["tokens_per_cpu_s"] / u["tokens_per_cpu_s"]}
     live, cached = get("1-live-reference", "prefopt"), get("2-cached-reference", "prefopt")
     cache_vs_live = cached["step_s"] / live["step_s"] if live and cached else None
     cache_vs_live_cpu = live["tokens_per_cpu_s"] / cached["tokens_per_cpu_s"] if live and cached else None
@@ -136,8 +137,10 @@ def _shared_targets(device: str, agg: dict, ratios: dict, shared: dict) -> list[
         rows.append((target, shown, all(ok(v) for v in values.values()) if values else None))
 
     if device == "cpu":
-        add(">= 1.3x unshared on the long-prompt scenario", {s: r["throughput"] for s, r in shared.items() if s.startswith("6")}, lambda v: v >= 1.3)
-        add(">= 0.97x unshared on the other scenarios", {s: r["throughput"] for s, r in shared.items() if not s.startswith("6")}, lambda v: v >= 0.97)
+        for by, key in (("", "throughput"), (" (by CPU time)", "throughput_cpu_time")):
+            add(f">= 1.3x unshared on the long-prompt scenario{by}", {s: r[key] for s, r in shared.items() if s.startswith("6")}, lambda v: v >= 1.3)
+            add(f">= 0.97x unshared on the other scenarios{by}", {s: r[key] for s, r in shared.items() if not s.startswith("6")},
+                lambda v: v >= 0.97)
         add("peak memory <= unshared", {s: r["peak_memory"] for s, r in shared.items()}, lambda v: v <= 1.0)
     else:
         add(">= 1.5x TRL 1.16 as shipped", {s: r["throughput"] for s, r in ratios.items()}, lambda v: v >= 1.5)
@@ -152,8 +155,8 @@ def _shared_table(doc: dict, peak: float | None) -> list[str]:
     agg, cuda = doc["aggregates"], doc["settings"]["device"] == "cuda"
     mem = "CUDA MiB" if cuda else "RSS MiB"
     lines = ["| Scenario | side | computed tokens / pair | pair tok/s | s / step | " + ("MFU | " if peak else "")
-             + f"peak {mem} | aten ops / step | vs unshared | vs TRL | top operators (self {'CUDA' if cuda else 'CPU'} ms) |",
-             "|---|---|---:|---:|---:|" + ("---:|" if peak else "") + "---:|---:|---:|---:|---|"]
+             + f"peak {mem} | aten ops / step | vs unshared | vs unshared by CPU time | vs TRL | top operators (self {'CUDA' if cuda else 'CPU'} ms) |",
+             "|---|---|---:|---:|---:|" + ("---:|" if peak else "") + "---:|---:|---:|---:|---:|---|"]
     for sc in SIDE_BY_SIDE:
         for side in SHARED_SIDES:
             a = agg.get(f"{sc} / {side}")
@@ -162,12 +165,13 @@ def _shared_table(doc: dict, peak: float | None) -> list[str]:
             u, t = agg.get(f"{sc} / prefopt-unshared"), agg.get(f"{sc} / TRL")
             vs_u = f"{a['tokens_per_s'] / u['tokens_per_s']:.2f}x" if u else "n/a"
             vs_t = f"{a['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t else "n/a"
+            vs_cpu = f"{a['tokens_per_cpu_s'] / u['tokens_per_cpu_s']:.2f}x" if u else "n/a"
             per_pair = "n/a" if a.get("computed_per_pair") is None else f"{a['computed_per_pair']:.0f}"
             ops = "n/a" if a.get("aten_ops_per_step") is None else f"{a['aten_ops_per_step']:,.0f}"
             top = ", ".join(f"{n.removeprefix('aten::')} {ms:.0f}" for n, ms in (a.get("top_ops") or [])[:3]) or "n/a"
             mfu = (f"{a['mfu']:.1%} | " if a.get("mfu") is not None else "n/a | ") if peak else ""
             lines.append(f"| {sc} | {side} | {per_pair} | {a['tokens_per_s']:,.0f} | {a['step_s']:.3f} | {mfu}{_mib(a['peak_memory'])} | "
-                         f"{ops} | {vs_u} | {vs_t} | {top} |")
+                         f"{ops} | {vs_u} | {vs_cpu} | {vs_t} | {top} |")
     return lines + [""]
 
 

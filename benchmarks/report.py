@@ -36,7 +36,7 @@ def _aggregate(runs: list[dict], batch_size: int) -> dict | None:
         "top_ops": ok[0].get("top_ops"),
         "repeats": len(ok),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
-        "tokens_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in ok),
+        "tokens_per_cpu_s": statistics.median(r.get("pair_tokens", r["tokens"]) / r["cpu_seconds"] for r in ok),
         "step_s": statistics.median(steps),
         "peak_memory": statistics.median(r["peak_memory"] for r in ok),
         "peak_above_imports": statistics.median(r["peak_memory"] - r["rss_after_imports"] for r in ok),

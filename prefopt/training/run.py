@@ -203,8 +203,18 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         policy.config._attn_implementation = "eager"
     # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
     batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared)  # noqa: E731
-    distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
-                                                                        "sdpa", "model"))
+    check = lambda: distributed.on_main_process(accelerator, lambda: health.check_start(  # noqa: E731
+        policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model"))
+    try:
+        check()
+    except ConfigError as exc:
+        if not shared or config.trainer.share_prompt is True:
+            raise
+        # a model that takes position ids but does not place tokens by them: the shared layout is wrong for it
+        log.warning("shared prompts: off (on the shared layout the engine's log-probs differ from the model's own forward; "
+                    "it does not place tokens by position ids): %s", exc)
+        shared = False
+        check()
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None

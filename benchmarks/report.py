@@ -175,13 +175,19 @@ def _shared_table(doc: dict, peak: float | None) -> list[str]:
     return lines + [""]
 
 
+def _steps_range(runs: list[dict]) -> str:
+    steps = [r["result"]["steps"] for r in runs if r["result"].get("ok") and "steps" in r["result"]]
+    return "n/a" if not steps else f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+
+
 def _budget_markdown(doc: dict, peak: float | None) -> str:
     """The one-call check (``--budget``): one table, its targets and notes."""
     s, dev = doc["settings"], doc["device"]
     lines = [f"### `{doc['command'].strip()}`", "",
              f"Device: {dev.get('gpu') or dev['cpu']}; torch {dev['torch']}, transformers {dev['transformers']}, TRL {dev['trl']}. "
              f"Model: {doc['model_config']['model_type']} shape, {doc['parameters'] / 1e6:.1f}M parameters; {s['precision']}, batch "
-             f"{s['batch_size']} pairs, max length {s['max_length']}; steps fitted to the budget, the first {s['warmup']} untimed; "
+             f"{s['batch_size']} pairs, max length {s['max_length']}; steps fitted to the budget of {s['budget']:.0f} s "
+             f"({_steps_range(doc['runs'])} per run), the first {s['warmup']} untimed; "
              f"each run {s['repeats']}x. Total wall time {doc['wall_s']:.0f} s.", "", *_shared_table(doc, peak),
              "| Target | Measured | Met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["shared_targets"]]

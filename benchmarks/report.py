@@ -88,12 +88,7 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
         p, t = get(s, "prefopt"), get(s, "TRL+Liger")
         if p and t:
             liger[s] = {"throughput": p["tokens_per_s"] / t["tokens_per_s"], "peak_memory": p["peak_memory"] / t["peak_memory"]}
-    shared = {}
-    for s in SIDE_BY_SIDE:
-        p, u = get(s, "prefopt"), get(s, "prefopt-unshared")
-        if p and u:  # the same pairs in the same order: the throughput ratio is the step-time ratio
-            shared[s] = {"throughput": p["tokens_per_s"] / u["tokens_per_s"], "peak_memory": p["peak_memory"] / u["peak_memory"],
-                         "throughput_cpu_time": p["tokens_per_cpu_s"] / u["tokens_per_cpu_s"]}
+    shared = _shared_ratios(agg)
     live, cached = get("1-live-reference", "prefopt"), get("2-cached-reference", "prefopt")
     cache_vs_live = cached["step_s"] / live["step_s"] if live and cached else None
     cache_vs_live_cpu = live["tokens_per_cpu_s"] / cached["tokens_per_cpu_s"] if live and cached else None
@@ -126,6 +121,18 @@ def build(name: str, profile: dict, model_config: dict, device: dict, results: l
             doc["notes"].append(f"MFU: n/a, {device.get('gpu')} is not in benchmarks.scenarios.PEAK_BF16_FLOPS.")
     doc["markdown"] = _budget_markdown(doc, peak) if profile.get("budget") else _markdown(doc, peak)
     return doc
+
+
+def _shared_ratios(agg: dict) -> dict[str, dict]:
+    """prefopt with shared prompts / prefopt unshared, per scenario: the same pairs in the same order, so the
+    throughput ratio is the step-time ratio."""
+    out = {}
+    for s in SIDE_BY_SIDE:
+        p, u = agg.get(f"{s} / prefopt"), agg.get(f"{s} / prefopt-unshared")
+        if p and u:
+            out[s] = {"throughput": p["tokens_per_s"] / u["tokens_per_s"], "peak_memory": p["peak_memory"] / u["peak_memory"],
+                      "throughput_cpu_time": p["tokens_per_cpu_s"] / u["tokens_per_cpu_s"]}
+    return out
 
 
 def _shared_targets(device: str, agg: dict, ratios: dict, shared: dict) -> list[tuple[str, str, bool | None]]:
@@ -178,6 +185,14 @@ def _shared_table(doc: dict, peak: float | None) -> list[str]:
 def _steps_range(runs: list[dict]) -> str:
     steps = [r["result"]["steps"] for r in runs if r["result"].get("ok") and "steps" in r["result"]]
     return "n/a" if not steps else f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+
+
+def _shared_section(doc: dict, peak: float | None) -> list[str]:
+    lines = ["Shared prompts: prefopt (shared, the default), prefopt with `trainer.share_prompt: false` and TRL. Computed tokens / "
+             "pair: positions through the policy per trained pair; pair tok/s: the pairs' tokens with the prompt counted once per "
+             "completion, per second (the same work for all three); aten ops / step: operators dispatched in one warm-up step.", "",
+             *_shared_table(doc, peak), "| Target | Measured | Met |", "|---|---|---|"]
+    return lines + [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["shared_targets"]] + [""]
 
 
 def _budget_markdown(doc: dict, peak: float | None) -> str:
@@ -282,12 +297,7 @@ def _markdown(doc: dict, peak: float | None) -> str:
             row += f" {p['mfu']:.1%} | {t['mfu']:.1%} |"
         row += f" {p['pad_fraction']:.1%} / {t['pad_fraction']:.1%} |"
         lines.append(row)
-    lines += ["", *_per_run(doc, peak)]
-    lines += ["Shared prompts: prefopt (shared, the default), prefopt with `trainer.share_prompt: false` and TRL. Computed tokens / "
-              "pair: positions through the policy per trained pair; pair tok/s: the pairs' tokens with the prompt counted once per "
-              "completion, per second (the same work for all three); aten ops / step: operators dispatched in one warm-up step.", "",
-              *_shared_table(doc, peak), "| Target | Measured | Met |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in doc["shared_targets"]] + [""]
+    lines += ["", *_per_run(doc, peak), *_shared_section(doc, peak)]
     if doc["ratios_liger"]:
         lines += ["prefopt against TRL with `use_liger_kernel=True`:", "",
                   "| Scenario | prefopt tok/s | TRL+Liger tok/s | **ratio** | memory ratio |", "|---|---:|---:|---:|---:|"]

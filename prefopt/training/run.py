@@ -195,26 +195,12 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     if distributed.sharded(accelerator) and accelerator.is_main_process:
         log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
     policy = load_model(config.model, empty=empty)
-    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
-    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
-    # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
+    shared = _share_and_check(config, accelerator, policy, tokenizer.pad_token_id, train_pairs)
     batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared)  # noqa: E731
-    check = lambda: distributed.on_main_process(accelerator, lambda: health.check_start(  # noqa: E731
-        policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens, "sdpa", "model"))
-    try:
-        check()
-    except ConfigError as exc:
-        if not shared or config.trainer.share_prompt is True:
-            raise
-        # a model that takes position ids but does not place tokens by them: the shared layout is wrong for it
-        log.warning("shared prompts: off (on the shared layout the engine's log-probs differ from the model's own forward; "
-                    "it does not place tokens by position ids): %s", exc)
-        shared = False
-        check()
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None
@@ -262,6 +248,31 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+
+
+def _share_and_check(config: RunConfig, accelerator: Accelerator, policy: torch.nn.Module, pad_id: int, pairs: list) -> bool:
+    """Whether prompts are shared (logged with why), after the start-up check of the engine's log-probs against
+    the model's own forward on that layout; under ``auto``, a model that fails it only when shared runs unshared."""
+    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
+    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
+
+    def check(share: bool) -> None:
+        # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
+        batch_of = lambda ps, idx: make_batch(config, pad_id, ps, idx, share)  # noqa: E731
+        distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, pairs, config.trainer.logprob_chunk_tokens,
+                                                                            "sdpa", "model"))
+
+    try:
+        check(shared)
+    except ConfigError as exc:
+        if not shared or config.trainer.share_prompt is True:
+            raise
+        # a model that takes position ids but does not place tokens by them: the shared layout is wrong for it
+        log.warning("shared prompts: off (on the shared layout the engine's log-probs differ from the model's own forward; "
+                    "it does not place tokens by position ids): %s", exc)
+        shared = False
+        check(shared)
+    return shared
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

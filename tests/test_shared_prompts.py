@@ -278,3 +278,29 @@ def test_sharing_is_chosen_with_a_reason():
     bloom = AutoModelForCausalLM.from_config(AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
     off, why = choose_sharing("auto", bloom, True)  # ALiBi: positions from the layout, not from position ids
     assert not off and "bloom does not place tokens by position ids" in why
+
+
+def test_a_failed_start_up_check_on_the_shared_layout_falls_back_to_unshared(long_prompt_assets, tmp_path, monkeypatch, caplog):
+    """Where the start-up check (the engine's log-probs against the model's own forward) fails on the shared layout
+    only (a model that takes position ids but does not place tokens by them), ``auto`` falls back to unshared and
+    says why; ``true`` refuses to start. The failing check is stood in for on the shared batches."""
+    from engine_helpers import make_config
+    from prefopt.config import validate
+    from prefopt.errors import ConfigError
+    from prefopt.training import health
+    from prefopt.training.run import setup
+
+    real = health.check_start
+
+    def check(policy, make_batch, pairs, *args, **kwargs):
+        if "kv_index" in make_batch(pairs, [0, 1]):
+            raise ConfigError("model: the engine's per-token log-probs differ from the model's own forward")
+        return real(policy, make_batch, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(health, "check_start", check)
+    caplog.set_level("INFO", logger="prefopt")
+    run = setup(validate(make_config(long_prompt_assets, tmp_path / "auto", max_steps=1, reference__mode="live")))
+    assert run.shared is False and "shared prompts: off (on the shared layout" in caplog.text
+    assert "kv_index" not in run.make_batch(run.train_pairs, [0, 1])
+    with pytest.raises(ConfigError, match="differ from the model's own forward"):
+        setup(validate(make_config(long_prompt_assets, tmp_path / "true", max_steps=1, share_prompt=True)))

@@ -11,6 +11,7 @@ Mistral, GPT-2, ...) can run packed batches. The kernel is chosen once per run:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,6 +149,13 @@ def packed_attention(
                          kwargs.get("prefopt_cu_k_host"), kwargs.get("prefopt_kv_index")), None
 
 
+@functools.lru_cache(maxsize=512)
+def _end_aligned_mask(n: int, m: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """``n`` queries over ``m >= n`` keys: causal aligned to the end, within ``window`` positions (built once per shape)."""
+    mask = torch.ones(n, m, dtype=torch.bool, device=device).tril(m - n)
+    return mask.triu(m - n - window + 1) if window else mask
+
+
 @torch.compiler.disable
 def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_host: torch.Tensor, window: int | None,
                   dropout: float, scaling: float | None, cu_k_host: torch.Tensor | None = None,
@@ -167,9 +175,7 @@ def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
     for q, k, v in zip(queries, *(t.tensor_split(cu_k_host[1:-1], dim=2) for t in (key, value))):
         n, m = q.shape[2], k.shape[2]
         if (window and m > window) or n != m:
-            mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-            if window:
-                mask = mask.triu(m - n - window + 1)
+            mask = _end_aligned_mask(n, m, window, q.device)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
         else:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))

@@ -266,17 +266,13 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         log.info("model: weights read by the first process only; the others receive their shards once sharded (FSDP)")
     policy = load_model(config.model, empty=empty, dtype=weights_dtype(config.model, config.trainer.master_weights))
     describe_weights(config, policy)
-    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
-    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
     if config.trainer.packing:
         use_packed_attention(policy)
     elif kernel == "eager":
         policy.config._attn_implementation = "eager"
-    # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
     mismatched = Feature.MISMATCHED_LOGPS in needs
+    shared = _share_and_check(config, accelerator, policy, tokenizer.pad_token_id, train_pairs, mismatched)
     batch_of = lambda pairs, idx: make_batch(config, tokenizer.pad_token_id, pairs, idx, shared, mismatched)  # noqa: E731
-    distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, train_pairs, config.trainer.logprob_chunk_tokens,
-                                                                        "sdpa", "model", mismatched))
     reference: torch.nn.Module | str | None = None
     caches: dict[str, ref.RefCache] = {}
     pending = None
@@ -360,6 +356,32 @@ def describe_weights(config: RunConfig, policy: torch.nn.Module) -> None:
         log.warning("weights: held and updated by AdamW in %s (trainer.master_weights: none): an update smaller than half "
                     "the spacing of the weight's dtype is rounded away, at lr %g most are (bf16 spacing of 0.02 is 1.2e-4); "
                     "trainer.master_weights: fp32 keeps fp32 masters", config.model.dtype, config.trainer.lr)
+
+
+def _share_and_check(config: RunConfig, accelerator: Accelerator, policy: torch.nn.Module, pad_id: int, pairs: list,
+                     mismatched: bool = False) -> bool:
+    """Whether prompts are shared (logged with why), after the start-up check of the engine's log-probs against
+    the model's own forward on that layout; under ``auto``, a model that fails it only when shared runs unshared."""
+    shared, why = attention.choose_sharing(config.trainer.share_prompt, policy, config.trainer.packing)
+    log.info("shared prompts: %s (%s)", "on" if shared else "off", why)
+
+    def check(share: bool) -> None:
+        # on the host, before the model moves to its device: the CPU attention kernel (what is checked is the head's transform)
+        batch_of = lambda ps, idx: make_batch(config, pad_id, ps, idx, share, mismatched)  # noqa: E731
+        distributed.on_main_process(accelerator, lambda: health.check_start(policy, batch_of, pairs, config.trainer.logprob_chunk_tokens,
+                                                                            "sdpa", "model", mismatched))
+
+    try:
+        check(shared)
+    except ConfigError as exc:
+        if not shared or config.trainer.share_prompt is True:
+            raise
+        # a model that takes position ids but does not place tokens by them: the shared layout is wrong for it
+        log.warning("shared prompts: off (on the shared layout the engine's log-probs differ from the model's own forward; "
+                    "it does not place tokens by position ids): %s", exc)
+        shared = False
+        check(shared)
+    return shared
 
 
 def _precision_dtype(config: RunConfig) -> torch.dtype | None:

@@ -1,0 +1,53 @@
+"""Checks a wrong loss cannot fake: the engine's log-ratio metrics, the end-of-run sign warning,
+every kit case before training, and a loss that breaks during training stopping the run by name."""
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import eval_rows, make_config, read_metrics, train_raw, write_assets
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LOGRATIOS = ("logratios/chosen", "logratios/rejected", "logratios/margins", "logratios/accuracies")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("assets"), n_train=48, n_eval=16)
+
+
+# ---------------------------------------------------------------- logratios/* from the log-probs alone
+
+
+def test_logratios_are_the_dpo_rewards_over_beta(assets, tmp_path):
+    """DPO's rewards are beta * (policy - reference) log-ratios: the engine's metrics, computed without the loss, agree."""
+    beta = 0.25
+    raw = make_config(assets, tmp_path, loss={"name": "dpo", "beta": beta}, max_steps=4, data__eval=assets["eval"])
+    train_raw(raw)
+    out = raw["trainer"]["output_dir"]
+    rows = read_metrics(out)
+    evals = eval_rows(out)
+    assert len(rows) == 4 and len(evals) == 2
+    for row, prefix in [(r, "") for r in rows] + [(r, "eval/") for r in evals]:
+        for name in ("chosen", "rejected", "margins"):
+            assert row[f"{prefix}logratios/{name}"] * beta == pytest.approx(row[f"{prefix}rewards/{name}"], abs=1e-6)
+        assert row[f"{prefix}logratios/accuracies"] == pytest.approx(row[f"{prefix}rewards/accuracies"], abs=1e-6)
+    assert evals[0]["eval/logratios/margins"] == 0.0 and evals[0]["eval/logratios/accuracies"] == 0.0  # policy == reference
+    assert evals[-1]["eval/logratios/margins"] > 0
+
+
+@pytest.mark.slow
+def test_logratios_come_from_a_reference_the_loss_does_not_read(assets, tmp_path):
+    """SFT reads no reference: with reference.mode live the engine still runs one for the metrics, and the loss's
+    inputs are unchanged (same losses as a run without a reference); with no reference, no logratios/* at all."""
+    sft = {"name": "sft"}
+    live = make_config(assets, tmp_path / "live", loss=sft, max_steps=3, data__eval=assets["eval"], reference__mode="live")
+    none = make_config(assets, tmp_path / "none", loss=sft, max_steps=3, data__eval=assets["eval"])
+    assert train_raw(live)["reference"] == "live" and train_raw(none)["reference"] == "none"
+    with_ref, without = read_metrics(live["trainer"]["output_dir"]), read_metrics(none["trainer"]["output_dir"])
+    assert [r["loss"] for r in with_ref] == pytest.approx([r["loss"] for r in without], abs=1e-6)
+    assert all(set(LOGRATIOS) <= r.keys() for r in with_ref)
+    assert not any(k.startswith("logratios/") for r in without for k in r)
+    evals = eval_rows(live["trainer"]["output_dir"])
+    assert evals[0]["eval/logratios/chosen"] == 0.0 and evals[0]["eval/logratios/rejected"] == 0.0
+    assert evals[-1]["eval/logratios/chosen"] > 0  # SFT raises the chosen completions' log-probs

@@ -51,3 +51,56 @@ def test_logratios_come_from_a_reference_the_loss_does_not_read(assets, tmp_path
     evals = eval_rows(live["trainer"]["output_dir"])
     assert evals[0]["eval/logratios/chosen"] == 0.0 and evals[0]["eval/logratios/rejected"] == 0.0
     assert evals[-1]["eval/logratios/chosen"] > 0  # SFT raises the chosen completions' log-probs
+
+
+# ---------------------------------------------------------------- the end-of-run sign warning
+
+
+def _flipped_dpo():
+    """DPO with its margin's sign wrong, reporting rewards that look like success (as such a bug would)."""
+    from prefopt.losses.base import Loss, LossOutput, log_ratios, preference_loss, reward_metrics
+    from prefopt.losses.dpo import DPOConfig
+
+    class FlippedDPO(Loss):
+        name = "flipped_dpo"
+        Config = DPOConfig
+
+        def forward(self, inputs):
+            chosen, rejected = log_ratios(inputs)
+            beta = self.config.beta
+            losses = preference_loss(beta * (rejected - chosen))
+            return LossOutput(losses.mean(), losses, reward_metrics(beta * rejected, beta * chosen, inputs))
+
+    return FlippedDPO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "flipped_dpo"])
+def test_a_sign_flipped_loss_ends_with_a_warning_and_an_honest_one_does_not(assets, tmp_path, name):
+    from prefopt.testing import registered
+    from prefopt.training.trainer import format_summary
+
+    raw = make_config(assets, tmp_path, loss={"name": name, "beta": 0.1}, max_steps=6, data__eval=assets["eval"])
+    with registered(_flipped_dpo()):
+        summary = train_raw(raw)
+    rows = read_metrics(raw["trainer"]["output_dir"])
+    assert rows[-1]["loss"] < rows[0]["loss"]  # both "succeed" by their own loss
+    assert summary["after"]["eval/rewards/margins"] > 0  # and by their own rewards
+    printed = format_summary(summary)
+    if name == "dpo":
+        assert summary["after"]["eval/logratios/margins"] > 0
+        assert "warnings" not in summary and "WARNING" not in printed
+    else:
+        assert summary["after"]["eval/logratios/margins"] < 0
+        assert len(summary["warnings"]) == 1 and "may have its sign wrong" in summary["warnings"][0]
+        assert "WARNING: the loss may have its sign wrong" in printed
+
+
+def test_the_sign_warning_needs_the_margin_down_and_the_loss_down():
+    from prefopt.training.health import sign_warning
+
+    before, down, up = {"eval/logratios/margins": 0.0}, {"eval/logratios/margins": -0.5}, {"eval/logratios/margins": 0.5}
+    assert "sign wrong" in sign_warning(before, down, 0.69, 0.4)
+    assert sign_warning(before, up, 0.69, 0.4) is None  # the margin rose
+    assert sign_warning(before, down, 0.69, 0.8) is None  # the loss rose too: a failed run, not a sign error
+    assert sign_warning({}, {}, 0.69, 0.4) is None  # no reference: no log-ratios, nothing to say

@@ -153,6 +153,8 @@ class Trainer:
                 row.update(evaluate(self.run, self.model))
                 self.sample(step)
             self.log_metrics(row)
+            state.setdefault("first_loss", row["loss"])  # kept in checkpoints, for the end-of-run sign check
+            state["last_loss"] = row["loss"]
         if state["bad_steps"] > tc.max_bad_steps:
             self.save(step)
             raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
@@ -189,6 +191,10 @@ class Trainer:
         self.sample(state["step"])
         if summary["after"]:
             self.log_metrics({"step": state["step"], **summary["after"]})
+        warning = health.sign_warning(state["before"] or {}, summary["after"], state.get("first_loss"), state.get("last_loss"))
+        if warning:
+            summary["warnings"] = [warning]
+            log.warning("%s", warning)
         policy_state = ckpt.full_state(self.unwrapped.policy)  # every process, under FSDP; None otherwise
         if self.main:
             self.unwrapped.policy.save_pretrained(self.out, safe_serialization=True, state_dict=policy_state)
@@ -273,10 +279,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         steps += f" ({summary['steps_applied']} applied, {summary['steps_skipped']} skipped)"
     if not after:
         return f"trained {steps} in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
-    keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
+    keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/logratios/accuracies", "eval/logratios/margins",
+                        "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
     if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
+    lines += summary.get("warnings", [])
     return "\n".join(lines)

@@ -102,5 +102,5 @@ def test_validate_runs_the_loss_on_its_declared_inputs(tmp_path, capsys, tokeniz
         assert cli.main(["validate", _config(tmp_path, "{name: dpo}", tokenizer_dir)]) == 0
         assert cli.main(["validate", _config(tmp_path, "[{name: dpo}, {name: entropy_dpo, weight: 0.5}]", tokenizer_dir)]) == 2
     err = capsys.readouterr().err
-    assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs: AttributeError" in err
+    assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs, case 'ordinary': AttributeError" in err
             and "it read LossInputs.token_entropy, which its needs do not declare: add Feature.TOKEN_ENTROPY" in err), err

@@ -104,3 +104,42 @@ def test_the_sign_warning_needs_the_margin_down_and_the_loss_down():
     assert sign_warning(before, up, 0.69, 0.4) is None  # the margin rose
     assert sign_warning(before, down, 0.69, 0.8) is None  # the loss rose too: a failed run, not a sign error
     assert sign_warning({}, {}, 0.69, 0.4) is None  # no reference: no log-ratios, nothing to say
+
+
+# ---------------------------------------------------------------- every kit case before training
+
+
+def _nan_on_empty():
+    """DPO divided by the completion lengths unclamped: NaN (0/0) on an empty completion, fine otherwise."""
+    from prefopt.losses.base import Feature, LossOutput, log_ratios, preference_loss, reward_metrics
+    from prefopt.losses.dpo import DPO
+
+    class PerTokenDPO(DPO):
+        name = "per_token_dpo"
+        features = frozenset({Feature.REF_LOGPS, Feature.LENGTHS})
+
+        @property
+        def needs(self):
+            return frozenset(self.features) | {Feature.POLICY_LOGPS}
+
+        def forward(self, inputs):
+            chosen, rejected = log_ratios(inputs)
+            chosen, rejected = chosen / inputs.chosen_tokens, rejected / inputs.rejected_tokens
+            losses = preference_loss(self.config.beta * (chosen - rejected))
+            return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+
+    return PerTokenDPO
+
+
+def test_validate_fails_a_loss_that_is_nan_on_an_empty_completion_naming_the_case(assets, tmp_path, capsys):
+    import yaml
+
+    from prefopt.cli import commands as cli
+    from prefopt.testing import registered
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(make_config(assets, tmp_path, loss={"name": "per_token_dpo"})))
+    with registered(_nan_on_empty()):
+        assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: loss 'per_token_dpo' (" in err and "case 'zero-token completion': non-finite loss" in err, err

@@ -143,3 +143,45 @@ def test_validate_fails_a_loss_that_is_nan_on_an_empty_completion_naming_the_cas
         assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "error: loss 'per_token_dpo' (" in err and "case 'zero-token completion': non-finite loss" in err, err
+
+
+# ---------------------------------------------------------------- a loss that breaks during training
+
+
+def _breaks_in_training(how: str):
+    """DPO that passes the pre-training check (its cases have at most 4 pairs) and breaks on a training batch of 8."""
+    import sys
+
+    from prefopt.losses.base import LossOutput
+    from prefopt.losses.dpo import DPO
+
+    class Breaks(DPO):
+        name = f"breaks_{how}"
+
+        def forward(self, inputs):
+            out = super().forward(inputs)
+            if inputs.policy_chosen_logps.shape[0] <= 4:
+                return out
+            if how == "exit":
+                sys.exit(0)
+            return LossOutput(out.loss.detach(), out.losses.detach(), out.metrics)
+
+    return Breaks
+
+
+@pytest.mark.parametrize("how, message", [("detached", "returned a loss without a gradient"), ("exit", "called sys.exit(0) during training")])
+def test_a_loss_that_breaks_during_training_stops_the_run_by_name(assets, tmp_path, capsys, how, message):
+    import yaml
+
+    from prefopt.cli import commands as cli
+    from prefopt.testing import registered
+
+    cls = _breaks_in_training(how)
+    raw = make_config(assets, tmp_path, loss={"name": cls.name}, max_steps=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with registered(cls):
+        assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: loss '{cls.name}' (prefopt.testing-" in err and message in err, err
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -224,6 +224,8 @@ class CheckedLoss:
             out = self.inner(inputs)
         except PrefoptError:
             raise
+        except SystemExit as exc:  # would end the run with no model, and exit status 0 for sys.exit()
+            raise PluginError(f"{self._where()} called sys.exit({exc.code!r}) during training; a loss must return or raise") from None
         except Exception as exc:
             raise PluginError(f"{self._where()} raised {type(exc).__name__}: {exc}") from exc
         n = int(inputs.policy_chosen_logps.shape[0])
@@ -232,6 +234,8 @@ class CheckedLoss:
             problem = f"returned {type(out).__name__}, expected a prefopt.LossOutput"
         elif not isinstance(out.loss, torch.Tensor) or out.loss.ndim != 0 or not out.loss.is_floating_point():
             problem = f"returned loss {_describe(out.loss)}, expected a scalar float tensor"
+        elif torch.is_grad_enabled() and not out.loss.requires_grad:  # training, not evaluation
+            problem = "returned a loss without a gradient (detached, or not computed from the policy log-probs), so training cannot step"
         elif not isinstance(out.losses, torch.Tensor) or tuple(out.losses.shape) != (n,):
             problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per pair"
         elif not isinstance(out.metrics, dict):

@@ -27,7 +27,7 @@ def test_losses_text(capsys):
     assert f"ipo  (prefopt {version}; reference: logps)" in out
     assert f"tdpo  (prefopt {version}; reference: token_kl)" in out
     assert f"sft  (prefopt {version}; reference: none)" in out
-    assert "    beta: float, default 0.1. Inverse temperature: strength of the implicit KL penalty." in out
+    assert "    beta: float, default 0.1, > 0. Inverse temperature: strength of the implicit KL penalty." in out
     assert "    average_log_probs: bool, default True. Average log-ratios over completion tokens" in out
     assert "    variant: Literal['tdpo1', 'tdpo2'], required. tdpo1:" in out
     assert "CONFLICT" not in out and "BROKEN" not in out
@@ -46,13 +46,14 @@ def test_losses_json(capsys):
         assert [f["name"] for f in row["fields"]] == list(cls.Config.model_fields)
         for field in row["fields"]:
             assert field["description"], f"{cls.name}.{field['name']} has no description"
-            assert set(field) == {"name", "type", "default", "required", "description"}
+            assert set(field) == {"name", "type", "default", "required", "bounds", "description"}
     dpo = {f["name"]: f for f in rows["dpo"]["fields"]}
     assert dpo["beta"] == {
         "name": "beta",
         "type": "float",
         "default": 0.1,
         "required": False,
+        "bounds": "> 0",
         "description": DPO.Config.model_fields["beta"].description,
     }
     assert dpo["label_smoothing"]["default"] == 0.0 and dpo["reference_free"]["type"] == "bool"

@@ -185,3 +185,74 @@ def test_a_loss_that_breaks_during_training_stops_the_run_by_name(assets, tmp_pa
     err = capsys.readouterr().err
     assert f"error: loss '{cls.name}' (prefopt.testing-" in err and message in err, err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- bounds, spelling, plugin selection
+
+
+def test_the_kit_flags_numeric_config_fields_without_a_bound():
+    from pydantic import Field
+
+    from prefopt.losses.base import LossConfig
+    from prefopt.losses.dpo import DPO
+    from prefopt.testing import check_loss
+
+    class LooseConfig(LossConfig):
+        beta: float = Field(0.1, description="Inverse temperature.")
+        scale: int | None = Field(None, description="Optional scale.")
+        flag: bool = Field(False, description="A switch (not a number).")
+
+    class Loose(DPO):
+        name = "loose_dpo"
+        Config = LooseConfig
+
+    with pytest.raises(AssertionError, match=r"numeric config fields without a bound: beta, scale;"):
+        check_loss(Loose)
+
+
+@pytest.mark.parametrize("loss, message", [
+    ({"name": "dpo", "beta": -0.1}, "loss.beta: loss 'dpo': Input should be greater than 0"),
+    ({"name": "tdpo", "variant": "tdpo2", "alpha": -1.0}, "loss.alpha: loss 'tdpo': Input should be greater than or equal to 0"),
+    ({"name": "dpo", "betta": 0.1}, "loss.betta: loss 'dpo': Extra inputs are not permitted (got 0.1); did you mean 'beta'?"),
+    ([{"name": "dpo"}, {"name": "sft", "weight": -0.2}], "loss[1].weight: must be a number >= 0 (got -0.2)"),
+])
+def test_bad_loss_parameters_are_refused_by_name(builtins_only, loss, message):
+    from prefopt.errors import ConfigError
+    from prefopt.plugins.registry import build_loss
+
+    with pytest.raises(ConfigError) as info:
+        build_loss(loss)
+    assert message in str(info.value)
+
+
+def test_prefopt_losses_shows_the_bounds(builtins_only, capsys):
+    from prefopt.cli import commands as cli
+
+    assert cli.main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "beta: float, default 0.1, > 0. " in out and "label_smoothing: float, default 0.0, >= 0, < 0.5. " in out
+
+
+def test_an_unknown_plugin_name_in_prefopt_load_plugins_is_an_error_naming_the_installed_ones(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from engine_helpers import write_plugin_dist
+    from prefopt.cli import commands as cli
+    from prefopt.plugins import manager
+
+    site = tmp_path / "site"
+    write_plugin_dist(site, "prefopt-margin", {"prefopt_margin_plugin": "import prefopt\n"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "prefopt-margni")
+    manager.reset()
+    try:
+        assert cli.main(["losses"]) == 2
+        err = capsys.readouterr().err
+        assert "PREFOPT_LOAD_PLUGINS names 'prefopt-margni', which no installed plugin has" in err, err
+        assert "prefopt-margin (prefopt_margin_plugin)" in err and "did you mean 'prefopt-margin'?" in err, err
+        monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", "prefopt-margin")
+        manager.reset()
+        assert cli.main(["losses"]) == 0
+    finally:
+        manager.reset()
+    assert "prefopt_margin_plugin" in sys.modules

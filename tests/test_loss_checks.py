@@ -3,6 +3,7 @@ every kit case before training, and a loss that breaks during training stopping 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_helpers import eval_rows, make_config, read_metrics, train_raw, write_assets
 
@@ -256,3 +257,96 @@ def test_an_unknown_plugin_name_in_prefopt_load_plugins_is_an_error_naming_the_i
     finally:
         manager.reset()
     assert "prefopt_margin_plugin" in sys.modules
+
+
+# ---------------------------------------------------------------- TR-DPO: reference.sync
+
+
+def _tiny_llama(seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefopt.testing.tiny import model_config
+
+    torch.manual_seed(seed)
+    params = model_config("llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, max_position=32)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(params.pop("model_type"), **params)).double()
+
+
+@pytest.mark.slow  # importing TRL takes seconds
+def test_sync_reference_is_trls_soft_update_in_float64():
+    import copy
+
+    from prefopt.engine.modeling import PreferenceModel
+
+    policy, reference = _tiny_llama(0), _tiny_llama(1)
+    reference.requires_grad_(False)
+    start = {n: p.clone() for n, p in reference.named_parameters()}
+    mix = 0.3
+    trl_copy = copy.deepcopy(reference)
+    PreferenceModel(policy, reference).sync_reference(mix)
+    for (name, ref), (_, pol) in zip(reference.named_parameters(), policy.named_parameters(), strict=True):
+        assert ref.dtype == torch.float64
+        torch.testing.assert_close(ref, mix * pol.detach() + (1 - mix) * start[name], rtol=1e-15, atol=1e-15)
+    trl = pytest.importorskip("trl.trainer.callbacks")
+    with torch.no_grad():
+        trl.SyncRefModelCallback._sync_target_model(policy, trl_copy, mix)
+    for a, b in zip(reference.parameters(), trl_copy.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reference_sync_is_refused_where_there_is_nothing_to_sync(assets, tmp_path):
+    from prefopt.config import validate
+    from prefopt.errors import ConfigError
+    from prefopt.training.preflight import preflight
+
+    sync = {"every": 2, "mix": 0.5}
+    with pytest.raises(ConfigError, match="reference.sync updates the reference during training, which needs reference.mode live or auto"):
+        validate(make_config(assets, tmp_path, reference__mode="cache", reference__sync=sync))
+    free = validate(make_config(assets, tmp_path, loss={"name": "dpo", "reference_free": True}, reference__sync=sync))
+    with pytest.raises(ConfigError, match="reference.sync: the loss is reference-free"):
+        preflight(free, hub=False)
+    preflight(validate(make_config(assets, tmp_path, reference__sync=sync)), hub=False)  # auto: a live reference
+
+
+def _checkpoint(out, step: int) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    path = out / "checkpoints" / f"step-{step:07d}"
+    policy = {k.removeprefix("policy."): v for k, v in load_file(str(path / "model.safetensors")).items()}
+    return policy, load_file(str(path / "reference.safetensors"))
+
+
+@pytest.mark.slow
+def test_reference_sync_trains_and_resumes_exactly(assets, tmp_path, monkeypatch):
+    import prefopt.training.trainer as trainer
+
+    common = dict(max_steps=4, save_every=2, reference__sync={"every": 2, "mix": 0.5})
+    whole = make_config(assets, tmp_path / "whole", **common)
+    assert train_raw(whole)["reference"] == "live"
+    out = tmp_path / "whole" / "run"
+    policy2, ref2 = _checkpoint(out, 2)
+    policy4, ref4 = _checkpoint(out, 4)
+    assert ref2.keys() == policy4.keys()
+    for name in ref4:  # the update at step 4, from the step-2 reference and the step-4 policy
+        expected = 0.5 * policy4[name].double() + 0.5 * ref2[name].double()
+        torch.testing.assert_close(ref4[name].double(), expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(ref2[n], policy2[n]) for n in ref2)  # half-way: neither the old reference nor the policy
+
+    broken = make_config(assets, tmp_path / "broken", **common)
+    real, calls = trainer.forward_backward, {"n": 0}
+
+    def crash_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "forward_backward", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_raw(broken)
+    monkeypatch.setattr(trainer, "forward_backward", real)
+    train_raw(broken, resume=True)
+    resumed = tmp_path / "broken" / "run"
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(out)]
+    for a, b in zip(_checkpoint(out, 4), _checkpoint(resumed, 4)):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

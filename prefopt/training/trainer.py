@@ -79,6 +79,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.current = config.model_dump(mode="json")
         self.state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
+        self.sync = config.reference.sync
         if resume:
             self._restore()
         if self.main and tc.report_to != ["jsonl"]:
@@ -108,6 +109,8 @@ class Trainer:
                 finite, stopping, weights_ok = read_flags(run, result, stop.signal is not None, pending)
                 pending = self.apply(step, finite, weights_ok, pending)
                 state["step"] = step + 1
+                if self.sync is not None and state["step"] % self.sync.every == 0:
+                    self.unwrapped.sync_reference(self.sync.mix)  # TR-DPO, counted in steps as TRL counts them
                 window.add(result, sum(b["num_tokens"] for b in batches), padding)
                 bar.update(1)
                 self.bookkeeping(window, bar)
@@ -212,6 +215,8 @@ class Trainer:
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
         check_resume(saved, self.run_facts, self.config)
         self.state = ckpt.load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler)
+        if self.sync is not None:
+            ckpt.load_reference(path, self.unwrapped.reference)
         log.info("resuming from %s (step %d)", path, self.state["step"])
         if self.main:
             drop_metrics_after(self.out / "metrics.jsonl", self.state["step"])
@@ -230,8 +235,9 @@ class Trainer:
         health.check_step(self.named, step, self.reduce_sum)  # never checkpoint non-finite weights
         gathered = ckpt.gather(self.unwrapped, self.optimizer)  # every process, under FSDP
         if self.main:
+            reference = ckpt.reference_state(self.unwrapped.reference) if self.sync is not None else None
             ckpt.save_checkpoint(self.ckpt_root, step, self.unwrapped, self.optimizer, self.scheduler,
-                                 {**self.state, **self.run_facts, "config": self.current}, self.tc.keep_checkpoints, gathered)
+                                 {**self.state, **self.run_facts, "config": self.current}, self.tc.keep_checkpoints, gathered, reference)
         self.acc.wait_for_everyone()
 
 

@@ -350,3 +350,29 @@ def test_reference_sync_trains_and_resumes_exactly(assets, tmp_path, monkeypatch
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(out)]
     for a, b in zip(_checkpoint(out, 4), _checkpoint(resumed, 4)):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ---------------------------------------------------------------- metric conventions: WPO at step 0, LD-DPO's logps
+
+
+def _plugin_class(monkeypatch, directory: str, module: str, name: str):
+    """A first-party plugin's loss class, imported from its directory in this repository."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "plugins" / directory))
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("mode", ["cache", "live"])
+def test_wpo_policy_equal_to_reference_gives_exactly_zero_margins_and_accuracy(assets, tmp_path, monkeypatch, mode):
+    """WPO reads the policy's per-token statistics: its log-probs must still come out bit for bit as the reference's."""
+    from prefopt.testing import registered
+
+    wpo = _plugin_class(monkeypatch, "wpo", "prefopt_wpo", "WPO")
+    raw = make_config(assets, tmp_path, loss={"name": "wpo", "beta": 0.1}, max_steps=1, lr=1e-9, data__eval=assets["eval"],
+                      reference__mode=mode, group_by_length=False)
+    with registered(wpo):
+        before = train_raw(raw)["before"]
+    assert before["eval/logratios/chosen"] == 0.0 and before["eval/logratios/rejected"] == 0.0
+    assert before["eval/logratios/accuracies"] == 0.0 and before["eval/rewards/accuracies"] == 0.0

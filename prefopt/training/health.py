@@ -193,7 +193,7 @@ def _provider(name: str) -> str:
         from prefopt.plugins.registry import get_registry
 
         entry = get_registry().losses.get(name)
-        return f"{entry.dist} {entry.version}" if entry else "unknown package"
+        return f"{entry.dist} {entry.version}".removesuffix(" ?") if entry else "unknown package"
     except Exception:  # noqa: BLE001 - only used in an error message
         return "unknown package"
 

@@ -364,15 +364,17 @@ def _plugin_class(monkeypatch, directory: str, module: str, name: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("mode", ["cache", "live"])
-def test_wpo_policy_equal_to_reference_gives_exactly_zero_margins_and_accuracy(assets, tmp_path, monkeypatch, mode):
-    """WPO reads the policy's per-token statistics: its log-probs must still come out bit for bit as the reference's."""
+@pytest.mark.parametrize("name, mode", [("wpo", "cache"), ("wpo", "live"), ("dpo", "cache")])
+def test_policy_equal_to_reference_gives_exactly_zero_margins_and_accuracy(assets, tmp_path, monkeypatch, name, mode):
+    """At step 0 the policy's log-prob sums equal the reference's bit for bit, in held-out rows and in the first
+    training row (batched unlike the cache's batches), also for WPO, which reads the policy's per-token statistics."""
     from prefopt.testing import registered
 
     wpo = _plugin_class(monkeypatch, "wpo", "prefopt_wpo", "WPO")
-    raw = make_config(assets, tmp_path, loss={"name": "wpo", "beta": 0.1}, max_steps=1, lr=1e-9, data__eval=assets["eval"],
-                      reference__mode=mode, group_by_length=False)
+    raw = make_config(assets, tmp_path, loss={"name": name, "beta": 0.1}, max_steps=1, data__eval=assets["eval"], reference__mode=mode)
     with registered(wpo):
         before = train_raw(raw)["before"]
-    assert before["eval/logratios/chosen"] == 0.0 and before["eval/logratios/rejected"] == 0.0
-    assert before["eval/logratios/accuracies"] == 0.0 and before["eval/rewards/accuracies"] == 0.0
+    first = read_metrics(raw["trainer"]["output_dir"])[0]
+    for row, prefix in ((before, "eval/"), (first, "")):
+        assert row[f"{prefix}logratios/chosen"] == 0.0 and row[f"{prefix}logratios/rejected"] == 0.0
+        assert row[f"{prefix}logratios/accuracies"] == 0.0 and row[f"{prefix}rewards/accuracies"] == 0.0

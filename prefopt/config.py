@@ -72,12 +72,26 @@ class DataConfig(_Section):
     )
 
 
+class SyncConfig(_Section):
+    every: int = Field(description="Update the reference after every N optimiser steps (TRL's ref_model_sync_steps).", gt=0)
+    mix: float = Field(description="ref = mix * policy + (1 - mix) * ref at each update (TRL's ref_model_mixup_alpha).", gt=0, le=1)
+
+
 class ReferenceConfig(_Section):
     mode: Literal["auto", "cache", "live", "none"] = Field(
         "auto", description="auto picks cache when the loss allows, live when it needs token KL, none when reference-free."
     )
     cache_dir: str = Field(".prefopt-cache", description="Directory of reference log-prob caches, keyed by fingerprint.")
     batch_size: int | None = Field(None, gt=0, description="Pairs per forward when precomputing (default: the train batch size).")
+    sync: SyncConfig | None = Field(
+        None, description="TR-DPO: every N steps move the live reference toward the policy (TRL's sync_ref_model); null: a fixed reference.")
+
+    @pydantic.model_validator(mode="after")
+    def _sync_needs_live(self) -> "ReferenceConfig":
+        if self.sync is not None and self.mode in ("cache", "none"):
+            raise ValueError(f"reference.sync updates the reference during training, which needs reference.mode live or auto "
+                             f"(got {self.mode}: {'a cache holds fixed log-probs' if self.mode == 'cache' else 'no reference'})")
+        return self
 
     @pydantic.field_validator("cache_dir")
     @classmethod

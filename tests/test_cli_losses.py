@@ -27,7 +27,7 @@ def test_losses_text(capsys):
     assert f"ipo  (prefopt {version}; reference: logps)" in out
     assert f"tdpo  (prefopt {version}; reference: token_kl)" in out
     assert f"sft  (prefopt {version}; reference: none)" in out
-    assert "    beta: float, default 0.1. Inverse temperature: strength of the implicit KL penalty." in out
+    assert "    beta: float, default 0.1, > 0. Inverse temperature: strength of the implicit KL penalty." in out
     assert "    average_log_probs: bool, default True. Average log-ratios over completion tokens" in out
     assert "    variant: Literal['tdpo1', 'tdpo2'], required. tdpo1:" in out
     assert "CONFLICT" not in out and "BROKEN" not in out
@@ -46,13 +46,14 @@ def test_losses_json(capsys):
         assert [f["name"] for f in row["fields"]] == list(cls.Config.model_fields)
         for field in row["fields"]:
             assert field["description"], f"{cls.name}.{field['name']} has no description"
-            assert set(field) == {"name", "type", "default", "required", "description"}
+            assert set(field) == {"name", "type", "default", "required", "bounds", "description"}
     dpo = {f["name"]: f for f in rows["dpo"]["fields"]}
     assert dpo["beta"] == {
         "name": "beta",
         "type": "float",
         "default": 0.1,
         "required": False,
+        "bounds": "> 0",
         "description": DPO.Config.model_fields["beta"].description,
     }
     assert dpo["label_smoothing"]["default"] == 0.0 and dpo["reference_free"]["type"] == "bool"
@@ -102,5 +103,5 @@ def test_validate_runs_the_loss_on_its_declared_inputs(tmp_path, capsys, tokeniz
         assert cli.main(["validate", _config(tmp_path, "{name: dpo}", tokenizer_dir)]) == 0
         assert cli.main(["validate", _config(tmp_path, "[{name: dpo}, {name: entropy_dpo, weight: 0.5}]", tokenizer_dir)]) == 2
     err = capsys.readouterr().err
-    assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs: AttributeError" in err
+    assert ("error: loss 'entropy_dpo' (" in err and "failed on synthetic inputs, case 'ordinary': AttributeError" in err
             and "it read LossInputs.token_entropy, which its needs do not declare: add Feature.TOKEN_ENTROPY" in err), err

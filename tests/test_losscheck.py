@@ -58,8 +58,8 @@ class _Overflow(DPO):
 
 
 @pytest.mark.parametrize("cls, message", [
-    (_Scalar, r"loss 'scalar_dpo' \(test_losscheck\) failed on synthetic inputs: per-pair losses must have shape \(4,\), got \(\)"),
-    (_Overflow, r"loss 'overflow_dpo' \(test_losscheck\) failed on synthetic inputs: non-finite loss: per-pair losses \["),
+    (_Scalar, r"loss 'scalar_dpo' \(test_losscheck\) failed on synthetic inputs, case 'ordinary': per-pair losses must have shape \(4,\), got \(\)"),
+    (_Overflow, r"loss 'overflow_dpo' \(test_losscheck\) failed on synthetic inputs, case 'ordinary': non-finite loss: per-pair losses \["),
 ])
 def test_a_broken_loss_is_named(cls, message):
     with pytest.raises(LossCheckError, match=message):

@@ -278,13 +278,17 @@ def two_plugins(site):
         ("alpha", {"alpha_loss"}),
         ("fake-beta", {"beta_loss"}),  # a distribution name selects too
         (" alpha , fake-beta ,", {"alpha_loss", "beta_loss"}),
-        ("nothing-like-it", set()),
+        ("nothing-like-it", None),  # an error naming the installed plugins
     ],
 )
 def test_load_plugins_env(two_plugins, monkeypatch, value, expected):
     if value is not None:
         monkeypatch.setenv("PREFOPT_LOAD_PLUGINS", value)
     _reload()
+    if expected is None:
+        with pytest.raises(PluginError, match=r"'nothing-like-it', which no installed plugin has; .*fake-alpha \(alpha\), fake-beta \(beta\)"):
+            get_registry()
+        return
     names = set(get_registry().losses)
     assert names & {"alpha_loss", "beta_loss"} == expected
     assert {"dpo", "ipo", "sft", "tdpo"} <= names  # built-ins are always there

@@ -119,6 +119,7 @@ def test_final_weights_are_checked_by_value():
 
 
 def test_summary_counts_applied_and_skipped_steps(tok, tmp_path, monkeypatch):
+    from prefopt.testing.losscheck import CASES
     from prefopt.training.trainer import format_summary, train
 
     original = DPO.forward
@@ -127,7 +128,8 @@ def test_summary_counts_applied_and_skipped_steps(tok, tmp_path, monkeypatch):
     def forward(self, inputs):
         calls.append(1)
         out = original(self, inputs)
-        return LossOutput(out.loss * float("nan"), out.losses, out.metrics) if len(calls) == 2 else out
+        # the pre-training check calls the loss once per case first; then the second training step is NaN
+        return LossOutput(out.loss * float("nan"), out.losses, out.metrics) if len(calls) == len(CASES) + 2 else out
 
     monkeypatch.setattr(DPO, "forward", forward)
     summary = train(config(tok, tmp_path))

@@ -35,7 +35,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         print(f"    needs: {_needs_line(row)}")
         for f in row["fields"]:
             default = "required" if f["required"] else f"default {f['default']!r}"
-            print(f"    {f['name']}: {f['type']}, {default}. {f['description']}")
+            bound = f", {f['bounds']}" if f["bounds"] else ""
+            print(f"    {f['name']}: {f['type']}, {default}{bound}. {f['description']}")
     for name, providers in conflicts.items():
         print(f"{name}  CONFLICT: provided by {' and '.join(providers)}")
     for b in broken:

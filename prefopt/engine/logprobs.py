@@ -144,20 +144,24 @@ class _ChunkLogpsStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target):  # type: ignore[override]
         dtype = _matmul_dtype(hidden)
-        logp = _head_logits(hidden, weight, bias, dtype).log_softmax(-1)
-        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        logits = _head_logits(hidden, weight, bias, dtype)
+        # log-probs exactly as _ChunkLogps computes them (not log_softmax, which rounds differently), so a
+        # loss reading these statistics sees the same log-probs as the reference and policy = reference ties exactly
+        lse = logits.logsumexp(-1)
+        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
+        logp = logits.sub_(lse.unsqueeze(-1))
         entropy = -(logp.exp() * logp).sum(-1)
         logsumsq = (2 * logp).logsumexp(-1)
-        ctx.save_for_backward(hidden, weight, bias, target, entropy, logsumsq)
+        ctx.save_for_backward(hidden, weight, bias, target, lse, entropy, logsumsq)
         ctx.dtype = dtype
         return picked, entropy, logsumsq
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_logsumsq):  # type: ignore[override]
-        hidden, weight, bias, target, entropy, logsumsq = ctx.saved_tensors
+        hidden, weight, bias, target, lse, entropy, logsumsq = ctx.saved_tensors
         dtype = ctx.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
-        logp = _head_logits(h, w, bias, dtype).log_softmax(-1)
+        logp = _head_logits(h, w, bias, dtype).sub_(lse.unsqueeze(-1))
         p = logp.exp()
         g = (logp + entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
         g.add_((2 * logp - logsumsq.unsqueeze(-1)).exp_().sub_(p).mul_(2 * grad_logsumsq.unsqueeze(-1)))

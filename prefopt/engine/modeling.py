@@ -161,6 +161,23 @@ class PreferenceModel(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.kernel = kernel
 
+    def sync_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """``(reference, policy)`` parameters in order, for :meth:`sync_reference`; a ConfigError if they do not match."""
+        if self.reference is None:
+            raise ConfigError("reference.sync: needs a separate live reference model (not a cache, nor the base model under a LoRA adapter)")
+        ref, pol = list(self.reference.parameters()), list(self.policy.parameters())
+        if len(ref) != len(pol) or any(r.shape != p.shape for r, p in zip(ref, pol)):
+            raise ConfigError("reference.sync: the reference's parameters do not match the policy's one for one (model.reference "
+                              "must have the policy's architecture)")
+        return list(zip(ref, pol))
+
+    @torch.no_grad()
+    def sync_reference(self, mix: float) -> None:
+        """TR-DPO's soft update, as TRL's ``SyncRefModelCallback``: ``ref = (1 - mix) * ref + mix * policy``, in the
+        reference's dtype; no host reads."""
+        for ref, pol in self.sync_pairs():
+            ref.mul_(1.0 - mix).add_(pol.detach().to(ref.dtype), alpha=mix)
+
     def train(self, mode: bool = True) -> "PreferenceModel":
         super().train(mode)
         if self.reference is not None:

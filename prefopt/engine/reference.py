@@ -21,8 +21,14 @@ log = logging.getLogger("prefopt")
 CACHE_FORMAT = 2
 
 
-def choose_mode(requested: str, needs: Reference) -> tuple[str, str]:
-    """The reference mode to run and why, from the config's request and what the loss declares."""
+def choose_mode(requested: str, needs: Reference, sync: bool = False) -> tuple[str, str]:
+    """The reference mode to run and why, from the config's request, what the loss declares and ``reference.sync``."""
+    if sync:
+        if needs == Reference.NONE:
+            raise ConfigError("reference.sync: the loss is reference-free, so there is no reference to update; remove reference.sync")
+        if requested == "cache":
+            raise ConfigError("reference.sync: a cached reference holds fixed log-probs and cannot be updated; use reference.mode live or auto")
+        return "live", "reference.sync updates the reference during training, which needs a live reference"
     if requested == "auto":
         if needs == Reference.NONE:
             return "none", "the loss is reference-free"

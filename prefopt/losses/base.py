@@ -117,8 +117,15 @@ class Tokens:
         return Tokens(values, self.seq, self.position, self.lengths, self.offsets)
 
     def sum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-completion sums: ``(chosen (B,), rejected (B,))``; deterministic on every device (no atomics)."""
-        out = self._rows(0.0).sum(-1)
+        """Per-completion sums: ``(chosen (B,), rejected (B,))``; deterministic on every device (no atomics).
+
+        Accumulated in float64: a float32 row sum rounds differently with the batch's padded width, so the
+        same completion in two batches (the reference cache's and a training step's) would differ in the
+        last bits, and policy = reference would not tie exactly.
+        """
+        dtype = self.values.dtype
+        wide = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) and self.values.device.type != "mps" else dtype
+        out = self.like(self.values.to(wide))._rows(0.0).sum(-1).to(dtype)
         return out[: self.num_pairs], out[self.num_pairs :]
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:

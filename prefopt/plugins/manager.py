@@ -2,7 +2,7 @@
 
 ``PREFOPT_LOAD_PLUGINS`` selects external plugins: unset loads all, an empty
 string loads none, a comma list loads only those (entry-point or distribution
-names). A plugin that fails to load is recorded, not raised, so one broken
+names; a name no installed plugin has is an error). A plugin that fails to load is recorded, not raised, so one broken
 package never takes the CLI down; selecting its loss raises its error.
 """
 from __future__ import annotations
@@ -39,9 +39,27 @@ def _selected() -> set[str] | None:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
+def _check_selected(wanted: set[str] | None, eps: list[md.EntryPoint]) -> None:
+    """Refuse a name in ``PREFOPT_LOAD_PLUGINS`` that no installed plugin has (a typo would load nothing, silently)."""
+    installed = {f"{ep.dist.name if ep.dist else 'unknown'} ({ep.name})": {ep.name, ep.dist.name if ep.dist else ""} for ep in eps}
+    known = set().union(*installed.values()) if installed else set()
+    unknown = sorted((wanted or set()) - known)
+    if unknown:
+        import difflib
+
+        from prefopt.errors import PluginError
+
+        close = difflib.get_close_matches(unknown[0], sorted(known - {""}), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PluginError(f"PREFOPT_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, which no installed plugin has; installed "
+                          f"plugins (distribution (entry point)): {', '.join(sorted(installed)) or 'none'}{hint}")
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     wanted = _selected()
-    for ep in sorted(md.entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
+    eps = sorted(md.entry_points(group=GROUP), key=lambda e: (e.name, e.value))
+    _check_selected(wanted, eps)
+    for ep in eps:
         dist = ep.dist.name if ep.dist else "unknown"
         version = ep.dist.version if ep.dist else "?"
         if wanted is not None and ep.name not in wanted and dist not in wanted:
@@ -72,7 +90,11 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
         pm.register(builtin, name="prefopt")
         _infos["prefopt"] = PluginInfo("prefopt", "prefopt", md.version("prefopt") if _installed() else "dev")
-        _load_entry_points(pm)
+        try:
+            _load_entry_points(pm)
+        except Exception:
+            _infos.clear()
+            raise
         _pm = pm
     return _pm
 

@@ -126,12 +126,15 @@ def get_loss_class(name: str) -> type[Loss]:
     raise UnknownLossError(message)
 
 
-def _format_validation(err: pydantic.ValidationError, loss_name: str, path: str) -> list[str]:
+def _format_validation(err: pydantic.ValidationError, cls: type[Loss], path: str) -> list[str]:
+    from prefopt.yaml_safe import suggest_key
+
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
         value = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        lines.append(f"{path}.{where}: loss {loss_name!r}: {e['msg']}{value}")
+        hint = suggest_key(cls.Config, e["loc"]) if e["type"] == "extra_forbidden" else ""
+        lines.append(f"{path}.{where}: loss {cls.name!r}: {e['msg']}{value}{hint}")
     return lines
 
 
@@ -149,8 +152,8 @@ def build_loss(spec: dict[str, Any] | list[dict[str, Any]], path: str = "loss") 
         for i, item in enumerate(spec):
             item = dict(item) if isinstance(item, dict) else item
             weight = item.pop("weight", 1.0) if isinstance(item, dict) else 1.0
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                problems.append(f"{path}[{i}].weight: must be a number (got {weight!r})")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                problems.append(f"{path}[{i}].weight: must be a number >= 0 (got {weight!r}); a negative weight would turn the loss's sign")
                 weight = 0.0  # keep validating this term's loss; the error above is raised below
             try:
                 terms.append((float(weight), build_loss(item, f"{path}[{i}]")))
@@ -174,7 +177,7 @@ def build_loss(spec: dict[str, Any] | list[dict[str, Any]], path: str = "loss") 
     try:
         config = cls.Config(**params)
     except pydantic.ValidationError as exc:
-        raise ConfigError("\n".join(_format_validation(exc, name, path))) from None
+        raise ConfigError("\n".join(_format_validation(exc, cls, path))) from None
     return cls(config)
 
 
@@ -189,10 +192,22 @@ def describe(cls: type[Loss]) -> list[dict[str, Any]]:
                 "type": _type_name(finfo.annotation),
                 "default": None if required else finfo.get_default(call_default_factory=True),
                 "required": required,
+                "bounds": bounds(finfo),
                 "description": finfo.description or "",
             }
         )
     return out
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def bounds(finfo: Any) -> str:
+    """A field's declared bounds (pydantic ``Field(gt=, ge=, lt=, le=)``), e.g. ``">= 0, < 0.5"``; ``""`` if none."""
+    parts = []
+    for item in finfo.metadata:
+        parts += [f"{sign} {getattr(item, attr)}" for attr, sign in _BOUNDS if getattr(item, attr, None) is not None]
+    return ", ".join(parts)
 
 
 def _type_name(annotation: Any) -> str:

@@ -58,8 +58,8 @@ ConfigLike = LossConfig | Mapping[str, Any] | None
 def check_loss(loss_cls: type[Loss], config: ConfigLike = None, *, configs: Sequence[ConfigLike] | None = None) -> None:
     """Check that ``loss_cls`` honours the loss contract; raise ``AssertionError`` if not.
 
-    The class must be registrable and its config must forbid unknown keys and document
-    every field. Then, for each config (``configs``, or ``config``, or the default plus
+    The class must be registrable and its config must forbid unknown keys, document
+    every field and bound every numeric one. Then, for each config (``configs``, or ``config``, or the default plus
     the class's ``examples``), on synthetic inputs holding exactly the declared features:
     loss and gradients are finite on ordinary inputs, on extreme log-ratios (+-1e4) and
     on zero-token completions; ``losses`` is ``(B,)`` and ``loss`` its mean (or what
@@ -80,11 +80,27 @@ def check_loss(loss_cls: type[Loss], config: ConfigLike = None, *, configs: Sequ
     _expect(cfg_cls.model_config.get("extra") == "forbid", f"{where}: {cfg_cls.__name__} must forbid unknown keys (subclass prefopt.LossConfig)")
     undocumented = [n for n, f in cfg_cls.model_fields.items() if not (f.description or "").strip()]
     _expect(not undocumented, f"{where}: config fields without a description: {', '.join(undocumented)} (use Field(..., description=...))")
+    unbounded = unbounded_fields(cfg_cls)
+    _expect(not unbounded, f"{where}: numeric config fields without a bound: {', '.join(unbounded)}; declare the values that make "
+            "sense, e.g. Field(0.1, gt=0) for a beta, so a wrong sign is refused before training (ge=-math.inf if every value does)")
     _expect(isinstance(loss_cls.reduction, str) and bool(loss_cls.reduction.strip()), f"{where}: reduction must be 'mean', 'sum' or a description of another")
     exempt = loss_cls.sign_exempt
     _expect(exempt is None or (isinstance(exempt, str) and bool(exempt.strip())), f"{where}: sign_exempt must be None or the reason, a non-empty string")
     for cfg, label in _configs(loss_cls, config, configs, where):
         _check_configured(loss_cls(cfg), label)
+
+
+def unbounded_fields(cfg_cls: type[pydantic.BaseModel]) -> list[str]:
+    """Names of the config's int and float fields (optional ones too) that declare no ``gt``/``ge``/``lt``/``le``."""
+    from prefopt.plugins.registry import bounds
+
+    numeric = {int, float}
+    out = []
+    for name, finfo in cfg_cls.model_fields.items():
+        kinds = set(getattr(finfo.annotation, "__args__", ())) or {finfo.annotation}
+        if kinds & numeric and not bounds(finfo):
+            out.append(name)
+    return out
 
 
 def _configs(loss_cls: type[Loss], config: ConfigLike, configs: Sequence[ConfigLike] | None, where: str) -> list[tuple[LossConfig, str]]:

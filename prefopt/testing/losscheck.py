@@ -5,7 +5,7 @@ cut into completions of varied lengths (a zero-length one included), whose sums 
 the per-pair fields. Only the declared features are filled; the result records which
 fields the loss reads, so a read of an undeclared one is reported by name.
 :func:`smoke_test` is what ``prefopt validate`` and ``prefopt train`` run on each
-configured loss before any model is loaded. :mod:`prefopt.testing` builds on both.
+configured loss, every case, before any model is loaded. :mod:`prefopt.testing` builds on both.
 """
 from __future__ import annotations
 
@@ -304,10 +304,12 @@ def _package(loss: Any) -> str:
 
 
 def smoke_test(loss: Any) -> None:
-    """Run each term of a configured loss once on small synthetic inputs of exactly its declared features.
+    """Run each term of a configured loss on every case of :data:`CASES` (ordinary inputs, extreme log-ratios,
+    an empty completion), inputs holding exactly its declared features, forward and backward.
 
-    Raises :class:`LossCheckError` naming the loss and its package when the loss reads
-    an input it did not declare, returns wrong shapes or non-finite values, or fails.
+    Raises :class:`LossCheckError` naming the loss, its package and the case when the loss reads
+    an input it did not declare, returns wrong shapes, non-finite values or a loss without a
+    gradient, gives non-finite gradients, or fails.
     """
     terms = [term for _, term in loss.terms] if hasattr(loss, "terms") else [loss]
     for term in terms:
@@ -316,14 +318,29 @@ def smoke_test(loss: Any) -> None:
             needs = as_needs(term.needs)
         except (TypeError, ValueError) as exc:
             raise LossCheckError(f"{where}: invalid needs: {exc}") from None
-        try:
-            if "pairs" in takes_of(term):
-                run_on(term, CASES["ordinary"], needs)
-            else:
-                kind = "rankings" if "rankings" in takes_of(term) else "labelled"
-                run_on_groups(term, next(iter(GROUP_CASES[kind].values())), needs)
-        except AssertionError as exc:
-            raise LossCheckError(f"{where} failed on synthetic inputs: {exc}") from None
+        if "pairs" in takes_of(term):
+            kind, cases, run = "pairs", CASES, run_on
+        else:
+            kind = "rankings" if "rankings" in takes_of(term) else "labelled"
+            cases, run = GROUP_CASES[kind], run_on_groups
+        for name, case in cases.items():
+            try:
+                _forward_backward(*run(term, case, needs))
+            except AssertionError as exc:
+                raise LossCheckError(f"{where} failed on synthetic inputs, case {name!r}{'' if kind == 'pairs' else ' on ' + kind}: {exc}") from None
+
+
+def _forward_backward(syn: Any, out: Any) -> None:
+    """The loss has a gradient, and backward gives finite gradients of every input."""
+    if not out.loss.requires_grad:
+        raise AssertionError("the loss has no gradient (it does not depend on the policy log-probs, or was detached)")
+    try:
+        out.loss.backward()
+    except Exception as exc:  # noqa: BLE001 - any failure here is the loss's
+        raise AssertionError(f"backward failed: {type(exc).__name__}: {exc}") from None
+    for key, leaf in syn.leaves.items():
+        if leaf.grad is not None and not bool(torch.isfinite(leaf.grad).all()):
+            raise AssertionError(f"non-finite gradient of the {key} inputs")
 
 
 def needs_by_config(cls: type) -> tuple[list[tuple[dict, frozenset[Feature]]], bool]:

@@ -68,10 +68,12 @@ def gather(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], 
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], keep: int,
-                    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+                    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                    reference: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``root/step-NNNNNNN`` atomically and prune to the last ``keep`` checkpoints.
 
-    ``gathered`` is what :func:`gather` returned for a sharded model (weights and optimiser state)."""
+    ``gathered`` is what :func:`gather` returned for a sharded model (weights and optimiser state);
+    ``reference``, the weights of a reference that training changes (``reference.sync``)."""
     weights, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -80,6 +82,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     try:
         tmp.mkdir()
         save_file(weights, str(tmp / "model.safetensors"))
+        if reference is not None:
+            save_file(reference, str(tmp / "reference.safetensors"))
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
@@ -196,3 +200,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
         optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((path / "state.json").read_text())
+
+
+def reference_state(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A reference model's parameters (tied ones once), on the host, for :func:`save_checkpoint`."""
+    return {n: p.detach().cpu().clone() for n, p in reference.named_parameters()}
+
+
+def load_reference(path: Path, reference: torch.nn.Module) -> None:
+    """Restore a synced reference's weights exactly from a checkpoint (verified by :func:`load_checkpoint`)."""
+    file = path / "reference.safetensors"
+    if not file.exists():
+        raise CheckpointError(f"checkpoint {path}: holds no reference weights, but reference.sync changes the reference during "
+                              f"training; it cannot be resumed with reference.sync")
+    weights = load_file(str(file))
+    names = {n for n, _ in reference.named_parameters()}
+    if set(weights) != names:
+        raise CheckpointError(f"checkpoint {path}: its reference weights do not fit this reference model")
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(weights[n])

@@ -175,6 +175,24 @@ def check_skipped(steps: int, skipped: int) -> None:
         )
 
 
+def sign_warning(before: dict[str, float], after: dict[str, float], first_loss: float | None, last_loss: float | None) -> str | None:
+    """A plain warning when training moved the held-out log-ratio margin against the preference while the loss fell.
+
+    The margin is the engine's ``eval/logratios/margins`` (policy minus reference log-probs, chosen minus
+    rejected), which the loss does not compute; a loss with its sign wrong lowers it while reporting success.
+    """
+    key = "eval/logratios/margins"
+    if key not in before or key not in after or first_loss is None or last_loss is None:
+        return None
+    was, now = before[key], after[key]
+    if not (now < was - 1e-4 * (1 + abs(was)) and last_loss < first_loss):
+        return None
+    return (f"WARNING: the loss may have its sign wrong. The training loss fell ({first_loss:.4g} -> {last_loss:.4g}) while the "
+            f"held-out log-ratio margin moved against the preference ({was:.4g} -> {now:.4g}): the policy now favours the "
+            f"rejected completions over the chosen ones more than the reference does. The rewards/* metrics come from the loss "
+            f"itself and cannot show this; check that the loss falls as chosen log-ratios rise over rejected ones")
+
+
 def step_summary(steps: int, bad: int, overflow: int = 0) -> dict[str, int]:
     """Steps applied and skipped, for the summary."""
     return {"steps_applied": steps - bad - overflow, "steps_skipped": bad + overflow}
@@ -188,7 +206,7 @@ def _provider(name: str) -> str:
         from prefopt.plugins.registry import get_registry
 
         entry = get_registry().losses.get(name)
-        return f"{entry.dist} {entry.version}" if entry else "unknown package"
+        return f"{entry.dist} {entry.version}".removesuffix(" ?") if entry else "unknown package"
     except Exception:  # noqa: BLE001 - only used in an error message
         return "unknown package"
 
@@ -219,6 +237,8 @@ class CheckedLoss:
             out = self.inner(inputs)
         except PrefoptError:
             raise
+        except SystemExit as exc:  # would end the run with no model, and exit status 0 for sys.exit()
+            raise PluginError(f"{self._where()} called sys.exit({exc.code!r}) during training; a loss must return or raise") from None
         except Exception as exc:
             raise PluginError(f"{self._where()} raised {type(exc).__name__}: {exc}") from exc
         n = inputs.num_examples
@@ -227,6 +247,8 @@ class CheckedLoss:
             problem = f"returned {type(out).__name__}, expected a prefopt.LossOutput"
         elif not isinstance(out.loss, torch.Tensor) or out.loss.ndim != 0 or not out.loss.is_floating_point():
             problem = f"returned loss {_describe(out.loss)}, expected a scalar float tensor"
+        elif torch.is_grad_enabled() and not out.loss.requires_grad:  # training, not evaluation
+            problem = "returned a loss without a gradient (detached, or not computed from the policy log-probs), so training cannot step"
         elif not isinstance(out.losses, torch.Tensor) or tuple(out.losses.shape) != (n,):
             problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per example"
         elif not isinstance(out.metrics, dict):
@@ -248,4 +270,4 @@ def _describe(value: Any) -> str:
 
 
 __all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final_weights", "check_skipped", "check_step", "check_output_head", "check_start",
-           "compare_logps", "model_token_logps", "nonfinite_parameters", "step_summary"]
+           "compare_logps", "model_token_logps", "nonfinite_parameters", "sign_warning", "step_summary"]

@@ -64,6 +64,7 @@ def preflight(config: RunConfig, hub: bool = True) -> None:
             problems.append(f"trainer.report_to: tracker {name!r} needs the {modules[0]} package (pip install {modules[0]})")
     problems.extend(_data_fits_loss(config))
     problems.extend(_coupled_loss_fits_budget(config))
+    problems.extend(_reference(config))
     problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
     problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
     if problems:
@@ -99,6 +100,21 @@ def _data_fits_loss(config: RunConfig) -> list[str]:
         return [f"data.train: {exc}"]
     except PrefoptError:  # a bad loss spec is reported by validation
         return []
+
+
+def _reference(config: RunConfig) -> list[str]:
+    """The reference mode the loss and ``reference`` section give, or why there is none (e.g. sync with a LoRA adapter)."""
+    from prefopt.engine.reference import choose_mode
+    from prefopt.losses.base import needs_of, reference_for
+
+    sync = config.reference.sync is not None
+    try:
+        choose_mode(config.reference.mode, reference_for(needs_of(config.build_loss())), sync)
+    except ConfigError as exc:
+        return [str(exc)]
+    if sync and config.model.lora is not None and config.model.reference is None:
+        return ["reference.sync: with model.lora the reference is the base model under the adapter, which training never changes "
+                "apart from the adapter; reference.sync needs a full model (train without model.lora, or set model.reference)"]
     return []
 
 

@@ -246,7 +246,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     set_seed(config.trainer.seed)
     loss = health.CheckedLoss(config.build_loss())
     needs = needs_of(loss)
-    mode, why = ref.choose_mode(config.reference.mode, reference_for(needs))
+    mode, why = ref.choose_mode(config.reference.mode, reference_for(needs), config.reference.sync is not None)
     log.info("reference model: %s (%s)", mode, why)
     log.info("loss %s reads: %s", getattr(loss, "name", loss), ", ".join(sorted(f.value for f in needs)))
     kernel, why = attention.choose_kernel(config.trainer.attention, accelerator.device, config.trainer.packing, config.trainer.precision)
@@ -311,6 +311,10 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
+    if config.reference.sync is not None:
+        if distributed.sharded(accelerator):
+            raise ConfigError("reference.sync: not supported with FSDP yet (the reference would need sharding like the policy)")
+        model.sync_pairs()  # the reference matches the policy parameter for parameter
     return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
 
 

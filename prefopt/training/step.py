@@ -32,12 +32,11 @@ class Plan:
 
     @classmethod
     def of(cls, needs: frozenset[Feature], mode: str) -> "Plan":
+        """A live reference always gives its log-probs: the ``logratios/*`` metrics read them whatever the loss reads."""
         if mode != "live":
             ref = "none"
-        elif needs & {Feature.KL, Feature.TOKEN_KL}:
-            ref = "kl"
         else:
-            ref = "logps" if needs & {Feature.REF_LOGPS, Feature.REF_TOKEN_LOGPS} else "none"
+            ref = "kl" if needs & {Feature.KL, Feature.TOKEN_KL} else "logps"
         return cls(ref, bool(needs & {Feature.TOKEN_ENTROPY, Feature.TOKEN_LOGSUMSQ}))
 
 
@@ -108,13 +107,42 @@ def example_tokens(example: Any, shared: bool, mismatched: bool) -> int:
     return group_tokens(example, shared, mismatched) if isinstance(example, Group) else pair_tokens(example, shared)
 
 
+def reference_sums(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Summed reference log-probs ``(chosen (B,), rejected (B,))`` of a batch: from the live reference's
+    forward or the cache; ``None`` when the run has no reference."""
+    if "ref_logps" in out:
+        tokens = Tokens(out["ref_logps"], batch["token_seq"], batch["token_position"], batch["completion_lengths"], batch["cu_completion"])
+        return tokens.sum()
+    if "ref_sums" in batch:
+        return batch["ref_sums"][:, 0], batch["ref_sums"][:, 1]
+    return None
+
+
+def logratio_metrics(policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``logratios/*``: each completion's summed log-prob under the policy minus under the reference, batch means.
+
+    From the log-probs alone, whatever the loss computes, so a loss cannot report its own success.
+    """
+    chosen = policy[0].detach().float() - ref[0].float()
+    rejected = policy[1].detach().float() - ref[1].float()
+    margins = chosen - rejected
+    return {"logratios/chosen": chosen.mean(), "logratios/rejected": rejected.mean(),
+            "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}
+
+
 def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-    """One forward of a batch through the model and the loss plugin."""
+    """One forward of a batch through the model and the loss plugin, with the engine's ``logratios/*`` metrics."""
     batch = to_device(batch, run.accelerator.device)
     plan = Plan.of(run.needs, run.mode)
     with run.accelerator.autocast():
         out = model(batch, reference=plan.reference, stats=plan.stats)
-    return run.loss(loss_inputs(out, batch, run.needs))
+    inputs = loss_inputs(out, batch, run.needs)
+    ref = reference_sums(out, batch) if "group_flat" not in batch else None  # groups: the loss's own ranking metrics
+    # computed before the loss runs: new tensors, so nothing the loss does to its inputs changes them
+    engine = logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}
+    output = run.loss(inputs)
+    output.metrics = {**output.metrics, **engine}
+    return output
 
 
 @dataclass

@@ -83,6 +83,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.current = config.model_dump(mode="json")
         self.state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
+        self.sync = config.reference.sync
         if resume:
             self._restore()
         if self.main and tc.report_to != ["jsonl"]:
@@ -113,6 +114,8 @@ class Trainer:
                 finite, stopping, weights_ok = read_flags(run, result, stop.signal is not None, pending)
                 pending = self.apply(step, finite, weights_ok, pending)
                 state["step"] = step + 1
+                if self.sync is not None and state["step"] % self.sync.every == 0:
+                    self.unwrapped.sync_reference(self.sync.mix)  # TR-DPO, counted in steps as TRL counts them
                 window.add(result, sum(b["num_tokens"] for b in batches), padding)
                 bar.update(1)
                 self.bookkeeping(window, bar)
@@ -158,6 +161,8 @@ class Trainer:
                 row.update(evaluate(self.run, self.model))
                 self.sample(step)
             self.log_metrics(row)
+            state.setdefault("first_loss", row["loss"])  # kept in checkpoints, for the end-of-run sign check
+            state["last_loss"] = row["loss"]
         if state["bad_steps"] > tc.max_bad_steps:
             self.save(step)
             raise TrainingError(f"{state['bad_steps']} steps had a non-finite loss or gradient (trainer.max_bad_steps = {tc.max_bad_steps}); stopping. Lower trainer.lr or check the data.")
@@ -194,6 +199,10 @@ class Trainer:
         self.sample(state["step"])
         if summary["after"]:
             self.log_metrics({"step": state["step"], **summary["after"]})
+        warning = health.sign_warning(state["before"] or {}, summary["after"], state.get("first_loss"), state.get("last_loss"))
+        if warning:
+            summary["warnings"] = [warning]
+            log.warning("%s", warning)
         policy_state = ckpt.full_state(self.unwrapped.policy)  # every process, under FSDP; None otherwise
         if self.main:
             self.unwrapped.policy.save_pretrained(self.out, safe_serialization=True, state_dict=policy_state)
@@ -211,6 +220,8 @@ class Trainer:
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
         check_resume(saved, self.run_facts, self.config)
         self.state = ckpt.load_checkpoint(path, self.unwrapped, self.optimizer, self.scheduler)
+        if self.sync is not None:
+            ckpt.load_reference(path, self.unwrapped.reference)
         log.info("resuming from %s (step %d)", path, self.state["step"])
         if self.main:
             drop_metrics_after(self.out / "metrics.jsonl", self.state["step"])
@@ -229,8 +240,9 @@ class Trainer:
         health.check_step(self.named, step, self.reduce_sum)  # never checkpoint non-finite weights
         gathered = ckpt.gather(self.unwrapped, self.optimizer)  # every process, under FSDP
         if self.main:
+            reference = ckpt.reference_state(self.unwrapped.reference) if self.sync is not None else None
             ckpt.save_checkpoint(self.ckpt_root, step, self.unwrapped, self.optimizer, self.scheduler,
-                                 {**self.state, **self.run_facts, "config": self.current}, self.tc.keep_checkpoints, gathered)
+                                 {**self.state, **self.run_facts, "config": self.current}, self.tc.keep_checkpoints, gathered, reference)
         self.acc.wait_for_everyone()
 
 
@@ -280,10 +292,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         steps += f" ({summary['steps_applied']} applied, {summary['steps_skipped']} skipped)"
     if not after:
         return f"trained {steps} in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
-    keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
+    keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/logratios/accuracies", "eval/logratios/margins",
+                        "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
     lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
     if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")
+    lines += summary.get("warnings", [])
     return "\n".join(lines)

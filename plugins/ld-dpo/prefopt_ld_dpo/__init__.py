@@ -36,7 +36,10 @@ class LDDPO(Loss):
         rc, rr = desensitised(inputs.ref_token_logps, alpha)
         chosen, rejected = beta * (pc - rc), beta * (pr - rr)
         losses = preference_loss(chosen - rejected)
-        return LossOutput(losses.mean(), losses, reward_metrics(chosen, rejected, inputs))
+        metrics = reward_metrics(chosen, rejected, inputs)
+        # TRL logs the length-desensitised sums as logps/* when ld_alpha is set
+        metrics["logps/chosen"], metrics["logps/rejected"] = pc.detach().mean(), pr.detach().mean()
+        return LossOutput(losses.mean(), losses, metrics)
 
 
 @prefopt.hookimpl

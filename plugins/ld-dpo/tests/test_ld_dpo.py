@@ -44,6 +44,17 @@ def test_values_and_gradients_match_the_closed_form():
     torch.testing.assert_close(leaf.grad, torch.tensor([-g, -0.5 * g, -0.5 * g, g]))
 
 
+def test_logps_metrics_are_the_desensitised_sums_as_trl_logs_them():
+    # pair 0: chosen 3 tokens, rejected 1 (shared 1); pair 1: chosen 1, rejected 2 (shared 1); alpha = 0.5
+    policy = Tokens.from_lengths(torch.tensor([-1.0, -2.0, -3.0, -0.5, -4.0, -1.0, -6.0]), [3, 1, 1, 2])
+    ref = Tokens.from_lengths(torch.zeros(7), [3, 1, 1, 2])
+    out = LDDPO(beta=0.1, alpha=0.5)(inputs_of(policy, ref))
+    chosen = [-1 + 0.5 * (-2 - 3), -0.5]
+    rejected = [-4.0, -1 + 0.5 * -6]
+    assert out.metrics["logps/chosen"].item() == pytest.approx(sum(chosen) / 2, rel=1e-6)
+    assert out.metrics["logps/rejected"].item() == pytest.approx(sum(rejected) / 2, rel=1e-6)
+
+
 def test_alpha_one_is_dpo():
     policy, ref = batch(1, [4, 2, 6, 3, 5, 1])
     rc, rr = ref.sum()

@@ -100,6 +100,7 @@ def _data_fits_loss(config: RunConfig) -> list[str]:
         return [f"data.train: {exc}"]
     except PrefoptError:  # a bad loss spec is reported by validation
         return []
+    return []
 
 
 def _reference(config: RunConfig) -> list[str]:

@@ -249,12 +249,15 @@ def synthetic_group_inputs(case: GroupCase, needs: frozenset[Feature]) -> GroupS
 
 def run_on_groups(loss: Any, case: GroupCase, needs: frozenset[Feature]) -> tuple[GroupSynthetic, LossOutput]:
     """Run ``loss`` on group ``case``; a failure raises ``AssertionError`` naming undeclared inputs it read."""
-    syn = synthetic_group_inputs(case, needs)
+    return _call(loss, synthetic_group_inputs(case, needs), case.num_pairs, "per-example")
+
+
+def _call(loss: Any, syn: Any, b: int, what: str) -> tuple[Any, LossOutput]:
     try:
         out = loss(syn.inputs)
     except Exception as exc:  # noqa: BLE001 - any failure here is the loss's
         raise AssertionError(f"{type(exc).__name__}: {exc}{missing_hint(syn.inputs)}") from None
-    _check_output(out, case.num_pairs, "per-example")
+    _check_output(out, b, what)
     return syn, out
 
 
@@ -281,13 +284,7 @@ def missing_hint(inputs: TrackedInputs) -> str:
 
 def run_on(loss: Any, case: Case, needs: frozenset[Feature]) -> tuple[Synthetic, LossOutput]:
     """Run ``loss`` on ``case``; a failure raises ``AssertionError`` naming undeclared inputs it read."""
-    syn = synthetic_inputs(case, needs)
-    try:
-        out = loss(syn.inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure here is the loss's
-        raise AssertionError(f"{type(exc).__name__}: {exc}{missing_hint(syn.inputs)}") from None
-    _check_output(out, case.num_pairs)
-    return syn, out
+    return _call(loss, synthetic_inputs(case, needs), case.num_pairs, "per-pair")
 
 
 def shape(value: object) -> str:

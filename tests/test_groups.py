@@ -127,6 +127,23 @@ def ranked_assets(tmp_path_factory):
             "three_eval": str(write_jsonl(root / "three_eval.jsonl", three(held, extra[40:])))}
 
 
+@pytest.fixture(scope="module")
+def labelled_assets(ranked_assets, tmp_path_factory):
+    """TRL's unpaired format from the ranked fixture's pairs: each pair's completions as two labelled rows, shuffled."""
+    root = tmp_path_factory.mktemp("labelled")
+
+    def unpaired(path: str, seed: int) -> list[dict]:
+        pairs = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"} for r in pairs for side in ("chosen", "rejected")]
+        random.Random(seed).shuffle(rows)
+        return rows
+
+    from engine_helpers import write_jsonl
+
+    return {**ranked_assets, "labelled": str(write_jsonl(root / "train.jsonl", unpaired(ranked_assets["pairs"], 0))),
+            "labelled_eval": str(write_jsonl(root / "eval.jsonl", unpaired(ranked_assets["pairs_eval"], 1)))}
+
+
 def _config(assets, out: Path, train: str, loss: dict, **settings) -> dict:
     from engine_helpers import make_config
 
@@ -257,13 +274,28 @@ def test_features_the_engine_does_not_compute_for_groups_are_refused():
     check_group_needs("kto", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}), "labelled")
 
 
-def test_a_reference_point_from_mismatched_completions_is_refused_over_several_processes():
-    """KTO's z0 is a mean over the batch's mismatched completions: per process it would differ from one process's."""
-    from prefopt.errors import ConfigError
-    from prefopt.losses.base import Feature
-    from prefopt.training.run import check_group_needs
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_processes_train_kto_like_one_process(group_plugins, labelled_assets, tmp_path):
+    """KTO, two DDP processes of 2 labelled completions each (two micro-batches per step), train like one process of 4:
+    the reference point (``kl``) is the mean over the whole global batch's mismatched completions (gathered in training,
+    shared once per evaluation), so losses, ``kl``, gradient norms, held-out loss and weights agree within 1e-5."""
+    import os
 
-    kto = frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS})
-    with pytest.raises(ConfigError, match=r"loss 'kto' estimates its reference point .* train it in one process \(2 were launched\)"):
-        check_group_needs("kto", kto, "labelled", processes=2)
-    check_group_needs("plackett_luce", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS}), "rankings", processes=2)
+    from dist_helpers import ROOT, cpu_env, launch, torchrun, train_one_process
+    from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, read_metrics
+
+    common = dict(max_steps=4, grad_accum=2, group_by_length=False, lr=1e-2)
+    loss = {"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}
+    single = _config(labelled_assets, tmp_path / "single", "labelled", loss, batch_size=4, **common)
+    ddp = _config(labelled_assets, tmp_path / "ddp", "labelled", loss, batch_size=2, **common)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
+    proc = launch(torchrun(2, "train", str(tmp_path / "ddp.yaml")), cpu_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(group_plugins)])))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_one_process(single)
+    a, b = single["trainer"]["output_dir"], ddp["trainer"]["output_dir"]
+    rows, evals = read_metrics(a), eval_rows(a)
+    assert max(r["kl"] for r in rows) > 1e-3 and evals[-1]["eval/kl"] > 1e-3  # the reference point is not clamped to 0
+    assert_rows_close(rows, read_metrics(b), ("loss", "kl", "grad_norm"), abs=1e-5, rel=1e-5)
+    assert_rows_close(evals, eval_rows(b), ("eval/loss", "eval/kl"), abs=1e-5, rel=1e-5)
+    assert_weights_close(final_weights(a), final_weights(b), atol=1e-5, rtol=1e-5)

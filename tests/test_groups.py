@@ -299,3 +299,64 @@ def test_two_processes_train_kto_like_one_process(group_plugins, labelled_assets
     assert_rows_close(rows, read_metrics(b), ("loss", "kl", "grad_norm"), abs=1e-5, rel=1e-5)
     assert_rows_close(evals, eval_rows(b), ("eval/loss", "eval/kl"), abs=1e-5, rel=1e-5)
     assert_weights_close(final_weights(a), final_weights(b), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- logratios/* of groups, from the engine
+
+
+def test_group_logratios_are_the_per_completion_log_ratios():
+    """Rankings: best (slot 0), worst (last valid slot), their margin and its sign; labelled: means over the desirable
+    and the undesirable completions; against a plain loop in float64, ragged K and the mismatched column ignored."""
+    from prefopt.training.step import group_logratio_metrics
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [True, True, True]])
+    policy, ref = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)  # column 3: a mismatched completion
+    ratio = (policy - ref).double().tolist()
+    last = [int(m.sum()) - 1 for m in mask]
+    rankings = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": None})
+    margins = [ratio[b][0] - ratio[b][last[b]] for b in range(4)]
+    expected = {"best": sum(r[0] for r in ratio) / 4, "worst": sum(ratio[b][last[b]] for b in range(4)) / 4,
+                "margins": sum(margins) / 4, "accuracies": sum(m > 0 for m in margins) / 4}
+    assert 0 < expected["accuracies"] < 1
+    assert {k: rankings[f"logratios/{k}"].item() for k in expected} == pytest.approx(expected, abs=1e-6)
+    labels = torch.tensor([[True, False, True], [False, False, False], [True, False, False], [False, True, False]])
+    labelled = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": labels})
+    slots = [(b, k) for b in range(4) for k in range(3) if mask[b, k]]
+    for name, want in (("desirable", True), ("undesirable", False)):
+        values = [ratio[b][k] for b, k in slots if bool(labels[b, k]) == want]
+        assert labelled[f"logratios/{name}"].item() == pytest.approx(sum(values) / len(values), abs=1e-6)
+    none = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": torch.zeros_like(labels)})
+    assert none["logratios/desirable"].item() == 0.0  # no desirable completion in the batch: 0, not NaN
+
+
+@pytest.mark.parametrize("kind", ["rankings", "labelled"])
+def test_a_group_step_logs_engine_logratios_with_one_host_read(kind, group_plugins, labelled_assets, tmp_path):
+    """Forwards, backwards and the flag read of a step on groups read the device once, and their metrics include the
+    engine's logratios/*; they agree with the losses' own rewards (beta times the log-ratio) computed apart."""
+    from prefopt.config import validate
+    from prefopt.engine.syncs import SyncCounter
+    from prefopt.training.run import setup
+    from prefopt.training.step import forward_backward, read_flags
+
+    loss, data = ({"name": "plackett_luce", "beta": 0.5}, "three") if kind == "rankings" else ({"name": "kto", "beta": 0.5}, "labelled")
+    run = setup(validate(_config(labelled_assets, tmp_path, data, loss, batch_size=4, reference__mode="live")))
+    model, acc = run.model, run.accelerator
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model, optimizer = acc.prepare(model, optimizer)
+    batches = [run.make_batch(run.train_pairs, g, "train") for g in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    for step in range(2):  # the second step: the policy has moved, the log-ratios are not 0
+        with SyncCounter() as syncs:
+            result = forward_backward(run, model, batches, [0.5, 0.5], params)
+            finite, _, _ = read_flags(run, result, False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert finite and syncs.count == 1, dict(syncs.ops)
+    m = {k: v.item() for k, v in result.metrics.items()}
+    pairs = (("best", "chosen"), ("worst", "rejected")) if kind == "rankings" else (("desirable", "chosen"), ("undesirable", "rejected"))
+    for ours, theirs in pairs:
+        assert abs(m[f"logratios/{ours}"]) > 1e-4
+        assert 0.5 * m[f"logratios/{ours}"] == pytest.approx(m[f"rewards/{theirs}"], abs=1e-6)
+    if kind == "rankings":
+        assert m["logratios/margins"] == pytest.approx(m["logratios/best"] - m["logratios/worst"], abs=1e-6)

@@ -127,6 +127,23 @@ def ranked_assets(tmp_path_factory):
             "three_eval": str(write_jsonl(root / "three_eval.jsonl", three(held, extra[40:])))}
 
 
+@pytest.fixture(scope="module")
+def labelled_assets(ranked_assets, tmp_path_factory):
+    """TRL's unpaired format from the ranked fixture's pairs: each pair's completions as two labelled rows, shuffled."""
+    root = tmp_path_factory.mktemp("labelled")
+
+    def unpaired(path: str, seed: int) -> list[dict]:
+        pairs = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"} for r in pairs for side in ("chosen", "rejected")]
+        random.Random(seed).shuffle(rows)
+        return rows
+
+    from engine_helpers import write_jsonl
+
+    return {**ranked_assets, "labelled": str(write_jsonl(root / "train.jsonl", unpaired(ranked_assets["pairs"], 0))),
+            "labelled_eval": str(write_jsonl(root / "eval.jsonl", unpaired(ranked_assets["pairs_eval"], 1)))}
+
+
 def _config(assets, out: Path, train: str, loss: dict, **settings) -> dict:
     from engine_helpers import make_config
 
@@ -257,13 +274,156 @@ def test_features_the_engine_does_not_compute_for_groups_are_refused():
     check_group_needs("kto", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}), "labelled")
 
 
-def test_a_reference_point_from_mismatched_completions_is_refused_over_several_processes():
-    """KTO's z0 is a mean over the batch's mismatched completions: per process it would differ from one process's."""
-    from prefopt.errors import ConfigError
-    from prefopt.losses.base import Feature
-    from prefopt.training.run import check_group_needs
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_processes_train_kto_like_one_process(group_plugins, labelled_assets, tmp_path):
+    """KTO, two DDP processes of 2 labelled completions each (two micro-batches per step), train like one process of 4:
+    the reference point (``kl``) is the mean over the whole global batch's mismatched completions (gathered in training,
+    shared once per evaluation), so losses, ``kl``, gradient norms, held-out loss and weights agree within 1e-5."""
+    import os
 
-    kto = frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS})
-    with pytest.raises(ConfigError, match=r"loss 'kto' estimates its reference point .* train it in one process \(2 were launched\)"):
-        check_group_needs("kto", kto, "labelled", processes=2)
-    check_group_needs("plackett_luce", frozenset({Feature.POLICY_LOGPS, Feature.REF_LOGPS}), "rankings", processes=2)
+    from dist_helpers import ROOT, cpu_env, launch, torchrun, train_one_process
+    from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, read_metrics
+
+    common = dict(max_steps=4, grad_accum=2, group_by_length=False, lr=1e-2)
+    loss = {"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}
+    single = _config(labelled_assets, tmp_path / "single", "labelled", loss, batch_size=4, **common)
+    ddp = _config(labelled_assets, tmp_path / "ddp", "labelled", loss, batch_size=2, **common)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp))
+    proc = launch(torchrun(2, "train", str(tmp_path / "ddp.yaml")), cpu_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(group_plugins)])))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_one_process(single)
+    a, b = single["trainer"]["output_dir"], ddp["trainer"]["output_dir"]
+    rows, evals = read_metrics(a), eval_rows(a)
+    assert max(r["kl"] for r in rows) > 1e-3 and evals[-1]["eval/kl"] > 1e-3  # the reference point is not clamped to 0
+    assert_rows_close(rows, read_metrics(b), ("loss", "kl", "grad_norm"), abs=1e-5, rel=1e-5)
+    assert_rows_close(evals, eval_rows(b), ("eval/loss", "eval/kl"), abs=1e-5, rel=1e-5)
+    assert_weights_close(final_weights(a), final_weights(b), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- logratios/* of groups, from the engine
+
+
+def test_group_logratios_are_the_per_completion_log_ratios():
+    """Rankings: best (slot 0), worst (last valid slot), their margin and its sign; labelled: means over the desirable
+    and the undesirable completions; against a plain loop in float64, ragged K and the mismatched column ignored."""
+    from prefopt.training.step import group_logratio_metrics
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [True, True, True]])
+    policy, ref = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)  # column 3: a mismatched completion
+    ratio = (policy - ref).double().tolist()
+    last = [int(m.sum()) - 1 for m in mask]
+    rankings = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": None})
+    margins = [ratio[b][0] - ratio[b][last[b]] for b in range(4)]
+    expected = {"best": sum(r[0] for r in ratio) / 4, "worst": sum(ratio[b][last[b]] for b in range(4)) / 4,
+                "margins": sum(margins) / 4, "accuracies": sum(m > 0 for m in margins) / 4}
+    assert 0 < expected["accuracies"] < 1
+    assert {k: rankings[f"logratios/{k}"].item() for k in expected} == pytest.approx(expected, abs=1e-6)
+    labels = torch.tensor([[True, False, True], [False, False, False], [True, False, False], [False, True, False]])
+    labelled = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": labels})
+    slots = [(b, k) for b in range(4) for k in range(3) if mask[b, k]]
+    for name, want in (("desirable", True), ("undesirable", False)):
+        values = [ratio[b][k] for b, k in slots if bool(labels[b, k]) == want]
+        assert labelled[f"logratios/{name}"].item() == pytest.approx(sum(values) / len(values), abs=1e-6)
+    none = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": torch.zeros_like(labels)})
+    assert none["logratios/desirable"].item() == 0.0  # no desirable completion in the batch: 0, not NaN
+
+
+@pytest.mark.parametrize("kind", ["rankings", "labelled"])
+def test_a_group_step_logs_engine_logratios_with_one_host_read(kind, group_plugins, labelled_assets, tmp_path):
+    """Forwards, backwards and the flag read of a step on groups read the device once, and their metrics include the
+    engine's logratios/*; they agree with the losses' own rewards (beta times the log-ratio) computed apart."""
+    from prefopt.config import validate
+    from prefopt.engine.syncs import SyncCounter
+    from prefopt.training.run import setup
+    from prefopt.training.step import forward_backward, read_flags
+
+    loss, data = ({"name": "plackett_luce", "beta": 0.5}, "three") if kind == "rankings" else ({"name": "kto", "beta": 0.5}, "labelled")
+    run = setup(validate(_config(labelled_assets, tmp_path, data, loss, batch_size=4, reference__mode="live")))
+    model, acc = run.model, run.accelerator
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model, optimizer = acc.prepare(model, optimizer)
+    batches = [run.make_batch(run.train_pairs, g, "train") for g in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    for step in range(2):  # the second step: the policy has moved, the log-ratios are not 0
+        with SyncCounter() as syncs:
+            result = forward_backward(run, model, batches, [0.5, 0.5], params)
+            finite, _, _ = read_flags(run, result, False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert finite and syncs.count == 1, dict(syncs.ops)
+    m = {k: v.item() for k, v in result.metrics.items()}
+    pairs = (("best", "chosen"), ("worst", "rejected")) if kind == "rankings" else (("desirable", "chosen"), ("undesirable", "rejected"))
+    for ours, theirs in pairs:
+        assert abs(m[f"logratios/{ours}"]) > 1e-4
+        assert 0.5 * m[f"logratios/{ours}"] == pytest.approx(m[f"rewards/{theirs}"], abs=1e-6)
+    if kind == "rankings":
+        assert m["logratios/margins"] == pytest.approx(m["logratios/best"] - m["logratios/worst"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- groups with --resume and LoRA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["crash", "sigterm"])
+@pytest.mark.parametrize("kind", ["rankings", "labelled"])
+def test_an_interrupted_group_run_resumes_to_the_same_weights(kind, stop, group_plugins, labelled_assets, tmp_path):
+    """A group run (plackett_luce on rankings of three, kto on labelled completions) that dies inside step 5 (after
+    the checkpoints of steps 2 and 4) or is asked to stop by SIGTERM in step 3, then resumed, ends with exactly the
+    weights, and logs exactly the losses, of a run never interrupted (fp32, one thread)."""
+    import os
+    import signal
+
+    from engine_helpers import final_weights, read_metrics, train_raw
+    from prefopt.training import trainer
+
+    loss, data = ({"name": "plackett_luce"}, "three") if kind == "rankings" else ({"name": "kto", "undesirable_weight": 1.5}, "labelled")
+    settings = dict(max_steps=6, save_every=2, batch_size=4, grad_accum=2, lr=1e-2)
+    whole = _config(labelled_assets, tmp_path / "whole", data, loss, **settings)
+    broken = _config(labelled_assets, tmp_path / "broken", data, loss, **settings)
+    train_raw(whole)
+    real, calls = trainer.forward_backward, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if stop == "crash" and len(calls) == 5:
+            raise RuntimeError("killed")
+        if stop == "sigterm" and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer finishes the step, checkpoints and stops
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "forward_backward", interrupt)
+        if stop == "crash":
+            with pytest.raises(RuntimeError, match="killed"):
+                train_raw(broken)
+        else:
+            assert train_raw(broken)["steps"] == 3
+    train_raw(broken, resume=True)
+    a, b = whole["trainer"]["output_dir"], broken["trainer"]["output_dir"]
+    assert [r["loss"] for r in read_metrics(b)] == [r["loss"] for r in read_metrics(a)]
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_groups_train_with_lora_and_the_reference_is_the_base_model(group_plugins, labelled_assets, tmp_path):
+    """LoRA on groups (kto on labelled completions): the held-out loss starts at exactly 1 - sigmoid(0) = 0.5 (the
+    adapter-disabled reference, cached or live, equals the untrained policy), the run trains (the held-out loss
+    falls; a reference that followed the adapters would hold it at 0.5), and a cached and a live reference give the
+    same losses and reference points, mismatched completions included."""
+    from engine_helpers import eval_rows, read_metrics, train_raw
+
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    runs = {mode: _config(labelled_assets, tmp_path / mode, "labelled", {"name": "kto"}, max_steps=4, batch_size=4, lr=3e-2,
+                          model__lora=lora, reference__mode=mode) for mode in ("cache", "live")}
+    for raw in runs.values():
+        train_raw(raw)
+        evals = eval_rows(raw["trainer"]["output_dir"])
+        assert evals[0]["eval/loss"] == pytest.approx(0.5, abs=1e-6) and evals[0]["eval/logratios/desirable"] == 0.0
+        assert evals[-1]["eval/loss"] < 0.5
+    cached, live = (read_metrics(runs[m]["trainer"]["output_dir"]) for m in ("cache", "live"))
+    assert max(r["kl"] for r in cached) > 1e-3
+    for x, y in zip(cached, live, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["kl"] == pytest.approx(y["kl"], abs=1e-5)

@@ -253,22 +253,35 @@ def split_by_tokens(indices: Sequence[int], tokens: Sequence[int] | Mapping[int,
 
 
 def forward_plans(sizes: Sequence[int], batch_size: int, budget: int | None, world: int,
-                  matched: bool = False) -> list[list[list[int] | None]]:
+                  matched: bool = False, sliced: bool = False) -> list[list[list[int] | None]]:
     """Each process's forwards over pairs ``0..len(sizes)-1`` outside training (held-out data, the
     reference cache): its pairs (every ``world``-th), ``batch_size`` at a time, each batch cut to the
     token ``budget``. ``sizes``: every pair's tokens (read only with a budget).
 
+    ``sliced``: as training slices its global batches instead: consecutive global batches of
+    ``batch_size * world`` pairs (:func:`global_batch`), process ``r`` taking slice ``r`` of each.
     ``matched`` (FSDP, where every forward gathers shards from all processes): each process gets as
     many forwards as the busiest, the extra ones ``None`` (a filler forward whose results count nothing).
     """
-    plans: list[list[list[int] | None]] = []
-    for rank in range(world):
-        idx = list(range(rank, len(sizes), world))
-        plans.append([f for s in range(0, len(idx), batch_size) for f in split_by_tokens(idx[s : s + batch_size], sizes, budget)])
+    def forwards(idx: list[int]) -> list[list[int] | None]:
+        return [f for s in range(0, len(idx), batch_size) for f in split_by_tokens(idx[s : s + batch_size], sizes, budget)]
+
+    n, span = len(sizes), batch_size * world
+    if sliced:
+        plans = [forwards([i for s in range(0, n, span) for i in range(s + r * batch_size, min(s + (r + 1) * batch_size, n))])
+                 for r in range(world)]
+    else:
+        plans = [forwards(list(range(rank, n, world))) for rank in range(world)]
     if matched:
         most = max(map(len, plans))
         plans = [plan + [None] * (most - len(plan)) for plan in plans]
     return plans
+
+
+def global_batch(i: int, batch_size: int, world: int, n: int) -> range:
+    """The global batch (``batch_size * world`` consecutive pairs of ``n``) that pair ``i`` is in (see ``sliced``)."""
+    start = i - i % (batch_size * world)
+    return range(start, min(start + batch_size * world, n))
 
 
 def batch_order(

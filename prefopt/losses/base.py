@@ -166,8 +166,10 @@ class LossInputs:
     True (valid slots come first; the others hold zeros). ``policy_logps``, ``ref_logps``
     and ``completion_tokens`` are per completion; rankings come best first with their
     ``scores``; labelled completions have ``labels`` (True = desirable);
-    ``mismatched_logps`` and ``ref_mismatched_logps`` ``(B,)`` are the summed log-probs
-    of another example's completion after prompt ``b`` (KTO's reference point; no gradient).
+    ``mismatched_logps`` and ``ref_mismatched_logps`` ``(M,)`` are the summed log-probs of
+    another example's completion after a prompt (KTO's reference point; no gradient), for
+    every example of the global batch (all processes'; ``M = B`` in one process): read them
+    through a batch statistic, never by row (see docs/writing-a-loss.md).
     The pair fields are then ``None``. :meth:`groups` reads either form as groups.
 
     The engine fills only what the loss declares in ``needs``; everything else is ``None``.
@@ -192,8 +194,8 @@ class LossInputs:
     completion_mask: torch.Tensor | None = None  # (B, K) bool
     scores: torch.Tensor | None = None  # (B, K) rankings: higher is better, non-increasing along K
     labels: torch.Tensor | None = None  # (B, K) bool labelled completions: True = desirable
-    mismatched_logps: torch.Tensor | None = None  # (B,)
-    ref_mismatched_logps: torch.Tensor | None = None  # (B,)
+    mismatched_logps: torch.Tensor | None = None  # (M,) the global batch's, see above
+    ref_mismatched_logps: torch.Tensor | None = None  # (M,)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -257,7 +257,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     for report in reports:
         log.info("%s", report.summary())
     if isinstance(train_pairs[0], Group):
-        check_group_needs(loss.name, needs, train_pairs[0].kind, accelerator.num_processes)
+        check_group_needs(loss.name, needs, train_pairs[0].kind)
     if len(train_pairs) < config.trainer.batch_size * accelerator.num_processes:
         raise ConfigError(f"data.train: {len(train_pairs)} usable pairs, fewer than one batch ({config.trainer.batch_size} x {accelerator.num_processes} processes)")
     # FSDP: only the first process reads the weights; the others receive their shards from it once sharded
@@ -331,18 +331,12 @@ def _fill_caches(config: RunConfig, accelerator: Accelerator, source: torch.nn.M
             for name, examples in zip(("train", "eval"), splits) if examples}
 
 
-def check_group_needs(loss_name: str, needs: frozenset[Feature], kind: str, processes: int = 1) -> None:
-    """Refuse features the engine does not compute for groups yet (per-token values, the live KL; the mismatched
-    reference point over several processes)."""
+def check_group_needs(loss_name: str, needs: frozenset[Feature], kind: str) -> None:
+    """Refuse features the engine does not compute for groups yet (per-token values, the live KL)."""
     unsupported = sorted(f.value for f in needs if f in TOKEN_FEATURES or f == Feature.KL)
     if unsupported:
         raise ConfigError(f"loss {loss_name!r} reads {', '.join(unsupported)}, which the engine computes for pairs only; "
                           f"on {kind} it provides per-completion sums (policy_logps, ref_logps, completion_tokens, mismatched_logps)")
-    if Feature.MISMATCHED_LOGPS in needs and processes > 1:
-        # TRL gathers the mismatched log-ratios of every process into one reference point; here each process
-        # would estimate its own, so two processes would train differently from one.
-        raise ConfigError(f"loss {loss_name!r} estimates its reference point from the batch's mismatched completions, which "
-                          f"is computed per process so far; train it in one process ({processes} were launched)")
     if kind == "labelled" and Feature.MISMATCHED_LOGPS not in needs:
         log.info("labelled data: the loss reads no mismatched log-probs, so no mismatched completions are computed")
 

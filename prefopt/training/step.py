@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from prefopt.training import distributed
-from prefopt.data.batching import forward_plans, pair_tokens, to_device
+from prefopt.data.batching import forward_plans, global_batch, pair_tokens, to_device
 from prefopt.data.examples import Group
 from prefopt.data.groups import grid_sums, group_tokens, to_grid
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
@@ -88,12 +88,26 @@ def group_inputs(out: dict[str, torch.Tensor], batch: dict[str, Any], needs: fro
     inputs = LossInputs(policy_logps=policy[:, :k], completion_mask=mask, scores=batch["scores"], labels=batch["labels"])
     if Feature.LENGTHS in needs:
         inputs.completion_tokens = to_grid(batch["completion_lengths"].float(), batch["group_flat"], batch["group_shape"])[:, :k]
-    ref = grid_sums(out["ref_logps"], batch) if "ref_logps" in out else batch.get("ref_grid")
+    ref = group_reference(out, batch)
     if ref is not None and needs & {Feature.REF_LOGPS, Feature.MISMATCHED_LOGPS}:
         inputs.ref_logps = ref[:, :k]
     if Feature.MISMATCHED_LOGPS in needs and batch["has_mismatched"]:
         inputs.mismatched_logps, inputs.ref_mismatched_logps = policy[:, -1].detach(), ref[:, -1]
     return inputs
+
+
+def gather_mismatched(acc: Any, inputs: LossInputs, counts: Sequence[int]) -> None:
+    """Replace the mismatched log-probs of this process's forward by those of forward ``i`` on every process, in
+    process order (``counts``: each process's examples in it, known on the host): a reference point over the whole
+    global batch, as one process computes it. Every process runs the same number of training forwards, so each
+    takes part in every gather; values are detached (no gradient crosses processes)."""
+    policy, ref = inputs.mismatched_logps, inputs.ref_mismatched_logps
+    local = torch.stack([policy.detach().double(), ref.detach().to(policy.device).double()], -1)  # exact for either dtype
+    width = max(counts)
+    padded = torch.cat([local, local.new_zeros(width - local.shape[0], 2)])  # all_gather takes equal shapes
+    every = acc.gather(padded).view(len(counts), width, 2)
+    gathered = torch.cat([every[r, :n] for r, n in enumerate(counts)])  # host-known sizes: no read back
+    inputs.mismatched_logps, inputs.ref_mismatched_logps = gathered[:, 0].to(policy.dtype), gathered[:, 1].to(ref.dtype)
 
 
 def example_weight(example: Any) -> int:
@@ -118,6 +132,35 @@ def reference_sums(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple
     return None
 
 
+def group_reference(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor | None:
+    """The ``(B, W)`` grid of summed reference log-probs of a group batch (live or cached); ``None`` without a reference."""
+    return grid_sums(out["ref_logps"], batch) if "ref_logps" in out else batch.get("ref_grid")
+
+
+def group_logratio_metrics(policy: torch.Tensor, ref: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``logratios/*`` of groups, from the per-completion grids alone (as :func:`logratio_metrics` for pairs).
+
+    Rankings (best first): ``best``, ``worst`` (the lowest-ranked completion), ``margins`` (best minus worst) and
+    ``accuracies`` (fraction of rankings whose margin is > 0), means over the batch's rankings. Labelled
+    completions: ``desirable`` and ``undesirable``, means over those completions (0 where there are none).
+    """
+    mask = batch["completion_mask"]
+    k = mask.shape[1]
+    ratio = policy[:, :k].detach().float() - ref[:, :k].float()
+    if batch["labels"] is not None:
+        labels = batch["labels"]
+
+        def mean(where: torch.Tensor) -> torch.Tensor:
+            return torch.where(where, ratio, 0.0).sum() / where.sum().clamp(min=1)
+
+        return {"logratios/desirable": mean(mask & labels), "logratios/undesirable": mean(mask & ~labels)}
+    last = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # valid slots come first
+    best, worst = ratio[:, 0], ratio.gather(-1, last).squeeze(-1)
+    margins = best - worst
+    return {"logratios/best": best.mean(), "logratios/worst": worst.mean(),
+            "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}
+
+
 def logratio_metrics(policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``logratios/*``: each completion's summed log-prob under the policy minus under the reference, batch means.
 
@@ -130,16 +173,28 @@ def logratio_metrics(policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch
             "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}
 
 
-def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-    """One forward of a batch through the model and the loss plugin, with the engine's ``logratios/*`` metrics."""
+def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+    """One forward of a batch: the loss's inputs and the engine's ``logratios/*`` metrics (computed before the
+    loss runs: new tensors, so nothing the loss does to its inputs changes them)."""
     batch = to_device(batch, run.accelerator.device)
     plan = Plan.of(run.needs, run.mode)
     with run.accelerator.autocast():
         out = model(batch, reference=plan.reference, stats=plan.stats)
     inputs = loss_inputs(out, batch, run.needs)
-    ref = reference_sums(out, batch) if "group_flat" not in batch else None  # groups: the loss's own ranking metrics
-    # computed before the loss runs: new tensors, so nothing the loss does to its inputs changes them
-    engine = logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}
+    if "group_flat" in batch:
+        ref = inputs.ref_logps if inputs.ref_logps is not None else group_reference(out, batch)
+        engine = group_logratio_metrics(inputs.policy_logps, ref, batch) if ref is not None else {}
+    else:
+        ref = reference_sums(out, batch)
+        engine = logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}
+    if "gather_counts" in batch and inputs.mismatched_logps is not None:
+        gather_mismatched(run.accelerator, inputs, batch["gather_counts"])
+    return inputs, engine
+
+
+def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """One forward of a batch through the model and the loss plugin, with the engine's ``logratios/*`` metrics."""
+    inputs, engine = model_inputs(run, model, batch)
     output = run.loss(inputs)
     output.metrics = {**output.metrics, **engine}
     return output
@@ -241,19 +296,48 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     budget = tc.max_tokens_per_forward
     mismatched = Feature.MISMATCHED_LOGPS in run.needs
     sizes = [example_tokens(p, run.shared, mismatched) for p in pairs] if budget else [0] * len(pairs)
-    mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded)[acc.process_index]
+    mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded, sliced=True)[acc.process_index]
     if not mine:  # no held-out pair here: one filler forward, for the metric names of the reduction
         mine = [None]
     totals: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=acc.device)
-    for b in mine:
-        out = compute_loss(run, model, run.make_batch(pairs, b or [0], "eval"))
-        n = sum(example_weight(pairs[i]) for i in b) if b else 0
-        for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-            totals[key] = totals.get(key, 0) + value.float() * n
-        count += n
+    # lazily, one forward at a time; KTO's held out forwards wait for their global batches' reference points
+    forwards = ((b, *model_inputs(run, model, run.make_batch(pairs, b or [0], "eval"))) for b in mine)
+    if mismatched:
+        forwards = share_mismatched(acc, list(forwards), len(pairs), tc.batch_size)
+    for b, inputs, engine in forwards:
+        count += _add(totals, run.loss(inputs), engine, sum(example_weight(pairs[i]) for i in b) if b else 0)
     model.train()
     keys = sorted(totals)
     stacked = acc.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")
     values = stacked.tolist()
     return {f"eval/{k}": v / values[-1] for k, v in zip(keys, values[:-1])}
+
+
+def _add(totals: dict[str, torch.Tensor], output: LossOutput, engine: dict[str, torch.Tensor], n: int) -> int:
+    """Add a forward's loss and metrics, weighted by its ``n`` examples, to ``totals``; returns ``n``."""
+    for key, value in {"loss": output.loss.detach(), **output.metrics, **engine}.items():
+        totals[key] = totals.get(key, 0) + value.float() * n
+    return n
+
+
+Staged = list[tuple[list[int] | None, LossInputs, dict[str, torch.Tensor]]]
+
+
+def share_mismatched(acc: Any, staged: Staged, n: int, batch_size: int) -> Staged:
+    """Give each held-out forward the mismatched log-probs of its whole global batch (``batch_size`` times the
+    processes, see :func:`prefopt.data.batching.global_batch`), as one process with that batch computes them: one
+    collective per evaluation, so processes may run different numbers of forwards."""
+    device = acc.device
+    values = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    for b, inputs, _ in staged:
+        if b:
+            values[b] = torch.stack([inputs.mismatched_logps.double(), inputs.ref_mismatched_logps.to(device).double()], -1)
+    if acc.num_processes > 1:
+        values = acc.reduce(values, "sum")  # each example is evaluated on exactly one process
+    for b, inputs, _ in staged:
+        rows = global_batch((b or [0])[0], batch_size, acc.num_processes, n)
+        policy, ref = inputs.mismatched_logps, inputs.ref_mismatched_logps
+        inputs.mismatched_logps = values[rows.start : rows.stop, 0].to(policy.dtype)
+        inputs.ref_mismatched_logps = values[rows.start : rows.stop, 1].to(ref.device, ref.dtype)
+    return staged

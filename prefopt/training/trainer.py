@@ -272,14 +272,20 @@ class ForwardPlan:
     def forwards(self, step: int) -> tuple[list[dict[str, Any]], list[float], float]:
         """The batches of one optimiser step on this process, each one's share of its pairs, and padding."""
         tc, accum = self.tc, self.tc.grad_accum
-        groups = [self.micro_batch(step * accum + k) for k in range(accum)]
+        every = [[self.micro_batch(step * accum + k, r) for k in range(accum)] for r in range(self.world)]
         if tc.max_tokens_per_forward is not None:
             # every process runs as many forwards as the one that needs most (FSDP gathers weights in each)
-            pairs = [[i for k in range(accum) for i in self.micro_batch(step * accum + k, r)] for r in range(self.world)]
+            pairs = [[i for g in forwards for i in g] for forwards in every]
             most = max(len(split_by_tokens(p, self.sizes, tc.max_tokens_per_forward)) for p in pairs)
-            groups = split_by_tokens(pairs[self.rank], self.sizes, tc.max_tokens_per_forward, at_least=most)
+            every = [split_by_tokens(p, self.sizes, tc.max_tokens_per_forward, at_least=most) for p in pairs]
+        groups = every[self.rank]
         w = [sum(self.weights[i] for i in g) for g in groups]
         batches = [self.run.make_batch(self.run.train_pairs, g, "train") for g in groups]
+        if self.world > 1 and Feature.MISMATCHED_LOGPS in self.run.needs:
+            # forward i's examples on every process, known here on the host: the step gathers their mismatched
+            # log-probs across processes without first exchanging sizes
+            for i, batch in enumerate(batches):
+                batch["gather_counts"] = [len(forwards[i]) for forwards in every]
         padding = sum(b["padding"] * b["input_ids"].numel() for b in batches) / sum(b["input_ids"].numel() for b in batches)
         return batches, [x / sum(w) for x in w], padding
 

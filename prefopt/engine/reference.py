@@ -161,23 +161,11 @@ def load_cache(path: Path, key: str, n: int, parts: dict | None = None, per_toke
         why = _why_new(path, parts) if parts is not None and path.parent.is_dir() else "computing it"
         log.info("reference cache: none at %s yet; %s", path, why)
         return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        sums = tensors["ref_logps"]
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        log.warning("reference cache %s is unreadable (%s); recomputing it", path, exc)
+    read = _read(path, key, "ref_logps", lambda t: t["ref_logps"].shape == (n, 2) and ("ref_token_logps" in t) == per_token)
+    if read is None:
         return None
-    has_tokens = "ref_token_logps" in tensors
-    if meta.get("key") != key or sums.shape != (n, 2) or has_tokens != per_token:
-        log.warning("reference cache %s is stale (fingerprint or size differs); recomputing it", path)
-        return None
-    if meta.get("sha256") != _checksum(tensors):
-        log.warning("reference cache %s fails its checksum (corrupted); recomputing it", path)
-        return None
+    tensors = read
+    sums = tensors["ref_logps"]
     if not per_token:
         return RefCache(sums)
     offsets = tensors["ref_token_offsets"]
@@ -187,7 +175,30 @@ def load_cache(path: Path, key: str, n: int, parts: dict | None = None, per_toke
     return RefCache(sums, tensors["ref_token_logps"], offsets, tensors["ref_token_split"])
 
 
-def save_cache(path: Path, key: str, cache: RefCache | torch.Tensor, parts: dict | None = None) -> None:
+def _read(path: Path, key: str, needed: str, fits: Callable[[dict[str, torch.Tensor]], bool]) -> dict[str, torch.Tensor] | None:
+    """The tensors of the cache file at ``path`` if readable, for ``key``, of the expected sizes (``fits``) and intact;
+    else ``None``, logging why (the caller recomputes)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        tensors[needed]
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        log.warning("reference cache %s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if meta.get("key") != key or not fits(tensors):
+        log.warning("reference cache %s is stale (fingerprint or size differs); recomputing it", path)
+        return None
+    if meta.get("sha256") != _checksum(tensors):
+        log.warning("reference cache %s fails its checksum (corrupted); recomputing it", path)
+        return None
+    return tensors
+
+
+def save_cache(path: Path, key: str, cache: "RefCache | GroupRefCache | torch.Tensor", parts: dict | None = None) -> None:
+    """Write ``cache`` atomically, with its key, checksum and (for explaining a later miss) its fingerprint ``parts``."""
     if isinstance(cache, torch.Tensor):
         cache = RefCache(cache)
     tensors = {k: v.contiguous() for k, v in cache.tensors().items()}
@@ -276,30 +287,15 @@ def load_group_cache(path: Path, key: str, counts: Sequence[int]) -> GroupRefCac
     if not path.exists():
         log.info("reference cache: none at %s yet; computing it", path)
         return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        values, offsets = tensors["ref_completion_logps"], tensors["ref_group_offsets"]
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        log.warning("reference cache %s is unreadable (%s); recomputing it", path, exc)
-        return None
     expected = torch.tensor([0, *counts]).cumsum(0)
-    if meta.get("key") != key or offsets.shape != expected.shape or not torch.equal(offsets, expected) or values.shape != (int(expected[-1]),):
-        log.warning("reference cache %s is stale (fingerprint or size differs); recomputing it", path)
-        return None
-    if meta.get("sha256") != _checksum(tensors):
-        log.warning("reference cache %s fails its checksum (corrupted); recomputing it", path)
-        return None
-    return GroupRefCache(values, offsets)
 
+    def fits(t: dict[str, torch.Tensor]) -> bool:
+        offsets = t.get("ref_group_offsets")
+        return (offsets is not None and offsets.shape == expected.shape and torch.equal(offsets, expected)
+                and t["ref_completion_logps"].shape == (int(expected[-1]),))
 
-def save_group_cache(path: Path, key: str, cache: GroupRefCache, parts: dict) -> None:
-    tensors = {k: v.contiguous() for k, v in cache.tensors().items()}
-    meta = {"key": key, "sha256": _checksum(tensors), "format": str(CACHE_FORMAT), "parts": json.dumps(parts, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    tensors = _read(path, key, "ref_completion_logps", fits)
+    return None if tensors is None else GroupRefCache(tensors["ref_completion_logps"], tensors["ref_group_offsets"])
 
 
 @torch.no_grad()

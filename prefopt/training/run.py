@@ -158,13 +158,7 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
     key = ref.cache_key(**parts)
     path = Path(run_cfg.reference.cache_dir).expanduser() / f"{key}.safetensors"
     cached = ref.load_cache(path, key, len(pairs), parts, per_token)
-    # Every process must take the same branch (computing is collective): on machines that do
-    # not share the cache directory, one that lacks the file makes all of them compute it.
-    missing = cached is None
-    if accelerator.num_processes > 1:
-        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
-    if not missing:
-        log.info("reference cache (%s): reusing %s", name, path)
+    if found_everywhere(accelerator, cached, name, path):
         return cached
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     budget = run_cfg.trainer.max_tokens_per_forward  # the training budget bounds these forwards too
@@ -192,6 +186,17 @@ def fill_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Callable[[
     return values
 
 
+def found_everywhere(accelerator: Accelerator, cached: Any, name: str, path: Path) -> bool:
+    """Whether every process found the cache on disk. All must take the same branch (computing it is
+    collective): on machines that do not share the cache directory, one that lacks it makes all compute it."""
+    missing = cached is None
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
+    if not missing:
+        log.info("reference cache (%s): reusing %s", name, path)
+    return not missing
+
+
 def source_groups(examples: list) -> list[Group] | None:
     """The groups ``examples`` are (or, for pairs from rankings, come from, in order of first use); ``None`` for plain pairs."""
     if isinstance(examples[0], Group):
@@ -210,14 +215,10 @@ def fill_group_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Call
     computed (once, across processes) and saved: one cache for every loss that trains on these groups."""
     parts = ref.cache_parts(weights_fp, ref.tokenizer_fingerprint(tokenizer), fingerprint(groups), settings)
     key = ref.cache_key(**parts)
-    path = Path(run_cfg.reference.cache_dir) / f"{key}.safetensors"
+    path = Path(run_cfg.reference.cache_dir).expanduser() / f"{key}.safetensors"
     counts = [len(g.completions) + (g.mismatched_ids is not None) for g in groups]
     cached = ref.load_group_cache(path, key, counts)
-    missing = cached is None
-    if accelerator.num_processes > 1:
-        missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
-    if not missing:
-        log.info("reference cache (%s): reusing %s", name, path)
+    if found_everywhere(accelerator, cached, name, path):
         return cached
     bs = run_cfg.reference.batch_size or run_cfg.trainer.batch_size
     budget = run_cfg.trainer.max_tokens_per_forward
@@ -233,7 +234,7 @@ def fill_group_cache(run_cfg: RunConfig, accelerator: Accelerator, forward: Call
         raise ConfigError(f"data.{'eval' if name == 'eval' else 'train'}: the reference model's log-probs are not finite for "
                           f"{len(bad)} completions (first: row {groups[g].row}); check the reference weights and precision")
     if accelerator.is_local_main_process:
-        ref.save_group_cache(path, key, values, parts)
+        ref.save_cache(path, key, values, parts)
         if accelerator.is_main_process:
             log.info("reference cache (%s): wrote %s", name, path)
     accelerator.wait_for_everyone()

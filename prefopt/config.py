@@ -145,10 +145,10 @@ class RunConfig(_Section):
 
 
 # PyYAML follows YAML 1.1, where `1e-6` is a string; accept it as a float as users expect.
-from prefopt.yaml_safe import AliasLimit  # noqa: E402
+from prefopt.yaml_safe import AliasLimit, NoDuplicateKeys  # noqa: E402
 
 
-class _Loader(AliasLimit, yaml.SafeLoader):
+class _Loader(AliasLimit, NoDuplicateKeys, yaml.SafeLoader):
     pass
 
 
@@ -167,6 +167,8 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: " + str(exc).replace('"<unicode string>"', source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply; refusing it") from None
     check_expanded_size(data, source)
     return data
 
@@ -228,6 +230,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); a run config is YAML text") from None
     raw = parse_yaml(text, str(path)) or {}
     old_loss = dict(raw["loss"]) if isinstance(raw, dict) and isinstance(raw.get("loss"), dict) else None
     raw = apply_overrides(raw, overrides or [])
@@ -271,9 +275,16 @@ def _retarget_loss(raw: dict[str, Any], old: Any) -> None:
 def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:
     for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
-        if not value or f"{section}.{key}" in from_cli or Path(value).expanduser().is_absolute():
+        if value and value.startswith("~"):
+            value = os.path.expanduser(value)  # every path field, so no literal ./~ directory is ever made
+            setattr(getattr(config, section), key, value)
+        if not value or Path(value).is_absolute():
             continue
-        beside = Path(os.path.normpath(base / value))
+        if f"{section}.{key}" in from_cli:  # from the working directory; absolute, so a resume from elsewhere matches
+            if (section, key) in _OUTPUT_FIELDS or Path(value).exists() or _looks_local(value):
+                setattr(getattr(config, section), key, os.path.abspath(value))
+            continue
+        beside = Path(os.path.abspath(base / value))
         if (section, key) in _OUTPUT_FIELDS or beside.exists():
             setattr(getattr(config, section), key, str(beside))
         elif Path(value).exists():

@@ -281,13 +281,13 @@ def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: st
         if not value or Path(value).is_absolute():
             continue
         if f"{section}.{key}" in from_cli:  # from the working directory; absolute, so a resume from elsewhere matches
-            if (section, key) in _OUTPUT_FIELDS or Path(value).exists() or _looks_local(value):
+            if (section, key) in _OUTPUT_FIELDS or _exists(value) or _looks_local(value):
                 setattr(getattr(config, section), key, os.path.abspath(value))
             continue
         beside = Path(os.path.abspath(base / value))
-        if (section, key) in _OUTPUT_FIELDS or beside.exists():
+        if (section, key) in _OUTPUT_FIELDS or _exists(beside):
             setattr(getattr(config, section), key, str(beside))
-        elif Path(value).exists():
+        elif _exists(value):
             raise ConfigError(
                 f"{source}: {section}.{key}: {value!r} is not beside the config ({beside} does not exist) but exists in the "
                 f"working directory; a relative path in a config file is relative to the file's directory: write "
@@ -296,6 +296,14 @@ def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: st
         elif _looks_local(value):  # a missing local path: the error will name where it was looked for
             setattr(getattr(config, section), key, str(beside))
         # else: a Hub name, passed through unchanged
+
+
+def _exists(path: str | Path) -> bool:
+    """``Path.exists`` that says False for a path the OS refuses (a name too long): preflight names the problem."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def _looks_local(value: str) -> bool:
@@ -308,7 +316,7 @@ def describe_paths(config: RunConfig) -> str:
     for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
         if value:
-            shown = str(Path(value).resolve()) if Path(value).exists() or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
+            shown = str(Path(value).resolve()) if _exists(value) or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
             parts.append(f"{section}.{key} = {shown}")
     return "paths: " + "; ".join(parts)
 

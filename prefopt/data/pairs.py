@@ -162,6 +162,8 @@ def load_data(cfg, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[D
     if cfg.eval:
         evals, eval_report = load_pairs(cfg.eval, split=cfg.eval_split, **opts)
         reports.append(eval_report)
+        if not evals:  # configured but nothing to evaluate: never a silent "no eval"
+            raise DataError(f"data.eval: {cfg.eval}: no usable pairs. {eval_report.summary()}")
     elif cfg.eval_fraction > 0:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):
@@ -369,6 +371,8 @@ def _to_pair(rec: Record, fmt: _Format, tokenizer, max_length: int, max_prompt_l
     room = max_length - len(prompt_ids)
     if room <= 0:
         raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
+    if chosen_ids[:room] == rejected_ids[:room]:  # nothing to prefer: the loss would be constant
+        raise _RowError(IDENTICAL, "rejected", f"the same tokens as chosen once cut to max_length {max_length}")
     return Pair(prompt_ids, chosen_ids[:room], rejected_ids[:room], rec.row)
 
 

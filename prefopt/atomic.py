@@ -76,9 +76,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def no_space_error(exc: OSError, what: str, folder: str | Path, need: int) -> Exception:
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed for lack of space, whichever layer raised it (an OSError, safetensors' Rust error, or
+    torch's C++ writer, whose error carries the Python ``OSError`` as its context)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "(os error 28)" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def no_space_error(exc: BaseException, what: str, folder: str | Path, need: int) -> Exception:
     """For a full disk, the documented message with the space ``need``-ed (bytes); otherwise ``exc`` itself."""
-    if exc.errno != errno.ENOSPC:
+    if not disk_full(exc):
         return exc
     from prefopt.errors import NoSpaceError
 

@@ -190,7 +190,7 @@ def save_cache(path: Path, key: str, cache: RefCache | torch.Tensor, parts: dict
     remove_stale_temporaries(path.parent, ".*.safetensors.*.tmp")  # left by a writer killed mid-write
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         need = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
         raise no_space_error(exc, "reference cache", path.parent, need) from exc
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefopt.atomic import crash_point, fsync_dir, sha256_file
+from prefopt.atomic import crash_point, disk_full, fsync_dir, sha256_file
 from prefopt.errors import PrefoptError
 
 log = logging.getLogger("prefopt")
@@ -90,7 +90,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     try:
         tmp.mkdir()
         save_file(weights, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a full disk surfaces as ENOSPC, not a bare C++ error
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, f)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
@@ -100,9 +101,11 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
         fsync_dir(tmp)
     except (OSError, SafetensorError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, OSError) and not _disk_full(exc):
+        if disk_full(exc):
+            exc = OSError(errno.ENOSPC, str(exc))
+        elif not isinstance(exc, OSError):
             raise
-        raise _write_error(exc if isinstance(exc, OSError) else OSError(errno.ENOSPC, str(exc)), root, step, model) from exc
+        raise _write_error(exc, root, step, model) from exc
     _put_in_place(tmp, final)
     prune(root, keep, final)
     return final
@@ -274,7 +277,7 @@ def save_final_model(out: Path, policy: torch.nn.Module, tokenizer, state_dict: 
                 os.fsync(fh.fileno())
     except (OSError, SafetensorError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _disk_full(exc):
+        if not disk_full(exc):
             raise
         need = sum(p.numel() * p.element_size() for p in (state_dict or policy.state_dict()).values())
         raise no_space_error(OSError(errno.ENOSPC, str(exc)), "final model", out, need) from exc
@@ -283,10 +286,3 @@ def save_final_model(out: Path, policy: torch.nn.Module, tokenizer, state_dict: 
     tmp.rmdir()
     fsync_dir(out)
     atomic_write(out / "summary.json", lambda p: p.write_text(json_line(summary, indent=1)))
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """A write that failed for lack of space, whichever layer raised it (OSError, safetensors, torch's C++ writer)."""
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return "No space left" in str(exc) or "os error 28" in str(exc) or "file write failed" in str(exc)

@@ -141,3 +141,19 @@ def test_metrics_are_strict_json_and_warnings_stay_off_the_progress_bar_line(pro
     assert summary[0]["steps"] == 4
     lines = [line for line in stderr.getvalue().split("\n") if "non-finite loss or gradient" in line]
     assert lines and all(line.rsplit("\r", 1)[-1].startswith("[prefopt] step 3:") for line in lines), lines
+
+
+def test_nan_weights_in_a_model_are_named_as_such(project, tmp_path, one_torch_thread, builtins_only):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefopt.training.trainer import train
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**project["model"]["config"]))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    raw = set_dotted(project, {"model.config": None, "model.name_or_path": str(tmp_path / "model")})
+    with pytest.raises(ConfigError, match=r"model: the loaded weights are not finite \(NaN or infinite\) in 1 tensors, e\.g\. "
+                                          r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        train(validate(raw))

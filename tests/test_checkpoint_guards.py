@@ -177,7 +177,7 @@ def small_disk(tmp_path):
 
     yield mount
     for d in mounted:
-        subprocess.run(["umount", str(d)], check=False)
+        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_full_disk_while_writing_checkpoint_model_or_cache_says_so_and_leaves_no_partial(tok, tmp_path, small_disk):

@@ -151,8 +151,8 @@ def mounts(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
     subprocess.run(["mount", "-o", "remount,ro", str(top)], check=True)
     yield top, out
-    subprocess.run(["umount", str(out)], check=False)
-    subprocess.run(["umount", str(top)], check=False)
+    subprocess.run(["umount", "-l", str(out)], check=False)
+    subprocess.run(["umount", "-l", str(top)], check=False)
 
 
 def test_mount_point_and_read_only_parent_get_clear_errors_in_validate_and_train(tok, tmp_path, mounts, capsys):

@@ -122,7 +122,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from prefopt.training.preflight import preflight
 
     config = _load(args)
-    preflight(config)
+    preflight(config, output=False)  # it writes only the cache
     done = precompute_reference(config)
     for name, what in done.items() if is_main_process() else ():
         print(f"reference cache ({name}): {what}")

@@ -31,8 +31,9 @@ def looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
 
 
 def preflight(config: RunConfig, hub: bool = True, *, resume: bool = False, overwrite: bool = False,
-              protect: list[str] | tuple[str, ...] = ()) -> None:
-    """Raise one :class:`ConfigError` listing every problem ``train`` would meet later (with the same flags)."""
+              protect: list[str] | tuple[str, ...] = (), output: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem ``train`` would meet later (with the same flags);
+    ``output=False`` leaves out the checks of an existing ``trainer.output_dir`` (for commands that do not train)."""
     from prefopt.training.resume import output_problems
 
     problems: list[str] = []
@@ -67,7 +68,8 @@ def preflight(config: RunConfig, hub: bool = True, *, resume: bool = False, over
             problems.append(f"trainer.report_to: tracker {name!r} needs the {modules[0]} package (pip install {modules[0]})")
     problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
     problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
-    problems.extend(p for p in output_problems(config, resume, overwrite, protect) if p not in problems)
+    if output:
+        problems.extend(p for p in output_problems(config, resume, overwrite, protect) if p not in problems)
     problems.extend(shape_problems(config))
     rows = count_rows(config)
     if rows is not None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -159,6 +160,8 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
         from prefopt.training.checkpoint import recover_temporaries
 
         recover_temporaries(real / "checkpoints")
+        if (real / ".final.tmp").is_dir():  # a final model whose writing was killed: rewritten at the end
+            shutil.rmtree(real / ".final.tmp")
     return out
 
 

@@ -239,7 +239,7 @@ def saved_model(tmp_path) -> Path:
     return tmp_path / "model"
 
 
-def test_resume_refuses_changed_versions_weights_and_process_count_before_loading(tok, tmp_path, saved_model, monkeypatch):
+def test_resume_refuses_changed_versions_weights_and_process_count_before_loading(tok, tmp_path, saved_model, monkeypatch, capsys):
     from prefopt.training import distributed, resume, trainer
 
     raw = raw_config(tok, tmp_path, **{"trainer.max_steps": 2, "model.config": None, "model.name_or_path": str(saved_model)})
@@ -250,6 +250,11 @@ def test_resume_refuses_changed_versions_weights_and_process_count_before_loadin
     monkeypatch.setattr(resume, "versions", lambda c: {**real_versions(c), "loss dpo (prefopt)": "9.9"})
     with pytest.raises(ConfigError, match=r"--resume: .* was written with other versions \(loss dpo \(prefopt\) \S+ -> 9.9\)"):
         train(validate(raw), resume=True)
+    from prefopt.cli.commands import main
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "run.yaml"), "--resume"]) == 2  # validate --resume refuses the same
+    assert "was written with other versions (loss dpo (prefopt)" in capsys.readouterr().err
     monkeypatch.setattr(resume, "versions", real_versions)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match=r"--resume: the run was trained with number of processes 1, this launch has 2"):

@@ -92,6 +92,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     smoke_test(loss)  # the loss runs on inputs of exactly its declared features, before any model is loaded
     try:
         preflight(config, resume=args.resume, overwrite=args.overwrite, protect=[args.config])
+        if args.resume:  # what --resume refuses before loading anything (versions, weights, processes, config)
+            from prefopt.training.distributed import world_size
+            from prefopt.training.resume import check_before_loading
+
+            check_before_loading(config, world_size())
     except PrefoptError as exc:
         raise type(exc)(f"{args.config}: {exc}") from None
     print(f"{args.config}: valid (loss: {loss!r})")

@@ -207,7 +207,7 @@ def versions(config: RunConfig) -> dict[str, str]:
     return out
 
 
-SAMPLED_ABOVE = 256 * 2**20  # weight files larger than this are fingerprinted from 32 spread 64 KiB blocks
+SAMPLED_ABOVE = 64 * 2**20  # weight files larger than this are fingerprinted from 32 spread 64 KiB blocks
 
 
 def model_files(config: RunConfig) -> dict[str, str]:

@@ -282,7 +282,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         return f"trained {steps} in {summary['seconds']} s (no held-out data: set data.eval or data.eval_fraction for a before/after summary)"
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
-    lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
+    num = lambda v: float("nan") if v is None else v  # noqa: E731 - a summary.json read back has null for NaN
+    lines += [f"{k[5:]:<20}{num(before.get(k)):>8.4f}{num(after[k]):>11.4f}" for k in keys]
     if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")

@@ -208,3 +208,23 @@ def test_grad_accum_beyond_the_pairs_of_an_epoch_is_a_config_error_in_train(tok,
     cfg = validate(raw_config(tok, tmp_path, **{"trainer.grad_accum": 4, "data.eval_fraction": 0.25}))
     with pytest.raises(ConfigError, match=r"trainer.grad_accum: 4 micro-batches per step, but one epoch holds only 3 \(12 usable pairs"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_two_training_processes_racing_on_a_symlinked_output_dir(tok, tmp_path):
+    import json
+
+    real = tmp_path / "D"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "S").symlink_to(real, target_is_directory=True)  # D does not exist yet: both may create it
+    config = write_config(tok, tmp_path, **{"trainer.max_steps": 6, "trainer.save_every": 1})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PREFOPT_LOAD_PLUGINS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "prefopt", "train", str(config), "--set", f"trainer.output_dir={out}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in (real, tmp_path / "runs" / "S")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    (loser,) = [err for rc, err in results if rc == 2]
+    assert "is in use by process" in loser or "is not empty" in loser  # refused: by the lock, or after the winner finished
+    rows = [json.loads(line) for line in (real / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one run's rows, none interleaved

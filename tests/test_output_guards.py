@@ -198,7 +198,8 @@ def test_validate_refuses_a_non_empty_output_dir_as_train_does(tok, tmp_path, ca
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main(["validate", str(config)]) == 2
     assert "is not empty; pass --resume to continue that run or --overwrite to replace it" in capsys.readouterr().err
-    assert main(["validate", str(config), "--resume"]) == 0
+    assert main(["validate", str(config), "--resume"]) == 2  # as train --resume: there is nothing to resume
+    assert "--resume: no complete checkpoint in " in capsys.readouterr().err
 
 
 def test_grad_accum_beyond_the_pairs_of_an_epoch_is_a_config_error_in_train(tok, tmp_path):

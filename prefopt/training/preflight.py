@@ -93,6 +93,8 @@ def epoch_problems(pairs: int, config: RunConfig, processes: int, what: str = "u
     """A step needs ``grad_accum`` micro-batches; an epoch must hold at least that many."""
     tc = config.trainer
     micro = pairs // (tc.batch_size * processes)
+    if micro == 0:
+        return [f"data.train: {pairs} {what}, fewer than one batch ({tc.batch_size} x {processes} processes)"]
     if tc.grad_accum > micro:
         return [f"trainer.grad_accum: {tc.grad_accum} micro-batches per step, but one epoch holds only {micro} "
                 f"({pairs} {what} / batch_size {tc.batch_size} x {processes} processes); lower trainer.grad_accum or "

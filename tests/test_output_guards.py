@@ -172,6 +172,10 @@ def test_mount_point_and_read_only_parent_get_clear_errors_in_validate_and_train
     assert sorted(os.listdir(out)) == [MARKER, "metrics.jsonl"]
     with pytest.raises(ConfigError, match=r"trainer.output_dir: .*/P/new .*Read-only file system"):
         preflight(validate(raw_config(tok, tmp_path, **{"trainer.output_dir": str(top / "new")})), hub=False)
+    config = write_config(tok, tmp_path, **{"trainer.output_dir": str(top)})  # a read-only directory: no lock, no run
+    for command in ("validate", "train"):
+        assert main([command, str(config), "--resume"]) == 2
+        assert f"trainer.output_dir: {top} is not writable ({top}: Read-only file system)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- E: validate refuses what train refuses

@@ -95,7 +95,7 @@ def test_kill_between_the_checkpoint_renames_loses_nothing(tok, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (root / "step-0000003").exists()  # killed between setting the old copy aside and renaming the new one in
-    assert ckpt._complete(root / ".step-0000003.tmp")
+    assert ckpt.is_complete(root / ".step-0000003.tmp")
     summary = train(validate(raw), resume=True)  # the complete temporary is promoted, never deleted
     assert summary["steps"] == 3 and same(weights(out / "model.safetensors"), expected)
     assert sorted(p.name for p in root.iterdir()) == ["step-0000001", "step-0000002", "step-0000003"]

@@ -143,7 +143,7 @@ def recover_temporaries(root: Path) -> None:
         return
     for stale in sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.old")):
         final = root / stale.name[1:].rsplit(".", 1)[0]
-        if not final.exists() and stale.is_dir() and not stale.is_symlink() and _complete(stale):
+        if not final.exists() and stale.is_dir() and not stale.is_symlink() and is_complete(stale):
             os.replace(stale, final)
             fsync_dir(root)
             log.warning("checkpoint %s: its save was interrupted after it was complete; recovered it", final)
@@ -151,12 +151,8 @@ def recover_temporaries(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
 
 
-def remove_temporaries(root: Path) -> None:
-    """Deal with the temporaries of saves that never finished (:func:`recover_temporaries`)."""
-    recover_temporaries(root)
-
-
-def _complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """Whether the checkpoint (or checkpoint temporary) at ``path`` verifies."""
     try:
         verify(path)
         return True

@@ -245,7 +245,7 @@ def check_before_loading(config: RunConfig, processes: int) -> dict[str, Any] | 
 
     out = Path(config.trainer.output_dir)
     root = out / "checkpoints"
-    temps = [p for p in sorted(root.glob(".step-*.tmp")) if ckpt._complete(p)] if root.is_dir() else []
+    temps = [p for p in sorted(root.glob(".step-*.tmp")) if ckpt.is_complete(p)] if root.is_dir() else []
     path = ckpt.latest_valid(root) or (temps[-1] if temps else None)
     if path is None:
         raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {root}")

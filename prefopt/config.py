@@ -197,10 +197,10 @@ class RunConfig(_Section):
 
 
 # PyYAML follows YAML 1.1, where `1e-6` is a string; accept it as a float as users expect.
-from prefopt.yaml_safe import AliasLimit  # noqa: E402
+from prefopt.yaml_safe import AliasLimit, NoDuplicateKeys  # noqa: E402
 
 
-class _Loader(AliasLimit, yaml.SafeLoader):
+class _Loader(AliasLimit, NoDuplicateKeys, yaml.SafeLoader):
     pass
 
 
@@ -219,6 +219,8 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: " + str(exc).replace('"<unicode string>"', source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply; refusing it") from None
     check_expanded_size(data, source)
     return data
 
@@ -280,6 +282,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); a run config is YAML text") from None
     raw = parse_yaml(text, str(path)) or {}
     old_loss = dict(raw["loss"]) if isinstance(raw, dict) and isinstance(raw.get("loss"), dict) else None
     raw = apply_overrides(raw, overrides or [])
@@ -323,12 +327,19 @@ def _retarget_loss(raw: dict[str, Any], old: Any) -> None:
 def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:
     for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
-        if not value or f"{section}.{key}" in from_cli or Path(value).expanduser().is_absolute():
+        if value and value.startswith("~"):
+            value = os.path.expanduser(value)  # every path field, so no literal ./~ directory is ever made
+            setattr(getattr(config, section), key, value)
+        if not value or Path(value).is_absolute():
             continue
-        beside = Path(os.path.normpath(base / value))
-        if (section, key) in _OUTPUT_FIELDS or beside.exists():
+        if f"{section}.{key}" in from_cli:  # from the working directory; absolute, so a resume from elsewhere matches
+            if (section, key) in _OUTPUT_FIELDS or _exists(value) or _looks_local(value):
+                setattr(getattr(config, section), key, os.path.abspath(value))
+            continue
+        beside = Path(os.path.abspath(base / value))
+        if (section, key) in _OUTPUT_FIELDS or _exists(beside):
             setattr(getattr(config, section), key, str(beside))
-        elif Path(value).exists():
+        elif _exists(value):
             raise ConfigError(
                 f"{source}: {section}.{key}: {value!r} is not beside the config ({beside} does not exist) but exists in the "
                 f"working directory; a relative path in a config file is relative to the file's directory: write "
@@ -347,6 +358,14 @@ def is_template_text(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
+def _exists(path: str | Path) -> bool:
+    """``Path.exists`` that says False for a path the OS refuses (a name too long): preflight names the problem."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
+
+
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "~")) or Path(value).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv"}
 
@@ -357,7 +376,7 @@ def describe_paths(config: RunConfig) -> str:
     for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
         if value:
-            shown = str(Path(value).resolve()) if Path(value).exists() or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
+            shown = str(Path(value).resolve()) if _exists(value) or (section, key) in _OUTPUT_FIELDS else f"{value} (Hub)"
             parts.append(f"{section}.{key} = {shown}")
     return "paths: " + "; ".join(parts)
 

@@ -22,3 +22,7 @@ class UnknownLossError(PrefoptError, KeyError):
 
 class DataError(PrefoptError, ValueError):
     """A dataset row is malformed; the message names file, row and field."""
+
+
+class NoSpaceError(PrefoptError, OSError):
+    """The disk filled while prefopt wrote a file; the partial file was removed and the message says how much is needed."""

@@ -46,6 +46,28 @@ class AliasLimit:
         return super().compose_node(parent, index)  # type: ignore[misc]
 
 
+class NoDuplicateKeys:
+    """Mixin for a PyYAML loader: a key written twice in one mapping is an error (YAML says keys are unique;
+    PyYAML would keep the last silently, dropping a whole section). Keys brought in by a ``<<`` merge may be overridden."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)  # type: ignore[attr-defined]
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {short_repr(key)} (first at line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+
+
 def check_expanded_size(data: Any, source: str) -> None:
     """Refuse a document that expands (through aliases, or recursively) to more than :data:`MAX_VALUES` values."""
     count, stack = 0, [data]

@@ -91,7 +91,7 @@ class _Entropy(DPO):
 
 def _config(tmp_path, loss: str, tokenizer_dir) -> str:
     path = tmp_path / "run.yaml"
-    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n' * 8)  # one batch
     path.write_text(f"model: {{config: {{model_type: llama}}, tokenizer: {tokenizer_dir}}}\ndata: {{train: pairs.jsonl}}\nloss: {loss}\n")
     return str(path)
 

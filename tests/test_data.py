@@ -122,7 +122,7 @@ def test_max_prompt_length_keeps_the_last_prompt_tokens(tokenizer, tmp_path):
 
 
 def test_completion_cut_at_the_end_with_its_eos(tokenizer, tmp_path):
-    src = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    src = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "rejected": " Awful, it was."}])  # different in the 2 kept tokens
     prompt_len = 1 + len(ids(tokenizer, GOOD["prompt"]))
     chosen = ids(tokenizer, GOOD["chosen"])
     pairs, report = load_pairs(src, tokenizer, max_length=prompt_len + 2)

@@ -36,7 +36,7 @@ def test_file_paths_and_defaults_are_beside_the_config(project):
 def test_set_paths_are_from_the_working_directory(project):
     (project.parent.parent / "elsewhere" / "other.jsonl").write_text("")
     config = load_config(project, ["data.train=other.jsonl", "trainer.output_dir=runs/b"])
-    assert (config.data.train, config.trainer.output_dir) == ("other.jsonl", "runs/b")
+    assert (config.data.train, config.trainer.output_dir) == (os.path.abspath("other.jsonl"), os.path.abspath("runs/b"))
     assert f"trainer.output_dir = {os.path.abspath('runs/b')}" in describe_paths(config)
 
 

@@ -97,7 +97,7 @@ def test_nonfinite_step_is_skipped_counted_and_leaves_optimiser_untouched(projec
             assert torch.equal(value, o3["optimizer"]["state"][pid][name]), (pid, name)
     rows = {r["step"]: r for r in _metrics(config)}
     assert [rows[s]["bad_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
-    assert rows[3]["loss"] != rows[3]["loss"]  # NaN is logged as such
+    assert rows[3]["loss"] is None  # a NaN is written as null: metrics.jsonl stays strict JSON
     assert json.loads((root / "step-0000004" / "state.json").read_text())["bad_steps"] == 1
 
 
@@ -179,8 +179,11 @@ def test_output_dir_is_never_overwritten_without_a_flag(project, tmp_path, monke
     assert (out / "keep.txt").read_text() == "precious"
     _prepare_output(config, resume=True, overwrite=False)
     assert (out / "keep.txt").exists()
+    with pytest.raises(ConfigError, match=r"was not created by prefopt \(it has no \.prefopt-run file\)"):
+        _prepare_output(config, resume=False, overwrite=True)  # keep.txt is not prefopt's to move
+    (out / ".prefopt-run").write_text("{}")
     _prepare_output(config, resume=False, overwrite=True)
-    assert out.is_dir() and not any(out.iterdir())
+    assert [p.name for p in out.iterdir()] == [".prefopt-run"]
     monkeypatch.chdir(out)  # --overwrite never deletes the working directory (or one containing it)
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ConfigError, match="contains the working directory"):

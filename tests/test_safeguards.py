@@ -13,6 +13,7 @@ from prefopt.errors import ConfigError, PluginError
 from prefopt.training.health import TrainingError, check_engine_logps
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
+from prefopt.training.resume import MARKER
 
 def _rows(seed: int, n: int = 16) -> list[dict]:
     return word_rows(seed, n, prompt=(3, 6), completion=(2, 4))
@@ -268,7 +269,7 @@ def test_train_overwrite_on_the_project_directory_touches_nothing(tok, tmp_path,
     (proj / "run.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     assert main(["train", "proj/run.yaml", "--overwrite"]) == 2
-    assert "trainer.output_dir: proj contains " in capsys.readouterr().err
+    assert re.search(r"trainer.output_dir: \S*/proj contains ", capsys.readouterr().err)
     assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == ["data", "data/train.jsonl", "run.yaml"]
 
 
@@ -276,9 +277,10 @@ def test_overwrite_moves_the_old_output_aside(tok, tmp_path):
     cfg = config(tok, tmp_path)
     out = Path(cfg.trainer.output_dir)
     out.mkdir()
+    (out / MARKER).write_text("{}")  # a directory prefopt created
     (out / "metrics.jsonl").write_text("old\n")
     _prep(cfg)
-    assert out.is_dir() and not any(out.iterdir())
+    assert out.is_dir() and [p.name for p in out.iterdir()] == [MARKER]  # a fresh run directory
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert (aside / "metrics.jsonl").read_text() == "old\n"
 
@@ -350,7 +352,7 @@ def test_disk_full_while_saving_says_so_removes_the_partial_and_resume_starts(to
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 100)
     removed = []
-    monkeypatch.setattr(ckpt, "remove_temporaries", lambda r, f=ckpt.remove_temporaries: (removed.append(any(r.glob(".step-*"))), f(r)))
+    monkeypatch.setattr(ckpt, "recover_temporaries", lambda r, f=ckpt.recover_temporaries: (removed.append(any(r.glob(".step-*"))), f(r)))
     assert train(cfg, resume=True)["steps"] == 2
     assert removed[0] is True and not stale.exists()  # cleaned at start, before anything else
 
@@ -503,6 +505,7 @@ def test_switching_loss_by_set_says_what_it_keeps_and_drops(tok, tmp_path, caplo
 GOOD_LOSS = '''
 from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO
+from prefopt.training.resume import MARKER
 
 class Good(DPO):
     name = "mixed_good"

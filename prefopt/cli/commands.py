@@ -94,7 +94,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     loss = config.build_loss()
     smoke_test(loss)  # the loss runs on inputs of exactly its declared features, before any model is loaded
     try:
-        preflight(config)
+        preflight(config, resume=args.resume, overwrite=args.overwrite, protect=[args.config])
+        if args.resume:  # what --resume refuses before loading anything (versions, weights, processes, config)
+            from prefopt.training.distributed import world_size
+            from prefopt.training.resume import check_before_loading
+
+            check_before_loading(config, world_size())
     except PrefoptError as exc:
         raise type(exc)(f"{args.config}: {exc}") from None
     print(f"{args.config}: valid (loss: {loss!r})")
@@ -125,7 +130,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from prefopt.training.preflight import preflight
 
     config = _load(args)
-    preflight(config)
+    preflight(config, output=False)  # it writes only the cache
     done = precompute_reference(config)
     for name, what in done.items() if is_main_process() else ():
         print(f"reference cache ({name}): {what}")
@@ -162,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="YAML run config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. trainer.lr=1e-6")
-        if name == "train":
+        if name in ("train", "validate"):  # validate checks output_dir as train would with the same flags
             p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
-            p.add_argument("--overwrite", action="store_true", help="start again in a non-empty output_dir, moving its contents aside to OUTPUT_DIR.old-TIMESTAMP")
+            p.add_argument("--overwrite", action="store_true", help="start again in a non-empty output_dir prefopt created, moving its contents aside to OUTPUT_DIR.old-TIMESTAMP")
         p.set_defaults(func=func)
     return parser
 

@@ -209,6 +209,8 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
         if eval_kind != kind:
             raise DataError(f"data.eval: {cfg.eval} holds {eval_kind}, but data.train holds {kind}; use data of one kind")
         reports.append(eval_report)
+        if not evals:  # configured but nothing to evaluate: never a silent "no eval"
+            raise DataError(f"data.eval: {cfg.eval}: no usable pairs. {eval_report.summary()}")
     elif cfg.eval_fraction > 0:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):
@@ -546,6 +548,9 @@ def _to_pair(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, 
     names = ["chosen", "rejected"]
     prompt_ids, completions = _tokenise(prompt, [chosen, rejected], names, fmt, tokenizer, text_tokenization)
     prompt_ids, (chosen_ids, rejected_ids) = _fit(prompt_ids, completions, names, cuts)
+    if chosen_ids == rejected_ids:  # nothing to prefer: the loss would be constant
+        raise _RowError(IDENTICAL, "rejected", f"the same tokens as chosen once cut to max_length {cuts[0]}"
+                        + (f" and max_completion_length {cuts[2]}" if cuts[2] is not None else ""))
     return Pair(prompt_ids, chosen_ids, rejected_ids, rec.row)
 
 

@@ -101,6 +101,26 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, empty: bool = 
     return model
 
 
+def disable_dropout(model: nn.Module) -> list[str]:
+    """Set every dropout of ``model`` to 0 (``nn.Dropout`` modules, LoRA's included, and the float rates that
+    attention reads from its module or config, e.g. ``attention_dropout``); returns what was not already 0.
+
+    Dropout is off so that a resumed run equals an uninterrupted one and the reference (policy at step 0)
+    matches the policy's own log-probs, as TRL's ``disable_dropout`` does."""
+    changed: set[str] = set()
+    for holder in [*model.modules(), *(m.config for m in model.modules() if hasattr(m, "config"))]:
+        if isinstance(holder, nn.Dropout):
+            if holder.p > 0:
+                changed.add(f"{type(holder).__name__}(p={holder.p})")
+                holder.p = 0.0
+            continue
+        for name, value in list(vars(holder).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                changed.add(f"{name}={value}")
+                setattr(holder, name, 0.0)
+    return sorted(changed)
+
+
 def has_weights(path: Path) -> bool:
     """Whether a local model directory holds weight files (sharded or not)."""
     return any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"))

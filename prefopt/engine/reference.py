@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from prefopt.atomic import atomic_write
+from prefopt.atomic import atomic_write, no_space_error, remove_stale_temporaries
 from prefopt.data.groups import grid_sums
 from prefopt.errors import ConfigError
 from prefopt.losses.base import Reference, Tokens
@@ -205,7 +205,12 @@ def save_cache(path: Path, key: str, cache: "RefCache | GroupRefCache | torch.Te
     meta = {"key": key, "sha256": _checksum(tensors), "format": str(CACHE_FORMAT)}
     if parts is not None:
         meta["parts"] = json.dumps(parts, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    remove_stale_temporaries(path.parent, ".*.safetensors.*.tmp")  # left by a writer killed mid-write
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except (OSError, SafetensorError) as exc:
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
+        raise no_space_error(exc, "reference cache", path.parent, need) from exc
 
 
 @torch.no_grad()

@@ -6,13 +6,15 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefopt.atomic import fsync_dir, sha256_file
+from prefopt.atomic import crash_point, disk_full, fsync_dir, sha256_file
 from prefopt.errors import PrefoptError
 
 log = logging.getLogger("prefopt")
@@ -67,24 +69,33 @@ def gather(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], 
     return weights, get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_full_options())
 
 
+REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")  # what load_checkpoint reads
+
+
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], keep: int,
                     gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
                     reference: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``root/step-NNNNNNN`` atomically and prune to the last ``keep`` checkpoints.
 
     ``gathered`` is what :func:`gather` returned for a sharded model (weights and optimiser state);
-    ``reference``, the weights of a reference that training changes (``reference.sync``)."""
+    ``reference``, the weights of a reference that training changes (``reference.sync``). A complete checkpoint
+    already there with these weights (a finished run resumed) is kept, not rewritten; any other is replaced only
+    once its replacement is complete (:func:`_put_in_place`)."""
     weights, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
-    remove_temporaries(root)  # left by a run killed while saving
+    recover_temporaries(root)  # left by a run killed while saving
+    if final.is_dir() and _holds(final, weights):
+        prune(root, keep, final)
+        return final
     try:
         tmp.mkdir()
         save_file(weights, str(tmp / "model.safetensors"))
         if reference is not None:
             save_file(reference, str(tmp / "reference.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a full disk surfaces as ENOSPC, not a bare C++ error
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, f)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
@@ -92,22 +103,65 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-    except OSError as exc:
+    except (OSError, SafetensorError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            exc = OSError(errno.ENOSPC, str(exc))
+        elif not isinstance(exc, OSError):
+            raise
         raise _write_error(exc, root, step, model) from exc
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    _put_in_place(tmp, final)
     prune(root, keep, final)
     return final
 
 
-def remove_temporaries(root: Path) -> None:
-    """Remove the hidden temporary directories of checkpoints whose writing never finished."""
-    if root.is_dir():
-        for stale in root.glob(".step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; an old ``final`` is set aside first and removed only after.
+
+    A kill at any point leaves a complete checkpoint that :func:`recover_temporaries` finds."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        crash_point("checkpoint:old-set-aside")
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    crash_point("checkpoint:new-in-place")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds(path: Path, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint at ``path`` verifies and holds exactly ``weights``."""
+    try:
+        verify(path)
+        saved = load_file(str(path / "model.safetensors"))
+    except (CheckpointError, OSError, SafetensorError):
+        return False
+    return saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k].cpu()) for k in weights)
+
+
+def recover_temporaries(root: Path) -> None:
+    """After a kill while saving: promote a complete temporary (or a set-aside old copy) whose checkpoint is
+    missing, and remove every other temporary (incomplete ones, and those whose checkpoint is in place)."""
+    if not root.is_dir():
+        return
+    for stale in sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.old")):
+        final = root / stale.name[1:].rsplit(".", 1)[0]
+        if not final.exists() and stale.is_dir() and not stale.is_symlink() and is_complete(stale):
+            os.replace(stale, final)
+            fsync_dir(root)
+            log.warning("checkpoint %s: its save was interrupted after it was complete; recovered it", final)
+        else:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether the checkpoint (or checkpoint temporary) at ``path`` verifies."""
+    try:
+        verify(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def _write_error(exc: OSError, root: Path, step: int, model: torch.nn.Module) -> CheckpointError:
@@ -165,9 +219,13 @@ def verify(path: Path) -> None:
         sums = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: no readable checksums.json ({exc})") from None
+    if not isinstance(sums, dict) or not set(REQUIRED) <= set(sums):
+        raise CheckpointError(f"checkpoint {path}: checksums.json does not list {', '.join(REQUIRED)}")
     for name, expected in sums.items():
-        f = path / name
-        if not f.exists() or sha256_file(f) != expected:
+        f = path / str(name)
+        if "/" in name or name in (".", "..") or not f.exists() or f.is_symlink() or not stat.S_ISREG(f.lstat().st_mode):
+            raise CheckpointError(f"checkpoint {path}: {name!r} is not a regular file inside the checkpoint; refusing to read it")
+        if sha256_file(f) != expected:
             raise CheckpointError(f"checkpoint {path}: {name} is truncated or corrupted (checksum mismatch)")
 
 
@@ -220,3 +278,31 @@ def load_reference(path: Path, reference: torch.nn.Module) -> None:
     with torch.no_grad():
         for n, p in reference.named_parameters():
             p.copy_(weights[n])
+
+
+def save_final_model(out: Path, policy: torch.nn.Module, tokenizer, state_dict: dict[str, torch.Tensor] | None,
+                     summary: dict[str, Any]) -> None:
+    """Model and tokenizer (``save_pretrained``) written into a hidden folder, then moved in file by file;
+    ``summary.json``, written last, marks the run finished. A failed write (a full disk) removes the partial files."""
+    from prefopt.atomic import atomic_write, no_space_error
+    from prefopt.training.tracking import json_line
+
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving it
+    try:
+        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(exc):
+            raise
+        need = sum(p.numel() * p.element_size() for p in (state_dict or policy.state_dict()).values())
+        raise no_space_error(OSError(errno.ENOSPC, str(exc)), "final model", out, need) from exc
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    fsync_dir(out)
+    atomic_write(out / "summary.json", lambda p: p.write_text(json_line(summary, indent=1)))

@@ -102,6 +102,12 @@ def check_start(policy: nn.Module, make_batch: Callable[[list, list[int]], dict]
     from prefopt.engine.modeling import PreferenceModel
 
     check_output_head(policy)
+    bad = nonfinite_parameters((n, p) for n, p in policy.named_parameters() if not p.is_meta)
+    if bad:  # before the log-prob comparison, which would blame it on a logit transform
+        from prefopt.errors import ConfigError
+
+        raise ConfigError(f"{what}: the loaded weights are not finite (NaN or infinite) in {len(bad)} tensors, e.g. "
+                          f"{', '.join(bad[:3])}; the checkpoint is damaged or was saved from a diverged run")
     if not pairs:
         return 0.0
     size = (lambda e: group_tokens(e, False, mismatched)) if isinstance(pairs[0], Group) else pair_tokens

@@ -30,8 +30,12 @@ def looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
     )
 
 
-def preflight(config: RunConfig, hub: bool = True) -> None:
-    """Raise one :class:`ConfigError` listing every problem ``train`` would meet later."""
+def preflight(config: RunConfig, hub: bool = True, *, resume: bool = False, overwrite: bool = False,
+              protect: list[str] | tuple[str, ...] = (), output: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem ``train`` would meet later (with the same flags);
+    ``output=False`` leaves out the checks of an existing ``trainer.output_dir`` (for commands that do not train)."""
+    from prefopt.training.resume import output_problems
+
     problems: list[str] = []
     for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         if value and not Path(value).exists():
@@ -67,6 +71,12 @@ def preflight(config: RunConfig, hub: bool = True) -> None:
     problems.extend(_reference(config))
     problems.extend(_writable("trainer.output_dir", config.trainer.output_dir))
     problems.extend(_writable("reference.cache_dir", config.reference.cache_dir))
+    if output:
+        problems.extend(p for p in output_problems(config, resume, overwrite, protect) if p not in problems)
+    problems.extend(shape_problems(config))
+    rows = count_rows(config)
+    if rows is not None:
+        problems.extend(epoch_problems(rows, config, world_size(), "rows in data.train, at most"))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -119,13 +129,66 @@ def _reference(config: RunConfig) -> list[str]:
     return []
 
 
+def shape_problems(config: RunConfig) -> list[str]:
+    """Settings whose memory cost has no use: a ``pad_to_multiple_of`` beyond the longest packed row."""
+    tc, longest = config.trainer, config.trainer.batch_size * 2 * config.data.max_length
+    if tc.max_tokens_per_forward is not None:
+        longest = min(longest, max(tc.max_tokens_per_forward, 2 * config.data.max_length))
+    if tc.packing and tc.pad_to_multiple_of is not None and tc.pad_to_multiple_of > longest:
+        return [f"trainer.pad_to_multiple_of: {tc.pad_to_multiple_of} is longer than any packed row can be ({longest} tokens: "
+                f"batch_size x 2 x data.max_length); every row would be padded to it. Use a small multiple such as 64"]
+    return []
+
+
+def epoch_problems(pairs: int, config: RunConfig, processes: int, what: str = "usable pairs") -> list[str]:
+    """A step needs ``grad_accum`` micro-batches; an epoch must hold at least that many."""
+    tc = config.trainer
+    micro = pairs // (tc.batch_size * processes)
+    if micro == 0:
+        return [f"data.train: {pairs} {what}, fewer than one batch ({tc.batch_size} x {processes} processes)"]
+    if tc.grad_accum > micro:
+        return [f"trainer.grad_accum: {tc.grad_accum} micro-batches per step, but one epoch holds only {micro} "
+                f"({pairs} {what} / batch_size {tc.batch_size} x {processes} processes); lower trainer.grad_accum or "
+                f"trainer.batch_size"]
+    return []
+
+
+def count_rows(config: RunConfig) -> int | None:
+    """Rows of a local JSON-lines ``data.train`` (an upper bound on its usable pairs), else ``None``; cheap."""
+    from prefopt.data.sources import local_files
+
+    try:
+        files = local_files(config.data.train, config.data.split) if Path(config.data.train).exists() else None
+    except Exception:  # noqa: BLE001 - a layout problem is reported when the data is read
+        return None
+    if not files or any(f.suffix != ".jsonl" for f in files):
+        return None
+    rows = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            rows += sum(1 for line in fh if line.strip())
+    return min(rows, config.data.max_rows or rows)
+
+
+def world_size() -> int:
+    from prefopt.training.distributed import world_size as size
+
+    return size()
+
+
 def _writable(field: str, value: str) -> list[str]:
+    from prefopt.training.lock import describe_os_error
+
     path = Path(value)
-    if path.exists() and not path.is_dir():
-        return [f"{field}: {value} is a file, not a directory"]
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        if path.exists() and not path.is_dir():
+            return [f"{field}: {value} is a file, not a directory"]
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        _check_name_lengths(path.absolute(), existing)
+    except OSError as exc:
+        return [f"{field}: {value} cannot be used: {describe_os_error(exc)}"]
     if not existing.is_dir():
         return [f"{field}: {value} cannot be created: {existing} is a file"]
     try:
@@ -134,6 +197,16 @@ def _writable(field: str, value: str) -> list[str]:
     except OSError as exc:
         return [f"{field}: {value} is not writable ({existing}: {exc.strerror or exc})"]
     return []
+
+
+def _check_name_lengths(path: Path, existing: Path) -> None:
+    """Raise ENAMETOOLONG for a part of ``path`` longer than the filesystem at ``existing`` allows."""
+    import errno
+
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), part[:40] + "...")
 
 
 def _hub(field: str, name: str, kind: str) -> list[str]:

@@ -1,16 +1,18 @@
 """Resuming safely: which config changes a run survives, the output directory, metrics after a crash."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from prefopt.atomic import atomic_write
+from prefopt.atomic import atomic_write, sha256_file
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError
 
@@ -78,48 +80,102 @@ def check_resume(saved: dict[str, Any], facts: dict[str, Any], config: RunConfig
         )
 
 
+MARKER = ".prefopt-run"  # written into every output directory prefopt creates; --overwrite moves only those
+
+
 def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict[str, Path]:
-    """Local paths a run reads or needs, by the name shown in messages: --overwrite never moves a directory holding one."""
+    """Local paths a run reads or needs, by the name shown in messages: --overwrite never moves a directory holding one.
+
+    Each is taken both as written (its folder resolved) and fully resolved: a symlink inside the output
+    directory that points elsewhere would be moved with it, and a symlink elsewhere into it reads from it."""
     named: dict[str, Any] = {
         "the working directory": Path.cwd(), "data.train": config.data.train, "data.eval": config.data.eval,
         "model.name_or_path": config.model.name_or_path, "model.tokenizer": config.model.tokenizer,
         "model.reference": config.model.reference, "reference.cache_dir": config.reference.cache_dir,
     }
     named.update({f"the config file {p}": p for p in extra})
-    return {k: Path(v).resolve() for k, v in named.items() if v and Path(v).exists()}
+    out: dict[str, Path] = {}
+    for k, v in named.items():
+        if v and os.path.lexists(os.path.expanduser(v)):
+            p = Path(os.path.expanduser(v))
+            out[k] = Path(os.path.realpath(p))
+            out[f"{k} (as written)"] = Path(os.path.realpath(p.parent)) / p.name
+    return out
+
+
+def output_problems(config: RunConfig, resume: bool, overwrite: bool, protect: Iterable[str | Path] = ()) -> list[str]:
+    """What ``train`` would refuse about ``trainer.output_dir`` with these flags (``validate`` reports the same)."""
+    out = Path(config.trainer.output_dir)
+    if resume and overwrite:
+        return ["--resume and --overwrite together: --resume continues the run in trainer.output_dir, --overwrite moves it "
+                "aside and starts again; pass one"]
+    try:
+        real = Path(os.path.realpath(out))
+        exists, is_dir = real.exists(), real.is_dir()
+        nonempty = is_dir and any(real.iterdir())
+    except OSError as exc:
+        from prefopt.training.lock import describe_os_error
+
+        return [f"trainer.output_dir: {out} cannot be used: {describe_os_error(exc)}"]
+    if exists and not is_dir:
+        return [f"trainer.output_dir: {out} is a file, not a directory"]
+    if not nonempty or resume:
+        return []
+    if not overwrite:
+        return [f"trainer.output_dir: {out} is not empty; pass --resume to continue that run or --overwrite to replace it"]
+    for what, path in protected_paths(config, protect).items():
+        if path == real or real in path.parents:
+            return [f"trainer.output_dir: {out} contains {what.removesuffix(' (as written)')} ({path}); --overwrite will not move it. "
+                    f"Choose another trainer.output_dir"]
+    if not (real / MARKER).is_file():
+        return [f"trainer.output_dir: {out} was not created by prefopt (it has no {MARKER} file); --overwrite moves aside only "
+                f"a directory prefopt created. Choose another trainer.output_dir, or empty it yourself"]
+    if os.path.ismount(real):
+        return [f"trainer.output_dir: {out} is a mount point; --overwrite cannot move it aside. Use a directory below it, "
+                f"or empty it yourself"]
+    if not os.access(real.parent, os.W_OK):
+        return [f"trainer.output_dir: --overwrite cannot move {out} aside: its parent {real.parent} is not writable "
+                f"(a read-only mount?). Use a directory below it, or empty it yourself"]
+    return []
 
 
 def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: Iterable[str | Path] = ()) -> Path:
     """The output directory, refusing to overwrite a run unless asked to.
 
     ``--overwrite`` moves the old contents aside to ``NAME.old-TIMESTAMP`` (never deletes
-    them), and refuses when the directory holds the config (``protect``), the data, the
-    model, the cache or the working directory. ``--resume`` removes checkpoint
-    temporaries left by a run killed while saving.
+    them), and only a directory prefopt created (it holds :data:`MARKER`); it refuses when
+    the directory holds the config (``protect``), the data, the model, the cache or the
+    working directory. ``--resume`` promotes complete checkpoint temporaries left by a run
+    killed while saving and removes incomplete ones.
     """
+    from prefopt.training.lock import make_directory, relock
+
+    problems = output_problems(config, resume, overwrite, protect)
+    if problems:
+        raise ConfigError("\n".join(problems))
     out = Path(config.trainer.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"trainer.output_dir: {out} is a file, not a directory")
-    nonempty = out.exists() and any(out.iterdir())
-    if nonempty and not (resume or overwrite):
-        raise ConfigError(f"trainer.output_dir: {out} is not empty; pass --resume to continue that run or --overwrite to replace it")
-    if overwrite and not resume and nonempty:
-        target = out.resolve()
-        for what, path in protected_paths(config, protect).items():
-            if path == target or target in path.parents:
-                raise ConfigError(f"trainer.output_dir: {out} contains {what} ({path}); --overwrite will not move it. Choose another trainer.output_dir")
+    real = Path(os.path.realpath(out))  # a symlinked output directory: its target is moved, never the link
+    if overwrite and real.is_dir() and any(real.iterdir()):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = out.with_name(f"{out.name}.old-{stamp}")
+        aside = real.with_name(f"{real.name}.old-{stamp}")
         n = 1
         while aside.exists():
-            aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
-        os.replace(out, aside)
+            aside, n = real.with_name(f"{real.name}.old-{stamp}-{n}"), n + 1
+        os.replace(real, aside)
         log.warning("--overwrite: moved the previous contents of %s to %s; delete that when you no longer need it", out, aside)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        from prefopt.training.checkpoint import remove_temporaries
+    fresh = not (real.is_dir() and any(real.iterdir()))
+    make_directory(real, "trainer.output_dir")
+    relock(real)
+    if fresh and not resume:
+        from prefopt import __version__
 
-        remove_temporaries(out / "checkpoints")
+        atomic_write(real / MARKER, lambda tmp: tmp.write_text(json.dumps({"prefopt": __version__, "created": time.time()}) + "\n"))
+    if resume:
+        from prefopt.training.checkpoint import recover_temporaries
+
+        recover_temporaries(real / "checkpoints")
+        if (real / ".final.tmp").is_dir():  # a final model whose writing was killed: rewritten at the end
+            shutil.rmtree(real / ".final.tmp")
     return out
 
 
@@ -136,3 +192,106 @@ def _row_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except ValueError:  # a row cut short by kill -9
         return math.inf
+
+
+# ---------------------------------------------------------------- what a checkpoint must match, checked before loading
+
+
+def run_identity(config: RunConfig, processes: int) -> dict[str, Any]:
+    """What every checkpoint records so that ``--resume`` can refuse, before loading anything, a run it would break."""
+    return {"versions": versions(config), "model_files": model_files(config), "processes": processes,
+            "global_batch": config.trainer.batch_size * config.trainer.grad_accum * processes}
+
+
+def versions(config: RunConfig) -> dict[str, str]:
+    """prefopt, torch, transformers and each loss's providing package, with their versions."""
+    import torch
+    import transformers
+
+    from prefopt import __version__
+    from prefopt.plugins.registry import get_registry
+
+    out = {"prefopt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    specs = config.loss if isinstance(config.loss, list) else [config.loss]
+    registry = get_registry()
+    for spec in specs:
+        entry = registry.losses.get(str(spec.get("name")))
+        if entry is not None:
+            out[f"loss {entry.name} ({entry.dist})"] = entry.version
+    return out
+
+
+SAMPLED_ABOVE = 64 * 2**20  # weight files larger than this are fingerprinted from 32 spread 64 KiB blocks
+
+
+def model_files(config: RunConfig) -> dict[str, str]:
+    """A fingerprint of the weight files of each local model directory (name, size, contents), by field."""
+    out = {}
+    for field in ("name_or_path", "reference"):
+        folder = getattr(config.model, field)
+        if not folder or not Path(folder).is_dir():
+            continue
+        h = hashlib.sha256()
+        for f in sorted(Path(folder).iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") or f.name == "config.json":
+                size = f.stat().st_size
+                h.update(f"{f.name}:{size}:".encode())
+                h.update(_file_digest(f, size).encode())
+        out[f"model.{field}"] = h.hexdigest()
+    return out
+
+
+def _file_digest(path: Path, size: int) -> str:
+    if size <= SAMPLED_ABOVE:
+        return sha256_file(path)
+    h, block = hashlib.sha256(), 1 << 16
+    with open(path, "rb") as f:
+        for i in range(32):
+            f.seek((size - block) * i // 31)
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def check_before_loading(config: RunConfig, processes: int) -> dict[str, Any] | None:
+    """``--resume``, before data, models or a cache are touched: refuse what breaks the run; for a run that
+    already finished, say so and return its summary (nothing is changed)."""
+    from prefopt.training import checkpoint as ckpt
+
+    out = Path(config.trainer.output_dir)
+    root = out / "checkpoints"
+    temps = [p for p in sorted(root.glob(".step-*.tmp")) if ckpt.is_complete(p)] if root.is_dir() else []
+    path = ckpt.latest_valid(root) or (temps[-1] if temps else None)
+    if path is None:
+        raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {root}")
+    saved = json.loads((path / "state.json").read_text())
+    current = config.model_dump(mode="json")
+    diffs = config_differences(saved["config"], current)
+    if diffs:
+        raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
+    _check_identity(saved, run_identity(config, processes), path)
+    summary_file = out / "summary.json"
+    same_length = all(saved["config"]["trainer"].get(k) == current["trainer"][k] for k in ("max_steps", "epochs"))
+    if summary_file.is_file() and same_length:
+        summary = json.loads(summary_file.read_text())
+        if summary.get("steps") == saved.get("step"):
+            log.warning("--resume: the run in %s already finished at step %d (its final model and summary.json are there); "
+                        "nothing to do. Raise trainer.max_steps to train further, or start a new run", out, summary["steps"])
+            return {**summary, "already_finished": True}
+    return None
+
+
+def _check_identity(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    old = saved.get("versions") or {}
+    changed = [f"{k} {old[k]} -> {now['versions'].get(k, 'not installed')}" for k in old if old[k] != now["versions"].get(k)]
+    if changed:
+        raise ConfigError(f"--resume: {path} was written with other versions ({'; '.join(changed)}); a resumed run would not "
+                          f"continue the same computation. Install the recorded versions, or start a new run")
+    for field, digest in (saved.get("model_files") or {}).items():
+        if now["model_files"].get(field) != digest:
+            raise ConfigError(f"--resume: the weights at {field} changed since {path} was written (same path, other files); "
+                              f"restore them, or start a new run")
+    for key, what in (("processes", "number of processes"), ("global_batch", "global batch (batch_size x grad_accum x processes)")):
+        if key in saved and saved[key] != now[key]:
+            raise ConfigError(f"--resume: the run was trained with {what} {saved[key]}, this launch has {now[key]}; the data "
+                              f"order and the optimiser steps would differ. Launch it as before (e.g. accelerate launch "
+                              f"--num_processes {saved.get('processes')} ...), or start a new run")

@@ -24,7 +24,7 @@ from prefopt.data.pairs import fingerprint, load_data
 from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 from prefopt.errors import ConfigError
 from prefopt.losses.base import TOKEN_FEATURES, Feature, needs_of, reference_for, takes_of
-from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model, load_tokenizer, weights_dtype
+from prefopt.engine.modeling import PreferenceModel, disable_dropout, frozen_copy, load_model, load_tokenizer, weights_dtype
 
 log = logging.getLogger("prefopt")
 
@@ -310,6 +310,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dropped := disable_dropout(policy):  # with a reference model: its frozen copy runs in eval mode anyway
+        log.info("dropout: set to 0 (%s); prefopt trains without dropout, so a resumed run equals an uninterrupted one", ", ".join(dropped))
     policy = accelerators.apply(policy, config.trainer, accelerator.device)
     model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
     if config.reference.sync is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from prefopt.training.resume import flatten
@@ -49,3 +50,19 @@ def name_runs(accelerator, run_name: str | None) -> None:
             tracker.writer.name = run_name
         elif tracker.name == "comet_ml":
             tracker.writer.set_name(run_name)
+
+
+def strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), in nested dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def json_line(row: dict[str, Any], indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) for ``metrics.jsonl`` and ``summary.json``: a non-finite number is written as ``null``."""
+    return json.dumps(strict(row), indent=indent, allow_nan=False)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler
 
 from prefopt.training import checkpoint as ckpt
@@ -26,11 +27,11 @@ from prefopt.errors import ConfigError
 from prefopt.training.health import TrainingError
 from prefopt.training.interrupt import GracefulStop
 from prefopt.training.lock import DirectoryLock
-from prefopt.training.resume import check_resume, config_differences, drop_metrics_after, prepare_output
+from prefopt.training.resume import check_before_loading, check_resume, config_differences, drop_metrics_after, prepare_output, run_identity
 from prefopt.training.run import make_accelerator, precompute_reference, setup
 from prefopt.training.samples import make_sampler
 from prefopt.training.step import LogWindow, evaluate, example_tokens, example_weight, forward_backward, read_flags
-from prefopt.training.tracking import name_runs, tracker_config, tracker_init_kwargs
+from prefopt.training.tracking import json_line, name_runs, tracker_config, tracker_init_kwargs
 
 __all__ = ["TrainingError", "format_summary", "precompute_reference", "setup", "train"]
 
@@ -47,11 +48,14 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, c
     from prefopt.testing.losscheck import smoke_test
     from prefopt.training.preflight import preflight
 
-    preflight(config)
+    protect = [config_file] if config_file else []
+    preflight(config, resume=resume, overwrite=overwrite, protect=protect)
     smoke_test(config.build_loss())  # the loss on synthetic inputs of exactly its declared features: seconds, before any model
     main = distributed.is_main_process()  # before the Accelerator exists: from the launcher's environment
     with DirectoryLock(config.trainer.output_dir) if main else nullcontext():
-        return _train(config, resume, overwrite, config_path, [config_file] if config_file else [])
+        if resume and (finished := check_before_loading(config, distributed.world_size())) is not None:
+            return finished  # before data, models or a cache are touched
+        return _train(config, resume, overwrite, config_path, protect)
 
 
 def _train(config: RunConfig, resume: bool, overwrite: bool, config_path: str, protect: list[str]) -> dict[str, Any]:
@@ -79,7 +83,8 @@ class Trainer:
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total)
         self.unwrapped = acc.unwrap_model(self.model)
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": self.total}
+        self.run_facts = {"data_fingerprint": fingerprint(run.train_pairs), "total_steps": self.total,
+                          **run_identity(config, acc.num_processes)}
         self.ckpt_root = self.out / "checkpoints"
         self.current = config.model_dump(mode="json")
         self.state = {"step": 0, "bad_steps": 0, "overflow_steps": 0, "before": None}
@@ -104,7 +109,7 @@ class Trainer:
         started, interrupted, window = time.time(), None, LogWindow()
         upcoming = self.plan.forwards(state["step"]) if state["step"] < self.total else None
         pending = None  # device flag of the last applied step: did it leave the weights finite (read with the next step's flags)
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, logging_redirect_tqdm([log]):  # warnings above the bar, never inside its line
             while state["step"] < self.total:
                 step = state["step"]
                 batches, weights, padding = upcoming
@@ -205,9 +210,7 @@ class Trainer:
             log.warning("%s", warning)
         policy_state = ckpt.full_state(self.unwrapped.policy)  # every process, under FSDP; None otherwise
         if self.main:
-            self.unwrapped.policy.save_pretrained(self.out, safe_serialization=True, state_dict=policy_state)
-            run.tokenizer.save_pretrained(self.out)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            ckpt.save_final_model(self.out, self.unwrapped.policy, run.tokenizer, policy_state, summary)
 
     def _restore(self) -> None:
         """``--resume``: the latest complete checkpoint, after checking that nothing that breaks the run changed."""
@@ -232,7 +235,7 @@ class Trainer:
     def log_metrics(self, row: dict[str, Any]) -> None:
         if self.main:
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row) + "\n")
             if self.tc.report_to != ["jsonl"]:
                 self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
@@ -257,6 +260,10 @@ class ForwardPlan:
         self.weights = [example_weight(p) for p in run.train_pairs]
         tc = self.tc
         micro_per_epoch = len(batch_order(self.lengths, tc.batch_size * world, tc.seed, 0, tc.group_by_length))
+        from prefopt.training.preflight import epoch_problems
+
+        for problem in epoch_problems(len(run.train_pairs), run.config, world):
+            raise ConfigError(problem)  # else an IndexError in the loop
         self.steps_per_epoch = max(1, micro_per_epoch // tc.grad_accum)
         self._epoch: dict[int, list[list[int]]] = {}
 
@@ -301,7 +308,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     keys = [k for k in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/logratios/accuracies", "eval/logratios/margins",
                         "eval/loss", "eval/logps/chosen", "eval/logps/rejected") if k in after]
     lines = ["held-out pairs        before      after"]
-    lines += [f"{k[5:]:<20}{before.get(k, float('nan')):>8.4f}{after[k]:>11.4f}" for k in keys]
+    num = lambda v: float("nan") if v is None else v  # noqa: E731 - a summary.json read back has null for NaN
+    lines += [f"{k[5:]:<20}{num(before.get(k)):>8.4f}{num(after[k]):>11.4f}" for k in keys]
     if abs(before.get("eval/rewards/margins", 1.0)) < 1e-6:
         lines.append("(before: the policy equals the reference, so every margin is 0 and accuracy counts these ties as misses)")
     lines.append(f"trained {steps} in {summary['seconds']} s; model and tokenizer saved to {summary['output_dir']}")

@@ -56,7 +56,7 @@ def test_every_bad_field_is_named_by_path():
         (_minimal(foo=1), "foo"),
         (_minimal(trainer={"lrr": 1e-6}), "trainer.lrr"),
         ({"model": {"name_or_path": "m", "revision": "main"}, "data": {"train": "t"}}, "model.revision"),
-        (_minimal(loss={"name": "ipo", "beta": 0.1}), "loss.beta"),
+        (_minimal(loss={"name": "ipo", "tua": 0.1}), "loss.tua"),  # ipo takes beta, as TRL does, but no tua
         (_minimal(loss=[{"name": "dpo"}, {"name": "sft", "weight": 0.2, "tau": 1}]), "loss[1].tau"),
     ],
 )

@@ -131,11 +131,15 @@ def test_completion_cut_at_the_end_with_its_eos(tokenizer, tmp_path):
     assert report.skipped == {}
 
 
+# completions that differ from their first token, so that no cut makes them identical (such a pair is refused)
+APART = {**GOOD, "chosen": " Lovely place, truly.", "rejected": " Awful place, truly."}
+
+
 def test_max_completion_length_keeps_the_first_completion_tokens(tokenizer, tmp_path):
-    rows = [GOOD, {**GOOD, "chosen": " Ok"}]
+    rows = [APART, {**APART, "chosen": " Ok"}]
     src = write_jsonl(tmp_path / "d.jsonl", rows)
-    prompt = [BOS_ID] + ids(tokenizer, GOOD["prompt"])
-    chosen, rejected, short = (ids(tokenizer, t) + [EOS_ID] for t in (GOOD["chosen"], GOOD["rejected"], " Ok"))
+    prompt = [BOS_ID] + ids(tokenizer, APART["prompt"])
+    chosen, rejected, short = (ids(tokenizer, t) + [EOS_ID] for t in (APART["chosen"], APART["rejected"], " Ok"))
     n = len(short)  # the short completion keeps its EOS; the others lose theirs
     assert len(chosen) > n and len(rejected) > n
     pairs, _ = load_pairs(src, tokenizer, max_length=64, max_completion_length=n)
@@ -154,9 +158,9 @@ def test_max_completion_length_from_the_config_reaches_the_pairs(tokenizer, tmp_
     from prefopt.config import DataConfig
     from prefopt.data.pairs import load_data
 
-    src = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    src = write_jsonl(tmp_path / "d.jsonl", [APART])
     train, _, _ = load_data(DataConfig(train=str(src), max_completion_length=2), tokenizer, seed=0)
-    assert train[0].chosen_ids == ids(tokenizer, GOOD["chosen"])[:2]
+    assert train[0].chosen_ids == ids(tokenizer, APART["chosen"])[:2]
 
 
 def test_prompt_filling_max_length_is_overlong(tokenizer, tmp_path):

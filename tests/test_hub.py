@@ -189,7 +189,7 @@ def test_ultrafeedback_directory_is_tokenised_as_trl_does(hub):
     assert tok.decode(pairs[0].chosen_ids).endswith("<|im_end|>\n") and pairs[0].chosen_ids.count(tok.eos_token_id) == 1
 
 
-def test_max_length_cuts_as_trl_keep_start(hub):
+def test_max_length_cuts_as_trl_keep_start(hub, tmp_path):
     """max_length alone (no prompt or completion cut) keeps what TRL 1.16 keeps with ``max_length`` and
     ``truncation_mode="keep_start"``: the first max_length tokens of prompt + completion, and no row whose
     prompt fills max_length. Compared on the sequences TRL's own collator builds."""
@@ -200,11 +200,16 @@ def test_max_length_cuts_as_trl_keep_start(hub):
 
     tok = _hub_tokenizer(hub)
     rows = datasets.load_dataset(str(hub["dataset"]), split="test").to_list()
-    full, _ = load_pairs(str(hub["dataset"]), tok, split="test", max_length=1024)
+    for row in rows:  # answers that differ from their first word, so no cut makes a pair identical (prefopt refuses those)
+        row["chosen"][-1]["content"] = "Yes. " + row["chosen"][-1]["content"]
+        row["rejected"][-1]["content"] = "No. " + row["rejected"][-1]["content"]
+    data = tmp_path / "apart.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full, _ = load_pairs(str(data), tok, max_length=1024)
     prompt = min(len(p.prompt_ids) for p in full)
     max_length = prompt + 3  # every completion is cut; a prompt one token longer is dropped
     assert any(len(p.prompt_ids) >= max_length for p in full) and all(len(p.chosen_ids) > 3 for p in full)
-    pairs, report = load_pairs(str(hub["dataset"]), tok, split="test", max_length=max_length)
+    pairs, report = load_pairs(str(data), tok, max_length=max_length)
     trl_rows = _trl_tokenise(rows, tok, max_length)
     assert report.skipped.get("overlong", 0) == len(rows) - len(trl_rows) > 0
     batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)(trl_rows)

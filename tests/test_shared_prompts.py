@@ -173,6 +173,9 @@ def long_prompt_assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("long_prompts")
     train, held = word_rows(1, 48, prompt=(6, 30), completion=(1, 12)), word_rows(2, 8, prompt=(6, 30), completion=(1, 12))
+    for r in train + held:  # completions apart from their first word: no cut makes a pair identical (refused)
+        if r["chosen"].split()[0] == r["rejected"].split()[0]:
+            r["rejected"] = "zz " + r["rejected"]
     tokenizer = build_tokenizer([r[k] for r in train + held for k in ("prompt", "chosen", "rejected")] * 4, vocab_size=128)
     tokenizer.save_pretrained(root / "tokenizer")
     return {"train": str(write_jsonl(root / "train.jsonl", train)), "eval": str(write_jsonl(root / "eval.jsonl", held)),

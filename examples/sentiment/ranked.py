@@ -119,10 +119,14 @@ def per_example(rankings: list[dict], labelled: list[dict]) -> dict:
             "mismatched_same_prompt": sum(a["prompt"] == b["prompt"] for a, b in zip(labelled, labelled[-1:] + labelled[:-1]))}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def seen(name: str, steps: int, batch_size: int, stats: dict, run_dir: Path) -> dict:
@@ -148,12 +152,17 @@ def run_seed(scale_name: str, out: Path, seed: int, betas: list[float], k: int =
     plan = {f"{name}-beta{b:g}": ({"name": loss, "beta": b}, files[data], extra, 1.0)
             for b in betas for name, (loss, data, extra) in METHODS.items()}
     runs = train_runs(plan, scale, sft_dir, out / "policies", seed, log)
-    results = evaluate_all(scale, sft_dir, runs, seed, log)
+    path = out / "results.json"
+    results = json.loads(path.read_text())["results"] if path.exists() else {}
+    todo = {name: info for name, info in runs.items() if name not in results}
+    if todo or not results:  # evaluate only the policies an earlier call did not
+        results.update(evaluate_all(scale, sft_dir, todo, seed, log))
+    results = {name: results[name] for name in ("sft", *runs)}
     for name, info in runs.items():
         results[name].update(method=name.rsplit("-beta", 1)[0], beta=info["loss"]["beta"],
                              seen=seen(name.rsplit("-beta", 1)[0], scale.steps, scale.batch_size, stats, info["dir"]))
     summary = {"scale": scale_name, "seed": seed, "k": k, "betas": betas, "data": stats, "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    _write(path, json.dumps(summary, indent=1))
     return summary
 
 

@@ -12,6 +12,7 @@ from examples.sentiment import corpus, lm, report  # noqa: E402
 from examples.sentiment.pipeline import run  # noqa: E402
 from examples.sentiment.reward import sentiment  # noqa: E402
 from examples.sentiment.train import methods  # noqa: E402
+from test_groups import group_plugins  # noqa: E402,F401  (plackett_luce and kto installed for a test)
 
 
 def test_corpus_is_deterministic_and_spans_sentiment():
@@ -80,3 +81,68 @@ def test_table_orders_methods_by_kl():
     table = report.table({"dpo-beta1": {**r, "kl": 1.0}, "dpo-beta0.1": {**r, "kl": 5.0}, "sft": {**r, "kl": 0.0}})
     names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert names == ["sft", "dpo-beta1", "dpo-beta0.1"]
+
+
+# ---------------------------------------------------------------- four samples per prompt: rankings and labels
+
+
+def test_median_labels_drop_ties_at_the_median():
+    from examples.sentiment.ranked import median_labels
+
+    assert median_labels([0.5, -0.2, 0.1, 0.3]) == [True, False, False, True]  # median 0.2
+    assert median_labels([0.0, 0.0, 0.5, -0.5]) == [None, None, True, False]  # the middle two tie: both dropped
+    assert median_labels([0.1, 0.9, 0.4]) == [False, True, None]  # odd K: the middle one is the median
+
+
+def test_rank_group_keeps_distinct_finished_completions():
+    from examples.sentiment.ranked import rank_group
+
+    row, _ = rank_group("the film", [" was superb .", " was awful .", " was superb .", " was", " "], [True, True, True, False, True])
+    assert row["completions"] == [" was superb .", " was awful ."]
+    assert row["scores"] == sentiment(["the film was superb .", "the film was awful ."])
+    assert rank_group("the film", [" was .", " is ."], [True, True]) == (None, "all scores tied")
+    assert rank_group("the film", [" was superb .", " was awful ."], [True, False])[0] is None
+
+
+def test_labelled_rows_are_the_median_split_with_neighbours_from_other_prompts():
+    from examples.sentiment.ranked import labelled_rows, median_labels
+
+    rng = random.Random(0)
+    rankings = [{"prompt": f"p{i}", "completions": [f" c{i}-{j}" for j in range(4)],
+                 "scores": [rng.choice([-0.5, 0.0, 0.5, 0.9]) for _ in range(4)]} for i in range(30)]
+    rows = labelled_rows(rankings, random.Random(1))
+    expected = {(r["prompt"], c, lab) for r in rankings for c, lab in zip(r["completions"], median_labels(r["scores"]))
+                if lab is not None}
+    assert sorted((r["prompt"], r["completion"], r["label"]) for r in rows) == sorted(expected)
+    # prefopt takes the previous row's completion as KTO's mismatched one: it must come from another prompt
+    assert all(a["prompt"] != b["prompt"] for a, b in zip(rows, rows[1:]))
+
+
+@pytest.mark.slow
+def test_tiny_ranked_stage_end_to_end(tmp_path, group_plugins):
+    from examples.sentiment import ranked
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = ranked.run_seed("tiny", tmp_path, seed=0, betas=[0.1], log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    results = summary["results"]
+    assert set(results) == {"sft", *(f"{m}-beta0.1" for m in ranked.METHODS)}
+    for name, r in results.items():
+        assert -1.0 <= r["reward"] <= 1.0 and (name == "sft" or r["kl"] != 0.0)  # training moved every policy
+    rankings = [json.loads(line) for line in (tmp_path / "rankings.jsonl").read_text().splitlines()]
+    labelled = [json.loads(line) for line in (tmp_path / "labelled.jsonl").read_text().splitlines()]
+    assert len(rankings) == summary["data"]["rankings"] and len(labelled) == summary["data"]["labelled"]
+    for r in rankings:  # the scores are the reward of prompt + completion
+        assert 2 <= len(r["completions"]) <= 4 and r["scores"] == sentiment([r["prompt"] + c for c in r["completions"]])
+    by_text = {(r["prompt"], c): lab for r in rankings for c, lab in zip(r["completions"], ranked.median_labels(r["scores"]))}
+    assert all(by_text[(row["prompt"], row["completion"])] is row["label"] for row in labelled)
+    seen = {r["method"]: r["seen"] for r in results.values() if "method" in r}
+    assert seen["dpo-best_worst"]["pairs"] == seen["dpo-all_pairs"]["pairs"] == 3 * 8  # steps x batch, one pair each
+    assert seen["plackett_luce"]["completions"] > seen["dpo-best_worst"]["completions"] > seen["kto"]["completions"]
+    assert all(s["tokens"] > 0 for s in seen.values())
+    ranked.plot([summary], tmp_path / "fig.png", "tiny")
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert ranked.table([summary]).count("\n") == 2 + len(results) - 1

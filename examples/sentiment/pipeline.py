@@ -108,18 +108,42 @@ def build_pairs(scale: Scale, sft_dir: Path, out: Path, seed: int) -> Path:
 
 
 def train_all(scale: Scale, sft_dir: Path, pairs: Path, out: Path, seed: int, log=print) -> dict[str, dict]:
-    """Step 4: every method through prefopt; returns name -> {dir, train_seconds}."""
+    """Step 4: every method through prefopt; returns name -> {dir, train_seconds, loss}."""
+    plan = {name: (loss, pairs, {}, lr_mult) for name, (loss, lr_mult) in
+            methods(scale.dpo_betas, scale.ipo_taus, scale.tdpo_betas, scale.pft_lr_mults).items()}
+    return train_runs(plan, scale, sft_dir, out / "policies", seed, log)
+
+
+def train_runs(plan: dict[str, tuple[dict, Path, dict, float]], scale: Scale, sft_dir: Path, root: Path, seed: int,
+               log=print) -> dict[str, dict]:
+    """Train each ``name -> (loss, data file, data overrides, lr multiplier)`` into ``root/name`` (reused if done)."""
     runs = {}
-    for name, (loss, lr_mult) in methods(scale.dpo_betas, scale.ipo_taus, scale.tdpo_betas, scale.pft_lr_mults).items():
-        run_dir = out / "policies" / name
+    for name, (loss, data, data_extra, lr_mult) in plan.items():
+        run_dir = root / name
         if not (run_dir / "summary.json").exists():
-            raw = run_config(loss, sft_dir, pairs, run_dir, steps=scale.steps, batch_size=scale.batch_size,
+            raw = run_config(loss, sft_dir, data, run_dir, steps=scale.steps, batch_size=scale.batch_size,
                              lr=scale.lr * lr_mult, seed=seed, max_length=scale.max_new_tokens + 32)
-            log(f"training {name}: {loss}")
+            raw["data"].update(data_extra)
+            log(f"training {name}: {loss} {data_extra}")
             train_policy(raw)
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[name] = {"dir": run_dir, "train_seconds": summary["seconds"], "loss": loss}
     return runs
+
+
+def evaluate_all(scale: Scale, sft_dir: Path, runs: dict[str, dict], seed: int, log=print) -> dict[str, dict]:
+    """Step 5: the SFT model and every trained policy on the same held-out prompts; name -> metrics."""
+    tokenizer, reference = AutoTokenizer.from_pretrained(sft_dir), _load(sft_dir)
+    prompts = corpus.prompts(scale.eval_prompts, seed + 2)
+
+    def evaluate(model) -> dict[str, float]:
+        return evaluate_policy(model, reference, tokenizer, prompts, scale.max_new_tokens, 256, seed + 3)
+
+    results = {"sft": evaluate(reference)}
+    for name, info in runs.items():
+        results[name] = {**evaluate(_load(info["dir"])), "train_seconds": info["train_seconds"]}
+        log(f"{name}: reward {results[name]['reward']:.3f} kl {results[name]['kl']:.2f}")
+    return results
 
 
 def run(scale_name: str, out: Path, seed: int = 0, log=print) -> dict:
@@ -137,17 +161,11 @@ def run(scale_name: str, out: Path, seed: int = 0, log=print) -> dict:
     runs = train_all(scale, sft_dir, pairs, out, seed, log)
     times["train"] = time.time() - t0 - sum(times.values())
 
+    results = evaluate_all(scale, sft_dir, runs, seed, log)
+    times["eval"] = time.time() - t0 - sum(times.values())
+
     tokenizer, reference = AutoTokenizer.from_pretrained(sft_dir), _load(sft_dir)
     prompts = corpus.prompts(scale.eval_prompts, seed + 2)
-
-    def evaluate(model) -> dict[str, float]:
-        return evaluate_policy(model, reference, tokenizer, prompts, scale.max_new_tokens, 256, seed + 3)
-
-    results = {"sft": evaluate(reference)}
-    for name, info in runs.items():
-        results[name] = {**evaluate(_load(info["dir"])), "train_seconds": info["train_seconds"]}
-        log(f"{name}: reward {results[name]['reward']:.3f} kl {results[name]['kl']:.2f}")
-    times["eval"] = time.time() - t0 - sum(times.values())
 
     dpo_name = min((n for n in runs if n.startswith("dpo-")), key=lambda n: abs(runs[n]["loss"]["beta"] - 0.1))
     examples = token_examples(_load(runs[dpo_name]["dir"]), reference, tokenizer, prompts, scale, seed,

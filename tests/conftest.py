@@ -1,6 +1,12 @@
 """Shared fixtures: a tiny tokenizer trained locally (no downloads), built-in losses only, one torch thread."""
 from __future__ import annotations
 
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +53,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def group_plugins(tmp_path_factory):
+    """plackett_luce and kto installed (offline, no dependencies) for a module's tests."""
+    root = tmp_path_factory.mktemp("group-plugins")
+    sources = []
+    for name in ("plackett-luce", "kto"):
+        shutil.copytree(Path(__file__).resolve().parents[1] / "plugins" / name, root / "src" / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        sources.append(str(root / "src" / name))
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "--target", str(root / "site"), *sources]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    mp = pytest.MonkeyPatch()
+    mp.delenv("PREFOPT_LOAD_PLUGINS", raising=False)
+    mp.syspath_prepend(str(root / "site"))
+    importlib.invalidate_caches()
+    plugins.reset()
+    yield root / "site"
+    mp.undo()
+    for module in ("prefopt_plackett_luce", "prefopt_kto"):
+        sys.modules.pop(module, None)
+    plugins.reset()

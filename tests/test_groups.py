@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,34 +72,6 @@ def test_each_completion_of_a_group_sums_the_models_own_logps(layout, labelled):
 
 
 # ---------------------------------------------------------------- runs (the losses are first-party plugins)
-
-
-@pytest.fixture(scope="module")
-def group_plugins(tmp_path_factory):
-    """plackett_luce and kto installed (offline, no dependencies) for this module's tests."""
-    import importlib
-
-    from prefopt.plugins import manager as plugins
-
-    root = tmp_path_factory.mktemp("group-plugins")
-    sources = []
-    for name in ("plackett-luce", "kto"):
-        shutil.copytree(REPO / "plugins" / name, root / "src" / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-        sources.append(str(root / "src" / name))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "--target", str(root / "site"), *sources]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    mp = pytest.MonkeyPatch()
-    mp.delenv("PREFOPT_LOAD_PLUGINS", raising=False)
-    mp.syspath_prepend(str(root / "site"))
-    importlib.invalidate_caches()
-    plugins.reset()
-    yield root / "site"
-    mp.undo()
-    for module in ("prefopt_plackett_luce", "prefopt_kto"):
-        sys.modules.pop(module, None)
-    plugins.reset()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from examples.sentiment import corpus, lm, report  # noqa: E402
 from examples.sentiment.pipeline import run  # noqa: E402
 from examples.sentiment.reward import sentiment  # noqa: E402
 from examples.sentiment.train import methods  # noqa: E402
-from test_groups import group_plugins  # noqa: E402,F401  (plackett_luce and kto installed for a test)
 
 
 def test_corpus_is_deterministic_and_spans_sentiment():

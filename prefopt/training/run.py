@@ -298,6 +298,17 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             reference = frozen_copy(policy, _precision_dtype(config))
         else:
             reference = "adapter"
+    policy = accelerators.apply(_for_training(config, policy), config.trainer, accelerator.device)
+    model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
+    if config.reference.sync is not None:
+        if distributed.sharded(accelerator):
+            raise ConfigError("reference.sync: not supported with FSDP yet (the reference would need sharding like the policy)")
+        model.sync_pairs()  # the reference matches the policy parameter for parameter
+    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+
+
+def _for_training(config: RunConfig, policy: torch.nn.Module) -> torch.nn.Module:
+    """The policy as it trains: with its LoRA adapter, gradient checkpointing, and no dropout."""
     if config.model.lora is not None:
         try:
             from peft import LoraConfig, get_peft_model
@@ -312,13 +323,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if dropped := disable_dropout(policy):  # with a reference model: its frozen copy runs in eval mode anyway
         log.info("dropout: set to 0 (%s); prefopt trains without dropout, so a resumed run equals an uninterrupted one", ", ".join(dropped))
-    policy = accelerators.apply(policy, config.trainer, accelerator.device)
-    model = PreferenceModel(policy, reference, config.trainer.logprob_chunk_tokens, kernel)
-    if config.reference.sync is not None:
-        if distributed.sharded(accelerator):
-            raise ConfigError("reference.sync: not supported with FSDP yet (the reference would need sharding like the policy)")
-        model.sync_pairs()  # the reference matches the policy parameter for parameter
-    return Run(config, accelerator, tokenizer, model, loss, mode, train_pairs, eval_pairs, caches, kernel, shared, needs, pending)
+    return policy
 
 
 def _fill_caches(config: RunConfig, accelerator: Accelerator, source: torch.nn.Module, kernel: str, tokenizer,

@@ -47,6 +47,33 @@ def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     return raw
 
 
+def word_tokenizer(root: Path) -> Path:
+    """A tokenizer trained on :func:`word_rows` ``(0, 16)``, saved in ``root / "tok"``."""
+    from prefopt.testing.tiny import build_tokenizer
+
+    texts = [r[k] for r in word_rows(0, 16) for k in ("prompt", "chosen", "rejected")]
+    build_tokenizer(texts, 300).save_pretrained(root / "tok")
+    return root / "tok"
+
+
+def small_run(tok: Path, tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """A raw config of a one-layer model on 16 word rows (written once into ``tmp``), 2 steps of 4 pairs;
+    ``overrides`` as ``"section.field": value``."""
+    from prefopt.testing.tiny import model_config
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    train = tmp / "train.jsonl"
+    if not train.exists():
+        write_jsonl(train, word_rows(0, 16, prompt=(3, 6), completion=(2, 4)))
+    raw = {
+        "model": {"config": model_config("llama", 300, 32, 1, 2, max_position=64), "tokenizer": str(tok)},
+        "data": {"train": str(train), "max_length": 48},
+        "reference": {"cache_dir": str(tmp / "cache")},
+        "trainer": {"output_dir": str(tmp / "run"), "batch_size": 4, "max_steps": 2, "lr": 1e-3, "schedule": "constant"},
+    }
+    return set_dotted(raw, overrides)
+
+
 def train_raw(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """Validate and train a run-config mapping in this process; returns the summary."""
     from prefopt.config import validate

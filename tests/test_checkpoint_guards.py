@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from engine_helpers import set_dotted, word_rows, write_jsonl
+from engine_helpers import small_run, word_tokenizer
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.training import checkpoint as ckpt
@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    from prefopt.testing.tiny import build_tokenizer
-
-    d = tmp_path_factory.mktemp("ckguards")
-    texts = [r[k] for r in word_rows(0, 16) for k in ("prompt", "chosen", "rejected")]
-    build_tokenizer(texts, 300).save_pretrained(d / "tok")
-    return d / "tok"
+    return word_tokenizer(tmp_path_factory.mktemp("guards"))
 
 
 @pytest.fixture(autouse=True)
@@ -45,20 +40,7 @@ def _fast(one_torch_thread, builtins_only, tmp_path, monkeypatch):
 
 
 def raw_config(tok: Path, tmp: Path, **overrides) -> dict:
-    from prefopt.testing.tiny import model_config
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    train_file = tmp / "train.jsonl"
-    if not train_file.exists():
-        write_jsonl(train_file, word_rows(0, 16, prompt=(3, 6), completion=(2, 4)))
-    raw = {
-        "model": {"config": model_config("llama", 300, 32, 1, 2, max_position=64), "tokenizer": str(tok)},
-        "data": {"train": str(train_file), "max_length": 48},
-        "reference": {"cache_dir": str(tmp / "cache")},
-        "trainer": {"output_dir": str(tmp / "run"), "batch_size": 4, "max_steps": 3, "lr": 1e-3, "schedule": "constant",
-                    "save_every": 1, "keep_checkpoints": 5},
-    }
-    return set_dotted(raw, overrides)
+    return small_run(tok, tmp, **{"trainer.max_steps": 3, "trainer.save_every": 1, "trainer.keep_checkpoints": 5, **overrides})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

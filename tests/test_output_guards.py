@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine_helpers import set_dotted, word_rows, write_jsonl
+from engine_helpers import small_run, word_rows, word_tokenizer, write_jsonl
 from prefopt.cli.commands import main
 from prefopt.config import validate
 from prefopt.errors import ConfigError
@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    from prefopt.testing.tiny import build_tokenizer
-
-    d = tmp_path_factory.mktemp("guards")
-    texts = [r[k] for r in word_rows(0, 16) for k in ("prompt", "chosen", "rejected")]
-    build_tokenizer(texts, 300).save_pretrained(d / "tok")
-    return d / "tok"
+    return word_tokenizer(tmp_path_factory.mktemp("guards"))
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +34,7 @@ def _fast(one_torch_thread, builtins_only, tmp_path, monkeypatch):
 
 
 def raw_config(tok: Path, tmp: Path, **overrides) -> dict:
-    from prefopt.testing.tiny import model_config
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    train = write_jsonl(tmp / "train.jsonl", word_rows(0, 16, prompt=(3, 6), completion=(2, 4)))
-    raw = {
-        "model": {"config": model_config("llama", 300, 32, 1, 2, max_position=64), "tokenizer": str(tok)},
-        "data": {"train": str(train), "max_length": 48},
-        "reference": {"cache_dir": str(tmp / "cache")},
-        "trainer": {"output_dir": str(tmp / "run"), "batch_size": 4, "max_steps": 2, "lr": 1e-3, "schedule": "constant"},
-    }
-    return set_dotted(raw, overrides)
+    return small_run(tok, tmp, **overrides)
 
 
 def write_config(tok: Path, tmp: Path, **overrides) -> Path:

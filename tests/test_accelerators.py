@@ -5,10 +5,10 @@ import time
 
 import pytest
 import torch
-from engine_helpers import make_config, write_assets
 
-from prefopt.engine import accelerators
+from engine_helpers import make_config, write_assets
 from prefopt.config import validate
+from prefopt.engine import accelerators
 from prefopt.errors import ConfigError
 from prefopt.training.run import setup
 
@@ -58,9 +58,9 @@ def test_compiled_layers_stop_recompiling_once_packed_shapes_are_dynamic(kernel,
     not one each: nothing batch-specific reaches a compiled layer as a Python value. ``aot_eager`` traces
     the kernels' fake implementations as inductor would; the varlen op runs on CPU kernels (tests/varlen_cpu.py).
     With shared prompts, the gathered key pieces vary in length too."""
-    import varlen_cpu
     from test_packing import _model, _pairs
 
+    import varlen_cpu
     from prefopt.data.batching import pack
     from prefopt.engine.modeling import PreferenceModel
     from prefopt.training.run import use_packed_attention

@@ -6,11 +6,9 @@ import json
 import pytest
 
 from prefopt.cli import commands as cli
-
+from prefopt.losses import DPO, IPO, SFT, TDPO
 from prefopt.plugins import manager as plugins
 from prefopt.plugins.registry import describe
-from prefopt.losses import DPO, IPO, SFT, TDPO
-
 
 pytestmark = pytest.mark.usefixtures("builtins_only")
 

@@ -7,7 +7,6 @@ from prefopt.config import apply_overrides, load_config, parse_yaml, validate
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO, WeightedLoss
 
-
 pytestmark = pytest.mark.usefixtures("builtins_only")
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import assert_rows_close, assert_weights_close, eval_rows, final_weights, make_config, read_metrics, train_raw, write_assets
+from engine_helpers import (
+    assert_rows_close,
+    assert_weights_close,
+    eval_rows,
+    final_weights,
+    make_config,
+    read_metrics,
+    train_raw,
+    write_assets,
+)
 from prefopt.config import validate
 from prefopt.errors import ConfigError
 

@@ -111,8 +111,8 @@ def test_a_non_finite_reference_log_prob_is_refused_naming_the_row(assets, tmp_p
 
 def test_per_token_cache_shares_of_several_processes_add_up_to_the_whole(assets, tmp_path):
     """fill_cache's collective: each process fills its batches (zeros elsewhere) and the shares are summed."""
-    from prefopt.engine import reference as ref
     from prefopt.data.batching import completion_tokens
+    from prefopt.engine import reference as ref
     from prefopt.training.run import setup
 
     run = setup(validate(make_config(assets, tmp_path, loss={"name": "sft"})))

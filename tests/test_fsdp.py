@@ -254,9 +254,9 @@ def test_checkpoint_gathers_the_policy_and_never_the_frozen_reference(tmp_path, 
     reference costs no memory at save time."""
     from torch.distributed.tensor import DTensor
 
+    from prefopt.engine.modeling import PreferenceModel, frozen_copy
     from prefopt.training import checkpoint as ckpt
     from prefopt.training.distributed import shard
-    from prefopt.engine.modeling import PreferenceModel, frozen_copy
 
     with _one_process_group(tmp_path) as accelerator:
         policy = _tiny_llama()

@@ -311,7 +311,6 @@ def test_the_quickstart_points_at_the_readmes_recipe():
 def test_samples_with_a_live_reference_come_from_the_reference_model(tmp_path):
     """TDPO keeps the reference in memory: it is sampled at every evaluation, and at step 0 agrees with the policy."""
     from engine_helpers import make_config, write_assets
-
     from prefopt.config import validate
     from prefopt.training.trainer import train
 

@@ -10,12 +10,12 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reliability import _nan_on
 
 from engine_helpers import set_dotted, word_rows, write_jsonl
 from prefopt.config import load_config, validate
 from prefopt.data.pairs import load_data, load_pairs
 from prefopt.errors import ConfigError, DataError
-from test_reliability import _nan_on
 
 CONFIG = "model: {name_or_path: ./model}\ndata: {train: ./train.jsonl}\n"
 

@@ -10,8 +10,8 @@ import yaml
 
 from dist_helpers import ROOT, cpu_env, free_port, launch
 from engine_helpers import make_config, read_metrics, write_assets
-from prefopt.training import distributed
 from prefopt.errors import ConfigError
+from prefopt.training import distributed
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
                 "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",

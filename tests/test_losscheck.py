@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from prefopt import LossOutput, build_loss
-from prefopt.testing.losscheck import CASES, LossCheckError, smoke_test, synthetic_inputs
 from prefopt.losses import DPO
-from prefopt.losses.base import Feature, TOKEN_FEATURES, Tokens
+from prefopt.losses.base import TOKEN_FEATURES, Feature, Tokens
+from prefopt.testing.losscheck import CASES, LossCheckError, smoke_test, synthetic_inputs
 
 
 def test_inputs_hold_exactly_the_declared_features_with_sums_equal_to_token_sums():

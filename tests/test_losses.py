@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt.losses.base import reference_for
-
 from prefopt.losses import DPO, IPO, SFT, TDPO, LossInputs, Reference, WeightedLoss
+from prefopt.losses.base import reference_for
 from prefopt.plugins.registry import build_loss
 
 LN2 = math.log(2.0)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from engine_helpers import assert_rows_close, make_config, train_raw, write_assets
-from prefopt.data.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
 from prefopt.config import validate
+from prefopt.data.batching import batch_order, collate, pack, pair_length, pair_tokens, split_by_tokens
 from prefopt.data.pairs import Pair
-from prefopt.losses.base import Feature, LossInputs, Tokens
 from prefopt.engine.modeling import PreferenceModel, frozen_copy, load_model
+from prefopt.losses.base import Feature, LossInputs, Tokens
 from prefopt.training.run import use_packed_attention
 from prefopt.training.step import loss_inputs
 
@@ -184,10 +184,10 @@ def test_packed_and_padded_runs_train_the_same_model(assets, tmp_path):
 @pytest.mark.parametrize("loss", [{"name": "dpo"}, {"name": "tdpo", "variant": "tdpo1"}], ids=["cached", "live"])
 def test_one_host_read_per_optimiser_step(assets, tmp_path, loss):
     """Forward, backward, clipping, the flag read and the optimiser step read the device once."""
+    from prefopt.engine.syncs import SyncCounter
     from prefopt.training import health
     from prefopt.training.run import setup
     from prefopt.training.step import forward_backward, read_flags
-    from prefopt.engine.syncs import SyncCounter
 
     run = setup(validate(make_config(assets, tmp_path, loss=loss, max_tokens_per_forward=80)))
     model, acc = run.model, run.accelerator
@@ -317,10 +317,9 @@ def test_a_run_that_picks_varlen_sets_up_checks_caches_and_trains(assets, tmp_pa
     """What auto picks on a GPU (varlen, bf16), through torch's varlen op on CPU kernels: the cache, training and
     evaluation go through it; so does a live reference with the token KL (TDPO), and gradient checkpointing
     recomputes the varlen layers exactly."""
+    import prefopt.engine.attention as attention
     import varlen_cpu
     from engine_helpers import read_metrics
-
-    import prefopt.engine.attention as attention
 
     varlen_cpu.register()
     varlen_cpu.calls.clear()

@@ -20,13 +20,11 @@ import torch
 import yaml
 
 from prefopt import LossInputs, Reference, build_loss
-
 from prefopt.cli import commands as cli
-
-from prefopt.plugins import manager as plugins
-from prefopt.losses.base import reference_for
 from prefopt.config import load_config
 from prefopt.errors import ConfigError
+from prefopt.losses.base import reference_for
+from prefopt.plugins import manager as plugins
 from prefopt.plugins.registry import FIRST_PARTY, get_registry
 from prefopt.testing import assert_matches_trl, trl_inputs
 from prefopt.testing.trl import F_DIVERGENCE_LOSS_TYPES, TRL_LOSS_TYPES

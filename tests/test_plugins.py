@@ -12,9 +12,10 @@ import torch
 
 import prefopt
 from prefopt.cli import commands as cli
-from prefopt.plugins import manager as plugins, registry
 from prefopt.errors import ConfigError, PluginError
 from prefopt.losses import DPO, LossInputs, Reference
+from prefopt.plugins import manager as plugins
+from prefopt.plugins import registry
 from prefopt.plugins.registry import build_loss, get_loss_class, get_registry
 
 _counter = itertools.count()

@@ -106,9 +106,10 @@ def test_pure_half_precision_that_cannot_train_is_refused(hub, tmp_path, change,
 
 def test_the_start_up_check_on_bf16_weights_still_refuses_scaled_logits(hub, tmp_path, one_torch_thread):
     """In bf16 the start-up comparison of packed and unpacked forwards allows bf16 rounding, not a logit transform."""
+    from transformers import AutoTokenizer
+
     from prefopt.testing.tiny import model_config
     from prefopt.training.run import setup
-    from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(hub["model"]))
     for scale, refused in ((1.0, False), (4.0, True)):

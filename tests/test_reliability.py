@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
-from prefopt.training import checkpoint as ckpt
-from prefopt.plugins import manager as plugins
-from prefopt.engine import reference as ref
 from prefopt.atomic import atomic_write
 from prefopt.config import validate
+from prefopt.engine import reference as ref
 from prefopt.errors import ConfigError
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
+from prefopt.plugins import manager as plugins
+from prefopt.training import checkpoint as ckpt
 from prefopt.training.resume import prepare_output as _prepare_output
 from prefopt.training.trainer import TrainingError, setup, train
 

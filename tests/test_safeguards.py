@@ -10,10 +10,11 @@ import torch
 from engine_helpers import set_dotted, word_rows, write_jsonl, write_plugin_dist
 from prefopt.config import validate
 from prefopt.errors import ConfigError, PluginError
-from prefopt.training.health import TrainingError, check_engine_logps
 from prefopt.losses.base import LossOutput
 from prefopt.losses.dpo import DPO
+from prefopt.training.health import TrainingError, check_engine_logps
 from prefopt.training.resume import MARKER
+
 
 def _rows(seed: int, n: int = 16) -> list[dict]:
     return word_rows(seed, n, prompt=(3, 6), completion=(2, 4))
@@ -157,11 +158,12 @@ def test_start_up_check_runs_on_the_two_shortest_pairs():
     """It runs on the host before training: the shortest pairs keep that cheap for a large model."""
     from types import SimpleNamespace
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from prefopt.data.batching import pack
+    from prefopt.testing.tiny import model_config
     from prefopt.training.health import check_start
     from prefopt.training.run import use_packed_attention
-    from prefopt.testing.tiny import model_config
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     params = model_config("llama", 50, 16, 1, 2, max_position=64)
@@ -180,8 +182,8 @@ def test_start_up_check_runs_on_the_two_shortest_pairs():
 
 
 def test_model_with_scaled_logits_is_refused_at_start(tok, tmp_path):
-    from prefopt.training.run import setup
     from prefopt.testing.tiny import model_config
+    from prefopt.training.run import setup
 
     mc = {**model_config("llama", 300, 32, 1, 2, max_position=64), "model_type": "granite", "logits_scaling": 4.0}
     cfg = config(tok, tmp_path, **{"model.config": mc})
@@ -448,7 +450,8 @@ def test_unreachable_hub_names_fail_fast_with_one_line(tok, tmp_path, monkeypatc
 def test_yaml_alias_bombs_and_huge_values_are_refused_quickly(tmp_path):
     import time
 
-    from prefopt.config import load_config, validate as _validate
+    from prefopt.config import load_config
+    from prefopt.config import validate as _validate
 
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi"):
@@ -526,8 +529,8 @@ def register_losses():
 def test_plugin_calling_sys_exit_or_registering_junk_is_flagged(tmp_path, monkeypatch, capsys):
     import importlib
 
-    from prefopt.plugins import manager as plugins
     from prefopt.cli.commands import main
+    from prefopt.plugins import manager as plugins
 
     site = tmp_path / "site"
     site.mkdir()

@@ -32,8 +32,8 @@ def test_version_and_help_import_no_torch(args):
 
 def test_public_names_import_lazily_and_stay_the_same_objects():
     import prefopt
-    from prefopt import LossInputs, build_loss, hookimpl
     from prefopt import Loss as Loss2
+    from prefopt import LossInputs, build_loss, hookimpl
     from prefopt.losses.base import Loss
     from prefopt.plugins.hookspecs import hookimpl as spec_hookimpl
     from prefopt.plugins.registry import build_loss as registry_build_loss

@@ -160,7 +160,6 @@ def test_trl_helper_catches_a_wrong_loss():
 def test_a_token_budget_is_refused_for_a_loss_that_couples_its_pairs(tmp_path):
     """sft's token mean divides by the tokens of the whole batch: a budget that splits the batch would change it."""
     from engine_helpers import make_config, write_assets
-
     from prefopt.config import RunConfig
     from prefopt.training.preflight import preflight
 

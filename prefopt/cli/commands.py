@@ -11,9 +11,9 @@ from prefopt.errors import PrefoptError
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
-    from prefopt.testing.losscheck import needs_by_config
     from prefopt.losses.base import DATA_KINDS, reference_for, takes_of
     from prefopt.plugins.registry import describe, get_registry
+    from prefopt.testing.losscheck import needs_by_config
 
     reg = get_registry()
     rows = []
@@ -107,10 +107,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
     from prefopt.training.distributed import is_main_process
     from prefopt.training.trainer import format_summary, train
-
-    import shlex
 
     # the resume command printed on interruption repeats the --set overrides
     command = shlex.join([args.config, *(x for item in args.set for x in ("--set", item))])
@@ -125,9 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from prefopt.training.distributed import is_main_process
-    from prefopt.training.trainer import precompute_reference
-
     from prefopt.training.preflight import preflight
+    from prefopt.training.trainer import precompute_reference
 
     config = _load(args)
     preflight(config, output=False)  # it writes only the cache

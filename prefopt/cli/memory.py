@@ -133,8 +133,8 @@ def measure_run(config_path: str) -> dict[str, Any]:
     optimiser step on its trainable weights, and return this process's measured and estimated model-state bytes."""
     import gc
 
-    from prefopt.training import distributed
     from prefopt.config import load_config
+    from prefopt.training import distributed
     from prefopt.training.run import make_accelerator, setup
 
     config = load_config(config_path, [])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt.engine import attention
 from prefopt.config import ModelConfig, is_template_text
-from prefopt.errors import ConfigError
+from prefopt.engine import attention
 from prefopt.engine.logprobs import token_features
+from prefopt.errors import ConfigError
 
 log = logging.getLogger("prefopt")
 

@@ -7,7 +7,18 @@ from __future__ import annotations
 import pydantic
 from pydantic import Field
 
-from prefopt.losses.base import LEGACY_NEEDS, Feature, Loss, LossConfig, LossInputs, LossOutput, Reference, log_ratios, preference_loss, reward_metrics
+from prefopt.losses.base import (
+    LEGACY_NEEDS,
+    Feature,
+    Loss,
+    LossConfig,
+    LossInputs,
+    LossOutput,
+    Reference,
+    log_ratios,
+    preference_loss,
+    reward_metrics,
+)
 from prefopt.losses.fdivergence import FAlphaCoef, FDivergenceType, f_scores
 
 

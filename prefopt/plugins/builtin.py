@@ -1,9 +1,9 @@
 """The built-in losses, registered through the same hook as any third-party plugin."""
-from prefopt.plugins.hookspecs import hookimpl
 from prefopt.losses.dpo import DPO, Sigmoid
 from prefopt.losses.ipo import IPO
 from prefopt.losses.sft import SFT
 from prefopt.losses.tdpo import TDPO
+from prefopt.plugins.hookspecs import hookimpl
 
 
 @hookimpl

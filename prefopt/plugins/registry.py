@@ -7,10 +7,10 @@ from typing import Any
 
 import pydantic
 
-from prefopt.plugins import manager as plugins
 from prefopt.errors import ConfigError, PluginError, UnknownLossError
 from prefopt.losses.base import DATA_KINDS, Loss
 from prefopt.losses.combined import WeightedLoss
+from prefopt.plugins import manager as plugins
 
 # Losses shipped as first-party packages in plugins/<dir>: loss name -> distribution.
 # Named (and suggested) in the error when a config selects one that is not installed.

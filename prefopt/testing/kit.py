@@ -17,11 +17,22 @@ from typing import Any
 import pydantic
 import torch
 
-from prefopt.plugins import manager as plugins, registry
-from prefopt.plugins.hookspecs import hookimpl
-from prefopt.testing.losscheck import CASES, GROUP_CASES, Case, Synthetic, run_on, run_on_groups, shape, synthetic_group_inputs, synthetic_inputs
-from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, as_needs, takes_of
 from prefopt.engine.syncs import SyncCounter
+from prefopt.losses.base import FIELD_FEATURE, Feature, Loss, LossConfig, as_needs, takes_of
+from prefopt.plugins import manager as plugins
+from prefopt.plugins import registry
+from prefopt.plugins.hookspecs import hookimpl
+from prefopt.testing.losscheck import (
+    CASES,
+    GROUP_CASES,
+    Case,
+    Synthetic,
+    run_on,
+    run_on_groups,
+    shape,
+    synthetic_group_inputs,
+    synthetic_inputs,
+)
 
 # Metrics every preference loss (one that reads the rejected completion) must report.
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from prefopt.config import RunConfig
-from prefopt.errors import ConfigError
 from prefopt.engine.modeling import has_weights
+from prefopt.errors import ConfigError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),

@@ -12,19 +12,18 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from prefopt.engine import accelerators, attention
-
-from prefopt.training import distributed, health
-from prefopt.engine import reference as ref
-from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.config import RunConfig
+from prefopt.data.batching import collate, completion_tokens, forward_plans, pack, pair_tokens, to_device
 from prefopt.data.examples import Group
 from prefopt.data.groups import group_tokens, pack_groups
 from prefopt.data.pairs import fingerprint, load_data
-from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
+from prefopt.engine import accelerators, attention
+from prefopt.engine import reference as ref
+from prefopt.engine.modeling import PreferenceModel, disable_dropout, frozen_copy, load_model, load_tokenizer, weights_dtype
 from prefopt.errors import ConfigError
 from prefopt.losses.base import TOKEN_FEATURES, Feature, needs_of, reference_for, takes_of
-from prefopt.engine.modeling import PreferenceModel, disable_dropout, frozen_copy, load_model, load_tokenizer, weights_dtype
+from prefopt.training import distributed, health
+from prefopt.training.distributed import accelerate_without_fsdp, accelerator_options, check_launch, describe
 
 log = logging.getLogger("prefopt")
 

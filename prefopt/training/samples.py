@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from prefopt.engine import attention
-
 from prefopt.training import distributed
 from prefopt.training.tracking import log_text
 

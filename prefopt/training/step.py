@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from prefopt.training import distributed
 from prefopt.data.batching import forward_plans, global_batch, pair_tokens, to_device
 from prefopt.data.examples import Group
 from prefopt.data.groups import grid_sums, group_tokens, to_grid
 from prefopt.losses.base import Feature, LossInputs, LossOutput, Tokens
+from prefopt.training import distributed
 from prefopt.training.run import Run
 
 

@@ -15,15 +15,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler
 
-from prefopt.training import checkpoint as ckpt
-from prefopt.training import distributed, health
+from prefopt.config import RunConfig
 from prefopt.data.batching import batch_order, pair_length, split_by_tokens
 from prefopt.data.examples import Group
 from prefopt.data.groups import group_length
-from prefopt.losses.base import Feature
-from prefopt.config import RunConfig
 from prefopt.data.pairs import fingerprint
 from prefopt.errors import ConfigError
+from prefopt.losses.base import Feature
+from prefopt.training import checkpoint as ckpt
+from prefopt.training import distributed, health
 from prefopt.training.health import TrainingError
 from prefopt.training.interrupt import GracefulStop
 from prefopt.training.lock import DirectoryLock

@@ -1,10 +1,10 @@
 import math
 
 import pytest
-from prefopt_example_loss import MarginDPO
 
 from prefopt import LossInputs, build_loss
 from prefopt.testing import check_loss, registered
+from prefopt_example_loss import MarginDPO
 
 
 def test_contract():

@@ -2,11 +2,11 @@ import importlib.util
 
 import pytest
 import torch
-from prefopt_kto import KTO
 
 from prefopt import LossInputs, build_loss
 from prefopt.errors import ConfigError
 from prefopt.testing import check_loss, registered
+from prefopt_kto import KTO
 
 needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed")
 

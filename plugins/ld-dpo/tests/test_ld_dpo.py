@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from prefopt_ld_dpo import LDDPO
 
 from prefopt import LossInputs, build_loss
 from prefopt.losses import DPO
 from prefopt.losses.base import Feature, Tokens, reference_for
 from prefopt.testing import check_loss, registered, trl_dpo_loss
+from prefopt_ld_dpo import LDDPO
 
 
 def softplus(x: float) -> float:

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from prefopt_orpo import MAX_MEAN_LOGP, ORPO, log_odds
 
 from prefopt import LossInputs, Reference, build_loss
 from prefopt.losses.base import reference_for
 from prefopt.testing import check_loss, registered
+from prefopt_orpo import MAX_MEAN_LOGP, ORPO, log_odds
 
 
 def exact_log_odds(m: float) -> float:

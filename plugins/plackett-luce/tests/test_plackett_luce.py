@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
-from prefopt_plackett_luce import PlackettLuce
 
 from prefopt import LossInputs, build_loss
 from prefopt.errors import ConfigError
 from prefopt.losses.dpo import DPO
 from prefopt.testing import check_loss, registered
+from prefopt_plackett_luce import PlackettLuce
 
 # Three prompts: K = 4, 2 and 3 (ragged: padded slots hold junk that must not matter).
 POLICY = [[-12.0, -14.0, -9.5, -20.0], [-30.5, -28.0, 99.0, -99.0], [-7.25, -9.5, -8.0, 55.0]]

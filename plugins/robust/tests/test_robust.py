@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from prefopt_robust import RobustDPO
 
 from prefopt import LossInputs, Reference, build_loss
-from prefopt.losses import DPO
 from prefopt.losses.base import reference_for
+from prefopt.losses import DPO
 from prefopt.testing import check_loss, registered
+from prefopt_robust import RobustDPO
 
 # Published vectors (torchtune's DPO loss tests): h = [0, 10, 20].
 PUBLISHED = LossInputs(

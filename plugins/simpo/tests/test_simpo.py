@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from prefopt_simpo import SimPO
 
 from prefopt import LossInputs, Reference, build_loss
-from prefopt.errors import ConfigError
 from prefopt.losses.base import reference_for
+from prefopt.errors import ConfigError
 from prefopt.testing import check_loss, registered
+from prefopt_simpo import SimPO
 
 
 def softplus(x: float) -> float:

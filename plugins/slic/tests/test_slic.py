@@ -1,10 +1,10 @@
 import pytest
 import torch
-from prefopt_slic import SLiC
 
 from prefopt import LossInputs, Reference, build_loss
 from prefopt.losses.base import reference_for
 from prefopt.testing import check_loss, registered
+from prefopt_slic import SLiC
 
 # Published vectors (torchtune's DPO loss tests): h = [0, 10, 20].
 PUBLISHED = LossInputs(
@@ -59,9 +59,8 @@ def test_hinge_is_slic_under_trls_name():
 @pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_hinge_matches_trls_own_code(f_divergence_type):
     pytest.importorskip("trl")
-    from prefopt_slic import Hinge
-
     from prefopt.testing import assert_matches_trl, trl_inputs
+    from prefopt_slic import Hinge
 
     settings = {"beta": 0.5, "f_divergence_type": f_divergence_type}
     for seed in range(2):

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from prefopt_trl_losses import AOT, LOSSES, AOTUnpaired, DiscoPOP
 
 from prefopt import LossInputs, build_loss
 from prefopt.errors import ConfigError
 from prefopt.losses import DPO
 from prefopt.testing import assert_matches_trl, check_loss, registered, trl_inputs
+from prefopt_trl_losses import LOSSES, AOT, AOTUnpaired, DiscoPOP
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # TRL offers another f-divergence with these only (DPOTrainer.__init__ refuses the others).

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from prefopt_wpo import WPO
 
 from prefopt import LossInputs, build_loss
 from prefopt.losses.base import Feature, Tokens, reference_for
 from prefopt.testing import check_loss, registered, trl_dpo_loss
+from prefopt_wpo import WPO
 
 
 def softplus(x: float) -> float:

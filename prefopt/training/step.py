@@ -185,7 +185,8 @@ def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tup
         ref = inputs.ref_logps if inputs.ref_logps is not None else group_reference(out, batch)
         engine = group_logratio_metrics(inputs.policy_logps, ref, batch) if ref is not None else {}
     else:
-        ref = reference_sums(out, batch)
+        # the loss's own reference sums where it asked for them, so a live reference is not summed twice
+        ref = (inputs.ref_chosen_logps, inputs.ref_rejected_logps) if inputs.ref_chosen_logps is not None else reference_sums(out, batch)
         engine = logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}
     if "gather_counts" in batch and inputs.mismatched_logps is not None:
         gather_mismatched(run.accelerator, inputs, batch["gather_counts"])

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefopt.data.examples import Group, Pair, as_group, plan, ranked, to_pairs
 from prefopt.data.sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
+from prefopt.data.window import Window, clip, window_for
 from prefopt.errors import DataError
 
 MISSING = "missing field"
@@ -148,15 +149,18 @@ def load_examples(
         raise DataError(f"{source}: conversational data needs a tokenizer with a chat_template")
     report = DataReport(source=source, rows=len(records), kept=0, format=str(fmt))
     build = _to_pair if fmt.kind == "pairs" else _to_group
+    cuts = (max_length, max_prompt_length, max_completion_length)
+    tokens = _Tokens(tokenizer, fmt, text_tokenization, cuts, window_for(tokenizer, *cuts))
     examples: list = []
     for rec in records:
         if rec.problem is not None:
             report.add(*rec.problem)
             continue
         try:
-            examples.append(build(rec, fmt, tokenizer, (max_length, max_prompt_length, max_completion_length), text_tokenization))
+            examples.append(build(rec, fmt, tokens))
         except _RowError as err:
             report.add(err.reason, _locate(rec, err, names))
+        rec.value = None  # a long row's text is not kept once its tokens are
     report.kept = len(examples)
     _raise_if_needed(report, on_error, on_overlong)
     return examples, report, fmt.kind
@@ -524,9 +528,10 @@ def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Forma
 
 
 def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str],
-         cuts: tuple[int, int | None, int | None]) -> tuple[list[int], list[list[int]]]:
+         cuts: tuple[int, int | None, int | None], prompt_cut: bool = False) -> tuple[list[int], list[list[int]]]:
     """Cut the prompt to ``max_prompt_length``, each completion to ``max_completion_length`` and to the room
-    ``max_length`` leaves; ``cuts`` is ``(max_length, max_prompt_length, max_completion_length)``."""
+    ``max_length`` leaves; ``cuts`` is ``(max_length, max_prompt_length, max_completion_length)``.
+    ``prompt_cut``: the prompt's text was cut before tokenising, so its token count is a lower bound."""
     max_length, max_prompt_length, max_completion_length = cuts
     for name, ids in zip(names, completions):
         if not ids:
@@ -537,29 +542,79 @@ def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str],
         raise _RowError(EMPTY_PROMPT, "prompt", "the prompt has no tokens and the tokenizer adds no BOS")
     room = max_length - len(prompt_ids)
     if room <= 0:
-        raise _RowError(OVERLONG, "prompt", f"the prompt has {len(prompt_ids)} tokens, leaving no room for a completion within max_length {max_length}")
+        count = f"more than {max_length}" if prompt_cut and max_prompt_length is None else str(len(prompt_ids))
+        raise _RowError(OVERLONG, "prompt", f"the prompt has {count} tokens, leaving no room for a completion within max_length {max_length}")
     if max_completion_length is not None:
         room = min(room, max_completion_length)
     return prompt_ids, [ids[:room] for ids in completions]
 
 
-def _to_pair(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, int | None], text_tokenization: str = "separate") -> Pair:
+@dataclass(frozen=True)
+class _Tokens:
+    """How one source's rows become token ids."""
+
+    tokenizer: Any
+    fmt: _Format
+    text_tokenization: str
+    cuts: tuple[int, int | None, int | None]
+    window: Window
+
+
+def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> tuple[list[int], list[list[int]]]:
+    """The row's (prompt, completions) ids after the cuts: ``_fit`` of ``_tokenise`` of the whole row.
+
+    A field longer than the window is cut to it first, so a huge row costs what the cuts can
+    keep. The cut row is accepted only when each cut field still gives the window's token count
+    (the cut's neighbourhood falls outside what is kept) and a cut at twice the characters gives
+    the same outcome; otherwise the window doubles, up to the whole row.
+    """
+    chars, previous = t.window.chars, None
+    while True:
+        prompt_part, prompt_cut = clip(prompt, chars, t.window.prompt_end)
+        parts = [clip(c, chars, keep_end=False) for c in completions]
+        if not prompt_cut and not any(cut for _, cut in parts):
+            return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
+        outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t)
+        if outcome is not None and outcome == previous:
+            if isinstance(outcome[0], str):
+                raise _RowError(*outcome)
+            return outcome
+        previous, chars = outcome, 2 * chars
+
+
+def _cut_outcome(prompt: Any, prompt_cut: bool, parts: list[tuple[Any, bool]], names: list[str], t: _Tokens) -> tuple | None:
+    """``_fit``'s result, or its error as ``(reason, field, message)``, for a cut row; None when the cut
+    row gives too few tokens to tell (or fails, which the cut may have caused)."""
+    try:
+        prompt_ids, ids = _tokenise(prompt, [c for c, _ in parts], names, t.fmt, t.tokenizer, t.text_tokenization)
+    except _RowError:
+        return None
+    if prompt_cut and len(prompt_ids) < t.window.prompt_tokens:
+        return None
+    if any(cut and len(c) < t.window.completion_tokens for (_, cut), c in zip(parts, ids)):
+        return None
+    try:
+        return _fit(prompt_ids, ids, names, t.cuts, prompt_cut)
+    except _RowError as err:
+        return err.reason, err.field, err.message
+
+
+def _to_pair(rec: Record, fmt: _Format, t: _Tokens) -> Pair:
     prompt, chosen, rejected = _split(rec.value, fmt)
     names = ["chosen", "rejected"]
-    prompt_ids, completions = _tokenise(prompt, [chosen, rejected], names, fmt, tokenizer, text_tokenization)
-    prompt_ids, (chosen_ids, rejected_ids) = _fit(prompt_ids, completions, names, cuts)
+    prompt_ids, (chosen_ids, rejected_ids) = _ids(prompt, [chosen, rejected], names, t)
     if chosen_ids == rejected_ids:  # nothing to prefer: the loss would be constant
+        cuts = t.cuts
         raise _RowError(IDENTICAL, "rejected", f"the same tokens as chosen once cut to max_length {cuts[0]}"
                         + (f" and max_completion_length {cuts[2]}" if cuts[2] is not None else ""))
     return Pair(prompt_ids, chosen_ids, rejected_ids, rec.row)
 
 
-def _to_group(rec: Record, fmt: _Format, tokenizer, cuts: tuple[int, int | None, int | None], text_tokenization: str = "separate") -> Group:
+def _to_group(rec: Record, fmt: _Format, t: _Tokens) -> Group:
     """A ranking (completions best first) or a labelled completion."""
     completions = _completions(rec.value, fmt)
     names = [fmt.field_of(i) for i in range(len(completions))]
-    prompt_ids, ids = _tokenise(rec.value["prompt"], completions, names, fmt, tokenizer, text_tokenization)
-    prompt_ids, ids = _fit(prompt_ids, ids, names, cuts)
+    prompt_ids, ids = _ids(rec.value["prompt"], completions, names, t)
     if fmt.kind == "labelled":
         return Group(prompt_ids, ids, labels=[rec.value["label"]], row=rec.row)
     ids, scores = ranked(ids, _scores(rec.value, fmt))

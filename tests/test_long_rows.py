@@ -1,0 +1,143 @@
+"""A very long row costs what ``max_length`` can keep, and gives exactly the tokens the whole row gives.
+
+The oracle is the same loader with cutting turned off (a window longer than any row).
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prefopt.data.pairs as pairs
+import prefopt.data.window as window
+from prefopt.data.pairs import load_examples
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _bpe_whole_text(texts):
+    """SentencePiece-like: no pre-tokenizer, so BPE merges run over the whole text; byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace()
+    specials = ["<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _wordpiece_deleting(texts):
+    """BERT-like: the normalizer deletes control and format characters (e.g. U+200B), unknown words are one [UNK]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=40))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"],
+                                                             show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+PIECES = ["good", " movie", " the", "  ", "\n", " \n  \n", "\u200b", "aaaa", " ", "é", "e\u0301", "!!", "123", "\t", ".", "x"]
+run = st.tuples(st.sampled_from(PIECES), st.integers(1, 120)).map(lambda t: t[0] * t[1])
+text = st.lists(st.one_of(st.sampled_from(PIECES), run), min_size=1, max_size=30).map("".join).filter(lambda s: s.strip("\u200b \n\t"))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer):
+    corpus = ["good movie the plot was good and the acting great 123 !!", "aaaa x e\u0301 é. the the movie"] * 20
+    out = {"byte-level BPE": tokenizer, "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus)}
+    for tok in out.values():
+        tok.chat_template = TEMPLATE
+    return out
+
+
+@contextmanager
+def _cutting(on: bool):
+    """Cutting with a window of one character per token (so cuts happen on short rows), or none at all."""
+    with pytest.MonkeyPatch.context() as mp:
+        if on:
+            mp.setattr(window, "longest_token", lambda tokenizer: 1)
+        else:
+            mp.setattr(pairs, "window_for", lambda *a: window.Window(10**18, 0, 0, False))
+        yield
+
+
+def _load(path, tok, **options):
+    examples, report, _ = load_examples(str(path), tok, on_error="skip", **options)
+    return examples, report.skipped, report.examples
+
+
+def _row(kind: str, prompt: str, completions: list[str]) -> dict:
+    if kind == "messages":
+        return {"prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": completions[0]}],
+                "rejected": [{"role": "assistant", "content": completions[1]}]}
+    if kind == "implicit":
+        return {"chosen": prompt + " " + completions[0], "rejected": prompt + " " + completions[1]}
+    if kind == "ranking":
+        return {"prompt": prompt, "completions": completions, "scores": list(range(len(completions), 0, -1))}
+    return {"prompt": prompt, "chosen": completions[0], "rejected": completions[1]}
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(["byte-level BPE", "whole-text BPE", "deleting WordPiece"]),
+       kind=st.sampled_from(["text", "trl", "messages", "implicit", "ranking"]),
+       rows=st.lists(st.tuples(text, st.lists(text, min_size=3, max_size=3)), min_size=1, max_size=4),
+       max_length=st.integers(4, 24), max_prompt=st.sampled_from([None, 3, 8]), max_completion=st.sampled_from([None, 2, 6]))
+def test_cut_rows_give_exactly_the_tokens_of_the_whole_rows(tokenizers, tmp_path_factory, name, kind, rows, max_length, max_prompt,
+                                                            max_completion):
+    if max_prompt is not None and max_prompt >= max_length:
+        max_prompt = max_length - 1
+    path = tmp_path_factory.getbasetemp() / "long.jsonl"
+    path.write_text("".join(json.dumps(_row(kind, p, cs if kind == "ranking" else cs[:2])) + "\n" for p, cs in rows))
+    options = dict(max_length=max_length, max_prompt_length=max_prompt, max_completion_length=max_completion,
+                   text_tokenization="trl" if kind == "trl" else "separate")
+    with _cutting(False):
+        whole = _load(path, tokenizers[name], **options)
+    with _cutting(True):
+        cut = _load(path, tokenizers[name], **options)
+    assert cut[:2] == whole[:2]
+    assert cut[2] == _counted_as_cut(whole[2], cut[2], max_length)
+
+
+def _counted_as_cut(whole: dict, cut: dict, max_length: int) -> dict:
+    """``whole``'s messages, with an over-long prompt's count said as the cut row says it when the cut row did."""
+    said = f"has more than {max_length} tokens"
+    return {reason: [c if said in c and re.sub(r"has \d+ tokens", said, w) == c else w for w, c in zip(msgs, cut.get(reason, []))]
+            + msgs[len(cut.get(reason, [])):] for reason, msgs in whole.items()}
+
+
+@pytest.mark.parametrize("max_prompt", [None, 16])
+def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path, monkeypatch, max_prompt):
+    long_text = " ".join(["the plot was good and the acting great"] * 20_000)  # 780 000 characters
+    rows = [{"prompt": long_text, "chosen": " good", "rejected": " bad"},  # over-long prompt: dropped, or its end kept
+            {"prompt": "Review:", "chosen": long_text, "rejected": " bad" + long_text},
+            {"prompt": "Review:", "chosen": " fine", "rejected": " poor"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = dict(max_length=48, max_prompt_length=max_prompt, on_overlong="drop")
+    with _cutting(False):
+        whole = _load(path, tokenizer, **options)
+    seen: list[int] = []
+    tokenise = pairs._tokenise
+
+    def recording(prompt, completions, *args):
+        seen.append(max(len(prompt), *map(len, completions)))
+        return tokenise(prompt, completions, *args)
+
+    monkeypatch.setattr(pairs, "_tokenise", recording)
+    cut = _load(path, tokenizer, **options)
+    assert cut[:2] == whole[:2] and cut[2] == _counted_as_cut(whole[2], cut[2], 48)
+    assert len(whole[0]) == (3 if max_prompt else 2)
+    bound = 2 * window.window_for(tokenizer, 48, max_prompt, None).chars
+    assert max(seen) <= bound < len(long_text) // 20, (seen, bound)

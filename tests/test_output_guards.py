@@ -115,6 +115,18 @@ def test_overwrite_protects_inputs_reached_through_symlinks(tok, tmp_path):
     assert (out / "train.jsonl").is_symlink() and not list(tmp_path.glob("run.old-*"))
 
 
+def test_overwrite_protects_the_chat_template_file(tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER).write_text("{}")
+    (out / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config = write_config(tok, tmp_path, **{"data.chat_template": str(out / "t.jinja")})
+    for command in ("validate", "train"):  # train read the template after moving it aside, and failed
+        assert main([command, str(config), "--overwrite"]) == 2
+        assert f"contains data.chat_template ({out / 't.jinja'}); --overwrite will not move it" in capsys.readouterr().err
+    assert (out / "t.jinja").is_file() and not list(tmp_path.glob("run.old-*"))
+
+
 def test_a_name_longer_than_the_filesystem_allows_is_a_clear_error(tok, tmp_path, capsys):
     config = write_config(tok, tmp_path)
     long = tmp_path / ("x" * 300)
@@ -170,6 +182,7 @@ def test_mount_point_and_read_only_parent_get_clear_errors_in_validate_and_train
     ({"trainer.grad_accum": 8}, [], r"trainer.grad_accum: 8 micro-batches per step, but one epoch holds only 4 \(16 rows"),
     ({"trainer.pad_to_multiple_of": 10**9}, [], r"trainer.pad_to_multiple_of: 1000000000 is longer than any packed row"),
     ({}, ["--resume", "--overwrite"], r"--resume and --overwrite together"),
+    ({"data.chat_template": "missing.jinja"}, [], r"data.chat_template: '.*missing.jinja' is neither a Jinja template"),
 ])
 def test_validate_refuses_what_train_refuses(tok, tmp_path, capsys, overrides, flags, message):
     import re

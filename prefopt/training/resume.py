@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.atomic import atomic_write, sha256_file
-from prefopt.config import RunConfig
+from prefopt.config import RunConfig, is_template_text
 from prefopt.errors import ConfigError
 
 log = logging.getLogger("prefopt")
@@ -93,6 +93,9 @@ def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict
         "model.name_or_path": config.model.name_or_path, "model.tokenizer": config.model.tokenizer,
         "model.reference": config.model.reference, "reference.cache_dir": config.reference.cache_dir,
     }
+    template = config.data.chat_template
+    if template and not is_template_text(template):  # a file the tokenizer reads after the output directory is prepared
+        named["data.chat_template"] = template
     named.update({f"the config file {p}": p for p in extra})
     out: dict[str, Path] = {}
     for k, v in named.items():

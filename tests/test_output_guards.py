@@ -72,6 +72,18 @@ def test_overwrite_moves_an_empty_or_marked_directory_only(tok, tmp_path):
     assert tree(aside) == sorted([MARKER, "metrics.jsonl"]) and tree(out) == [MARKER]
 
 
+def test_a_run_that_failed_at_start_can_be_started_again_without_flags(tok, tmp_path, capsys):
+    config = write_config(tok, tmp_path)
+    train = tmp_path / "train.jsonl"
+    good = train.read_text()
+    train.write_text(good + '{"prompt": "a row with no completions"}\n')
+    assert main(["train", str(config)]) == 2  # a data error after the output directory was prepared
+    assert "field 'chosen'" in capsys.readouterr().err and tree(tmp_path / "run") == [MARKER]
+    train.write_text(good)
+    assert main(["validate", str(config)]) == 0 and main(["train", str(config)]) == 0  # the marker alone is no run
+    assert not list(tmp_path.glob("run.old-*")) and (tmp_path / "run" / "summary.json").is_file()
+
+
 def _hold(path: Path) -> subprocess.Popen:
     holder = ("import sys, time; from prefopt.training.lock import DirectoryLock; DirectoryLock(sys.argv[1]).acquire(); "
               "print('held', flush=True); time.sleep(60)")

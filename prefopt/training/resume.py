@@ -106,6 +106,11 @@ def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict
     return out
 
 
+def has_contents(directory: Path) -> bool:
+    """Whether ``directory`` holds anything but the run marker (all a run that failed at start leaves)."""
+    return any(p.name != MARKER for p in directory.iterdir())
+
+
 def output_problems(config: RunConfig, resume: bool, overwrite: bool, protect: Iterable[str | Path] = ()) -> list[str]:
     """What ``train`` would refuse about ``trainer.output_dir`` with these flags (``validate`` reports the same)."""
     out = Path(config.trainer.output_dir)
@@ -115,7 +120,7 @@ def output_problems(config: RunConfig, resume: bool, overwrite: bool, protect: I
     try:
         real = Path(os.path.realpath(out))
         exists, is_dir = real.exists(), real.is_dir()
-        nonempty = is_dir and any(real.iterdir())
+        nonempty = is_dir and has_contents(real)
     except OSError as exc:
         from prefopt.training.lock import describe_os_error
 
@@ -158,7 +163,7 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
         raise ConfigError("\n".join(problems))
     out = Path(config.trainer.output_dir)
     real = Path(os.path.realpath(out))  # a symlinked output directory: its target is moved, never the link
-    if overwrite and real.is_dir() and any(real.iterdir()):
+    if overwrite and real.is_dir() and has_contents(real):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = real.with_name(f"{real.name}.old-{stamp}")
         n = 1
@@ -166,7 +171,7 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
             aside, n = real.with_name(f"{real.name}.old-{stamp}-{n}"), n + 1
         os.replace(real, aside)
         log.warning("--overwrite: moved the previous contents of %s to %s; delete that when you no longer need it", out, aside)
-    fresh = not (real.is_dir() and any(real.iterdir()))
+    fresh = not (real.is_dir() and has_contents(real))
     make_directory(real, "trainer.output_dir")
     relock(real)
     if fresh and not resume:

@@ -114,6 +114,29 @@ def test_lock_holds_through_a_symlink_and_a_deleted_lock_file(tok, tmp_path):
         proc.wait()
 
 
+def test_the_holder_note_never_follows_a_link_or_blocks_on_a_fifo(tmp_path):
+    from prefopt.training.lock import DirectoryLock, holder_file
+
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    note = holder_file(os.stat(out))
+    note.parent.mkdir(parents=True)
+    note.with_suffix(f".{os.getpid()}.tmp").symlink_to(victim)  # planted in a shared lock folder
+    with DirectoryLock(out):
+        assert note.read_text().startswith(f"process {os.getpid()} on ")
+    assert victim.read_text() == "precious"
+    proc = _hold(out)
+    try:
+        note.unlink()
+        os.mkfifo(note)  # reading it for the refusal's message would block for ever
+        with pytest.raises(ConfigError, match=r"is in use by another process"):
+            DirectoryLock(out).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_overwrite_protects_inputs_reached_through_symlinks(tok, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     data = write_jsonl(tmp_path / "elsewhere" / "train.jsonl", word_rows(0, 16))

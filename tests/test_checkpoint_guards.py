@@ -140,6 +140,22 @@ def test_checksums_json_and_the_checkpoint_itself_must_be_real_not_links(tok, tm
         ckpt.verify(path)
 
 
+def test_a_synced_reference_is_read_only_when_its_checksum_is_listed(tok, tmp_path):
+    sync = {"reference.sync": {"every": 1, "mix": 0.5}, "trainer.max_steps": 2}
+    raw = raw_config(tok, tmp_path, **sync)
+    train(validate(raw))
+    out = Path(raw["trainer"]["output_dir"])
+    path = out / "checkpoints" / "step-0000002"
+    (out / "summary.json").unlink()
+    sums = json.loads((path / "checksums.json").read_text())
+    del sums["reference.safetensors"]  # an unlisted file is never verified: here a link to weights outside the run
+    (path / "checksums.json").write_text(json.dumps(sums))
+    os.replace(path / "reference.safetensors", tmp_path / "outside.safetensors")
+    (path / "reference.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"reference.safetensors is not listed in its checksums.json"):
+        train(validate(raw), resume=True)
+
+
 def test_stale_cache_temporaries_are_removed_and_a_live_writers_kept(tmp_path):
     import fcntl
 

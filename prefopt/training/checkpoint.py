@@ -278,11 +278,14 @@ def reference_state(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_reference(path: Path, reference: torch.nn.Module) -> None:
-    """Restore a synced reference's weights exactly from a checkpoint (verified by :func:`load_checkpoint`)."""
+    """Restore a synced reference's weights exactly from a checkpoint (verified by :func:`load_checkpoint`, which
+    checks the files ``checksums.json`` lists: this one must be among them)."""
     file = path / "reference.safetensors"
     if not file.exists():
         raise CheckpointError(f"checkpoint {path}: holds no reference weights, but reference.sync changes the reference during "
                               f"training; it cannot be resumed with reference.sync")
+    if file.name not in json.loads((path / "checksums.json").read_text()):  # only listed files were verified
+        raise CheckpointError(f"checkpoint {path}: {file.name} is not listed in its checksums.json; refusing to read it")
     weights = load_file(str(file))
     names = {n for n, _ in reference.named_parameters()}
     if set(weights) != names:

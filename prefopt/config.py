@@ -325,10 +325,14 @@ def _retarget_loss(raw: dict[str, Any], old: Any) -> None:
 
 
 def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: str) -> None:
+    _check_path_text(config, source)
     for section, key in _PATH_FIELDS + _OUTPUT_FIELDS:
         value = getattr(getattr(config, section), key)
         if value and value.startswith("~"):
             value = os.path.expanduser(value)  # every path field, so no literal ./~ directory is ever made
+            if value.startswith("~"):  # ~name of no such user: expanduser leaves it as it was
+                raise ConfigError(f"{source}: {section}.{key}: {short_path(value)}: no user named "
+                                  f"{value[1:].split('/', 1)[0][:40]!r} to expand ~ for; write the path out in full")
             setattr(getattr(config, section), key, value)
         if not value or Path(value).is_absolute():
             continue
@@ -351,6 +355,19 @@ def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: st
     template = config.data.chat_template
     if template and "data.chat_template" not in from_cli and not is_template_text(template) and not Path(template).expanduser().is_absolute():
         config.data.chat_template = os.path.normpath(base / template)
+
+
+def _check_path_text(config: RunConfig, source: str) -> None:
+    """A NUL character in a path field (``"\\0"`` in YAML) cannot name a file: say so, instead of a ``ValueError`` later."""
+    fields = _PATH_FIELDS + _OUTPUT_FIELDS + [("data", "chat_template")]
+    for section, key in fields:
+        value = getattr(getattr(config, section), key)
+        if value and "\0" in value and not (key == "chat_template" and is_template_text(value)):
+            raise ConfigError(f"{source}: {section}.{key}: {short_path(value)} contains a NUL character, which no path can hold")
+
+
+def short_path(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
 def is_template_text(value: str) -> bool:

@@ -116,6 +116,46 @@ def test_every_file_a_checkpoint_names_must_be_a_regular_file_inside_it(tok, tmp
         ckpt.verify(path)
 
 
+def test_checksums_json_and_the_checkpoint_itself_must_be_real_not_links(tok, tmp_path):
+    raw = raw_config(tok, tmp_path, **{"trainer.max_steps": 2})
+    train(validate(raw))
+    root = Path(raw["trainer"]["output_dir"]) / "checkpoints"
+    path = root / "step-0000002"
+    sums = path / "checksums.json"
+    os.replace(sums, tmp_path / "sums.json")
+    sums.symlink_to(tmp_path / "sums.json")  # the right checksums, read through a link
+    with pytest.raises(ckpt.CheckpointError, match=r"checksums.json is not a regular file of at most 1 MiB inside"):
+        ckpt.verify(path)
+    sums.unlink()
+    os.mkfifo(sums)  # reading it would block --resume (and validate --resume) for ever
+    with pytest.raises(ckpt.CheckpointError, match=r"checksums.json is not a regular file"):
+        ckpt.verify(path)
+    sums.unlink()
+    os.replace(tmp_path / "sums.json", sums)
+    ckpt.verify(path)
+    os.replace(path, tmp_path / "elsewhere")
+    path.symlink_to(tmp_path / "elsewhere")  # a complete checkpoint, but outside the run
+    assert ckpt.latest_valid(root) == root / "step-0000001"
+    with pytest.raises(ckpt.CheckpointError, match=r"is a symbolic link, not a directory prefopt wrote"):
+        ckpt.verify(path)
+
+
+def test_a_synced_reference_is_read_only_when_its_checksum_is_listed(tok, tmp_path):
+    sync = {"reference.sync": {"every": 1, "mix": 0.5}, "trainer.max_steps": 2}
+    raw = raw_config(tok, tmp_path, **sync)
+    train(validate(raw))
+    out = Path(raw["trainer"]["output_dir"])
+    path = out / "checkpoints" / "step-0000002"
+    (out / "summary.json").unlink()
+    sums = json.loads((path / "checksums.json").read_text())
+    del sums["reference.safetensors"]  # an unlisted file is never verified: here a link to weights outside the run
+    (path / "checksums.json").write_text(json.dumps(sums))
+    os.replace(path / "reference.safetensors", tmp_path / "outside.safetensors")
+    (path / "reference.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"reference.safetensors is not listed in its checksums.json"):
+        train(validate(raw), resume=True)
+
+
 def test_stale_cache_temporaries_are_removed_and_a_live_writers_kept(tmp_path):
     import fcntl
 

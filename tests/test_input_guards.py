@@ -52,6 +52,21 @@ def test_tilde_is_expanded_in_every_path_field(tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
 
 
+def test_tilde_of_an_unknown_user_and_a_nul_in_a_path_are_errors_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG)
+    with pytest.raises(ConfigError, match=r"run.yaml: trainer.output_dir: '~no-such-user-x/r': no user named 'no-such-user-x'"):
+        load_config(path, ["trainer.output_dir=~no-such-user-x/r"])
+    path.write_text(CONFIG + "reference: {cache_dir: ~no-such-user-x/c}\n")
+    with pytest.raises(ConfigError, match=r"reference.cache_dir: .*no user named"):
+        load_config(path)
+    for field in ("trainer.output_dir", "model.name_or_path", "data.chat_template"):  # a ValueError deep in os.path before
+        with pytest.raises(ConfigError, match=rf"run.yaml: {field}: .* contains a NUL character"):
+            load_config(path, [f'{field}="a\\0b"'])
+    assert not any("~" in p.name for p in tmp_path.rglob("*"))
+
+
 @pytest.mark.slow
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(

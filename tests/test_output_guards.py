@@ -72,6 +72,18 @@ def test_overwrite_moves_an_empty_or_marked_directory_only(tok, tmp_path):
     assert tree(aside) == sorted([MARKER, "metrics.jsonl"]) and tree(out) == [MARKER]
 
 
+def test_a_run_that_failed_at_start_can_be_started_again_without_flags(tok, tmp_path, capsys):
+    config = write_config(tok, tmp_path)
+    train = tmp_path / "train.jsonl"
+    good = train.read_text()
+    train.write_text(good + '{"prompt": "a row with no completions"}\n')
+    assert main(["train", str(config)]) == 2  # a data error after the output directory was prepared
+    assert "field 'chosen'" in capsys.readouterr().err and tree(tmp_path / "run") == [MARKER]
+    train.write_text(good)
+    assert main(["validate", str(config)]) == 0 and main(["train", str(config)]) == 0  # the marker alone is no run
+    assert not list(tmp_path.glob("run.old-*")) and (tmp_path / "run" / "summary.json").is_file()
+
+
 def _hold(path: Path) -> subprocess.Popen:
     holder = ("import sys, time; from prefopt.training.lock import DirectoryLock; DirectoryLock(sys.argv[1]).acquire(); "
               "print('held', flush=True); time.sleep(60)")
@@ -102,6 +114,29 @@ def test_lock_holds_through_a_symlink_and_a_deleted_lock_file(tok, tmp_path):
         proc.wait()
 
 
+def test_the_holder_note_never_follows_a_link_or_blocks_on_a_fifo(tmp_path):
+    from prefopt.training.lock import DirectoryLock, holder_file
+
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    note = holder_file(os.stat(out))
+    note.parent.mkdir(parents=True)
+    note.with_suffix(f".{os.getpid()}.tmp").symlink_to(victim)  # planted in a shared lock folder
+    with DirectoryLock(out):
+        assert note.read_text().startswith(f"process {os.getpid()} on ")
+    assert victim.read_text() == "precious"
+    proc = _hold(out)
+    try:
+        note.unlink()
+        os.mkfifo(note)  # reading it for the refusal's message would block for ever
+        with pytest.raises(ConfigError, match=r"is in use by another process"):
+            DirectoryLock(out).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_overwrite_protects_inputs_reached_through_symlinks(tok, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     data = write_jsonl(tmp_path / "elsewhere" / "train.jsonl", word_rows(0, 16))
@@ -113,6 +148,18 @@ def test_overwrite_protects_inputs_reached_through_symlinks(tok, tmp_path):
     with pytest.raises(ConfigError, match=r"contains data.train .*--overwrite will not move it"):
         prepare_output(cfg, False, True)
     assert (out / "train.jsonl").is_symlink() and not list(tmp_path.glob("run.old-*"))
+
+
+def test_overwrite_protects_the_chat_template_file(tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER).write_text("{}")
+    (out / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config = write_config(tok, tmp_path, **{"data.chat_template": str(out / "t.jinja")})
+    for command in ("validate", "train"):  # train read the template after moving it aside, and failed
+        assert main([command, str(config), "--overwrite"]) == 2
+        assert f"contains data.chat_template ({out / 't.jinja'}); --overwrite will not move it" in capsys.readouterr().err
+    assert (out / "t.jinja").is_file() and not list(tmp_path.glob("run.old-*"))
 
 
 def test_a_name_longer_than_the_filesystem_allows_is_a_clear_error(tok, tmp_path, capsys):
@@ -170,6 +217,7 @@ def test_mount_point_and_read_only_parent_get_clear_errors_in_validate_and_train
     ({"trainer.grad_accum": 8}, [], r"trainer.grad_accum: 8 micro-batches per step, but one epoch holds only 4 \(16 rows"),
     ({"trainer.pad_to_multiple_of": 10**9}, [], r"trainer.pad_to_multiple_of: 1000000000 is longer than any packed row"),
     ({}, ["--resume", "--overwrite"], r"--resume and --overwrite together"),
+    ({"data.chat_template": "missing.jinja"}, [], r"data.chat_template: '.*missing.jinja' is neither a Jinja template"),
 ])
 def test_validate_refuses_what_train_refuses(tok, tmp_path, capsys, overrides, flags, message):
     import re

@@ -213,9 +213,21 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
+MAX_CHECKSUMS_BYTES = 2**20  # a checksums.json lists a handful of files
+
+
 def verify(path: Path) -> None:
-    """Raise :class:`CheckpointError` unless every file matches its recorded checksum."""
+    """Raise :class:`CheckpointError` unless every file matches its recorded checksum.
+
+    The checkpoint must be a real directory and ``checksums.json`` a small regular file in it: a symlink to a
+    FIFO or ``/dev/zero`` would otherwise hang ``--resume`` or fill the memory."""
+    if path.is_symlink():
+        raise CheckpointError(f"checkpoint {path}: is a symbolic link, not a directory prefopt wrote; refusing to read it")
     try:
+        st = (path / "checksums.json").lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CHECKSUMS_BYTES:
+            raise CheckpointError(f"checkpoint {path}: checksums.json is not a regular file of at most "
+                                  f"{MAX_CHECKSUMS_BYTES // 2**20} MiB inside the checkpoint; refusing to read it")
         sums = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: no readable checksums.json ({exc})") from None
@@ -266,11 +278,14 @@ def reference_state(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_reference(path: Path, reference: torch.nn.Module) -> None:
-    """Restore a synced reference's weights exactly from a checkpoint (verified by :func:`load_checkpoint`)."""
+    """Restore a synced reference's weights exactly from a checkpoint (verified by :func:`load_checkpoint`, which
+    checks the files ``checksums.json`` lists: this one must be among them)."""
     file = path / "reference.safetensors"
     if not file.exists():
         raise CheckpointError(f"checkpoint {path}: holds no reference weights, but reference.sync changes the reference during "
                               f"training; it cannot be resumed with reference.sync")
+    if file.name not in json.loads((path / "checksums.json").read_text()):  # only listed files were verified
+        raise CheckpointError(f"checkpoint {path}: {file.name} is not listed in its checksums.json; refusing to read it")
     weights = load_file(str(file))
     names = {n for n, _ in reference.named_parameters()}
     if set(weights) != names:

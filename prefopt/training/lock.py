@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -124,14 +125,22 @@ def _write_holder(st: os.stat_result) -> None:
         lock_folder().mkdir(parents=True, exist_ok=True)
         path = holder_file(st)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(note)
+        tmp.unlink(missing_ok=True)
+        # a new file, never through a link: the lock folder may be shared, and a planted link would aim the write elsewhere
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(note)
         os.replace(tmp, path)
     except OSError:
         pass  # only the message a second run gets is poorer
 
 
 def _holder(real: Path) -> str:
-    try:
-        return holder_file(os.stat(real)).read_text().strip() or "another process"
+    try:  # a regular file only, a bounded read: a FIFO or a link to /dev/zero must not hang the refusal
+        fd = os.open(holder_file(os.stat(real)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "another process"
+            return f.read(1000).decode("utf-8", "replace").strip() or "another process"
     except OSError:
         return "another process"

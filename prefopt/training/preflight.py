@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from prefopt.config import RunConfig
-from prefopt.engine.modeling import has_weights
+from prefopt.engine.modeling import has_weights, read_chat_template
 from prefopt.errors import ConfigError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
@@ -60,6 +60,11 @@ def preflight(config: RunConfig, hub: bool = True, *, resume: bool = False, over
             problems.append(f"{field}: {value} does not exist (no such local directory)")
         elif hub:
             problems.extend(_hub(field, value, "model"))
+    if config.data.chat_template is not None:  # read by the tokenizer only after the output directory is prepared
+        try:
+            read_chat_template(config.data.chat_template)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if config.trainer.precision == "fp16" and not torch.cuda.is_available():
         problems.append("trainer.precision: fp16 needs a CUDA device (it trains with loss scaling); use bf16 or fp32 on CPU")
     for name in config.trainer.report_to:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.atomic import atomic_write, sha256_file
-from prefopt.config import RunConfig
+from prefopt.config import RunConfig, is_template_text
 from prefopt.errors import ConfigError
 
 log = logging.getLogger("prefopt")
@@ -93,6 +93,9 @@ def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict
         "model.name_or_path": config.model.name_or_path, "model.tokenizer": config.model.tokenizer,
         "model.reference": config.model.reference, "reference.cache_dir": config.reference.cache_dir,
     }
+    template = config.data.chat_template
+    if template and not is_template_text(template):  # a file the tokenizer reads after the output directory is prepared
+        named["data.chat_template"] = template
     named.update({f"the config file {p}": p for p in extra})
     out: dict[str, Path] = {}
     for k, v in named.items():
@@ -101,6 +104,11 @@ def protected_paths(config: RunConfig, extra: Iterable[str | Path] = ()) -> dict
             out[k] = Path(os.path.realpath(p))
             out[f"{k} (as written)"] = Path(os.path.realpath(p.parent)) / p.name
     return out
+
+
+def has_contents(directory: Path) -> bool:
+    """Whether ``directory`` holds anything but the run marker (all a run that failed at start leaves)."""
+    return any(p.name != MARKER for p in directory.iterdir())
 
 
 def output_problems(config: RunConfig, resume: bool, overwrite: bool, protect: Iterable[str | Path] = ()) -> list[str]:
@@ -112,7 +120,7 @@ def output_problems(config: RunConfig, resume: bool, overwrite: bool, protect: I
     try:
         real = Path(os.path.realpath(out))
         exists, is_dir = real.exists(), real.is_dir()
-        nonempty = is_dir and any(real.iterdir())
+        nonempty = is_dir and has_contents(real)
     except OSError as exc:
         from prefopt.training.lock import describe_os_error
 
@@ -155,7 +163,7 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
         raise ConfigError("\n".join(problems))
     out = Path(config.trainer.output_dir)
     real = Path(os.path.realpath(out))  # a symlinked output directory: its target is moved, never the link
-    if overwrite and real.is_dir() and any(real.iterdir()):
+    if overwrite and real.is_dir() and has_contents(real):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = real.with_name(f"{real.name}.old-{stamp}")
         n = 1
@@ -163,7 +171,7 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, protect: It
             aside, n = real.with_name(f"{real.name}.old-{stamp}-{n}"), n + 1
         os.replace(real, aside)
         log.warning("--overwrite: moved the previous contents of %s to %s; delete that when you no longer need it", out, aside)
-    fresh = not (real.is_dir() and any(real.iterdir()))
+    fresh = not (real.is_dir() and has_contents(real))
     make_directory(real, "trainer.output_dir")
     relock(real)
     if fresh and not resume:

@@ -99,6 +99,22 @@ def test_run_that_skips_most_steps_fails_and_saves_no_model(tok, tmp_path):
         train(beta)
 
 
+def test_a_model_with_finite_weights_but_a_nonfinite_loss_is_not_saved(tok, tmp_path):
+    """Huge steps after a warm-up: only half the steps are skipped and every weight is finite, but the model is broken."""
+    from prefopt.training.trainer import train
+
+    eval_rows = tmp_path / "eval.jsonl"
+    write_jsonl(eval_rows, _rows(1, 4))
+    for name, extra in (("held-out", {"data.eval": str(eval_rows)}), ("last", {})):
+        cfg = config(tok, tmp_path / name, **{"trainer.lr": 1e30, "trainer.warmup_steps": 1, "trainer.max_steps": 4,
+                                              "trainer.schedule": "cosine", **extra})
+        with pytest.raises(TrainingError, match=rf"the trained model gives a non-finite loss on the {name}.*final model was not saved"):
+            train(cfg)
+        out = Path(cfg.trainer.output_dir)
+        assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+        assert (out / "checkpoints" / "step-0000004").is_dir()
+
+
 def test_step_that_makes_weights_nonfinite_stops_the_run(tok, tmp_path):
     from prefopt.training.trainer import train
 

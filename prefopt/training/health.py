@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -181,6 +182,20 @@ def check_skipped(steps: int, skipped: int) -> None:
         )
 
 
+def check_final_loss(after: dict[str, float], last_step_skipped: bool) -> None:
+    """After the final evaluation: refuse a model whose loss is not finite, though its weights are (a run of huge
+    steps can leave such a model after only some steps were skipped)."""
+    loss = after.get("eval/loss")
+    if loss is not None and not math.isfinite(loss):
+        where = "the held-out data"
+    elif last_step_skipped:
+        where = "the last training batch (that step was skipped)"
+    else:
+        return
+    raise TrainingError(f"the trained model gives a non-finite loss on {where}, so it is broken; the final model was not saved "
+                        f"(the last checkpoint was). Lower trainer.lr or the loss's scale (e.g. loss.beta), or set trainer.max_grad_norm")
+
+
 def sign_warning(before: dict[str, float], after: dict[str, float], first_loss: float | None, last_loss: float | None) -> str | None:
     """A plain warning when training moved the held-out log-ratio margin against the preference while the loss fell.
 
@@ -275,5 +290,5 @@ def _describe(value: Any) -> str:
     return f"of type {type(value).__name__}"
 
 
-__all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final_weights", "check_skipped", "check_step", "check_output_head", "check_start",
+__all__ = ["CheckedLoss", "TrainingError", "check_engine_logps", "check_final_loss", "check_final_weights", "check_skipped", "check_step", "check_output_head", "check_start",
            "compare_logps", "model_token_logps", "nonfinite_parameters", "sign_warning", "step_summary"]

@@ -151,6 +151,7 @@ class Trainer:
         else:
             state["bad_steps"] += 1
             log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", step + 1, state["bad_steps"])
+        state["last_skipped"] = not finite and self.tc.precision != "fp16"  # fp16 skips overflowing steps by design
         optimizer.zero_grad(set_to_none=True)
         return pending
 
@@ -204,6 +205,7 @@ class Trainer:
         self.sample(state["step"])
         if summary["after"]:
             self.log_metrics({"step": state["step"], **summary["after"]})
+        health.check_final_loss(summary["after"], state.get("last_skipped", False))
         warning = health.sign_warning(state["before"] or {}, summary["after"], state.get("first_loss"), state.get("last_loss"))
         if warning:
             summary["warnings"] = [warning]

@@ -306,6 +306,47 @@ def test_resume_from_another_working_directory(tok, tmp_path, monkeypatch):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
 
 
+def test_a_moved_project_resumes_when_its_files_are_the_same(tok, tmp_path, saved_model, caplog, capsys):
+    """Every path in the config changes with the project's place; the data's token ids and the weight files' fingerprints
+    decide. The model is a local directory inside the project."""
+    from prefopt.cli.commands import main
+
+    proj = tmp_path / "proj"
+    raw = raw_config(tok, proj, **{"trainer.max_steps": 1, "data.train": "train.jsonl", "trainer.output_dir": "run",
+                                   "model.config": None, "model.name_or_path": "model", "model.tokenizer": "tok"})
+    shutil.copytree(saved_model, proj / "model")
+    shutil.copytree(tok, proj / "tok")
+    (proj / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(proj / "run.yaml")]) == 0
+    moved = tmp_path / "moved"
+    proj.rename(moved)
+    resume = ["train", str(moved / "run.yaml"), "--resume", "--set", "trainer.max_steps=2"]
+    with caplog.at_level(logging.WARNING, logger="prefopt"):
+        assert main(resume) == 0
+    assert "data.train, model.name_or_path, model.tokenizer moved since the checkpoint" in caplog.text
+    rows = [json.loads(line) for line in (moved / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+    other = tmp_path / "other"  # a copy with other files at the same places is refused
+    shutil.copytree(moved, other)
+    lines = (moved / "train.jsonl").read_text().splitlines()
+    (other / "train.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, another order
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(moved / "model")
+        next(model.parameters()).add_(1.0)
+        model.save_pretrained(other / "model")
+    resume = ["train", str(other / "run.yaml"), "--resume", "--set", "trainer.max_steps=3"]
+    capsys.readouterr()
+    assert main(resume) == 2
+    assert "the weights at model.name_or_path changed" in capsys.readouterr().err
+    shutil.rmtree(other / "model")
+    shutil.copytree(moved / "model", other / "model")
+    assert main(resume) == 2
+    assert "the training data changed since the checkpoint" in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tok, tmp_path, caplog):
     raw = raw_config(tok, tmp_path, **{"trainer.max_steps": 2})
     first = train(validate(raw))

@@ -46,6 +46,31 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
+# Paths whose contents a resume checks itself, so the same files at another path (a moved project, another
+# mount) resume: the training pairs' token ids after loading, the local weight files' fingerprints before.
+CHECKED_BY_CONTENT = {"data.train": "data_fingerprint", "model.tokenizer": "data_fingerprint",
+                      "data.chat_template": "data_fingerprint", "model.name_or_path": "model_files",
+                      "model.reference": "model_files"}
+
+
+def breaking_differences(saved: dict[str, Any], current: dict[str, Any], say: bool = True) -> list[str]:
+    """:func:`config_differences` between a checkpoint's ``state.json`` and this config, less the paths that
+    moved but whose contents the resume checks (logged when ``say``)."""
+    diffs = config_differences(saved["config"], current)
+    moved = [k for k in diffs if _checked(k, saved)]
+    if moved and say:
+        log.warning("--resume: %s moved since the checkpoint; resuming only if their contents are the same (checked by "
+                    "fingerprint)", ", ".join(moved))
+    return [k for k in diffs if k not in moved]
+
+
+def _checked(key: str, saved: dict[str, Any]) -> bool:
+    how = CHECKED_BY_CONTENT.get(key)
+    if how == "model_files":  # recorded for a local directory only: a Hub name that changed is another model
+        return key in (saved.get("model_files") or {})
+    return how is not None and saved.get(how) is not None
+
+
 def _defaults() -> dict[str, Any]:
     """``section.field`` -> default, for the fields that have one."""
     out = {}
@@ -273,7 +298,7 @@ def check_before_loading(config: RunConfig, processes: int) -> dict[str, Any] | 
         raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {root}")
     saved = json.loads((path / "state.json").read_text())
     current = config.model_dump(mode="json")
-    diffs = config_differences(saved["config"], current)
+    diffs = breaking_differences(saved, current)
     if diffs:
         raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
     _check_identity(saved, run_identity(config, processes), path)

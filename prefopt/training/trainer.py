@@ -27,7 +27,7 @@ from prefopt.training import distributed, health
 from prefopt.training.health import TrainingError
 from prefopt.training.interrupt import GracefulStop
 from prefopt.training.lock import DirectoryLock
-from prefopt.training.resume import check_before_loading, check_resume, config_differences, drop_metrics_after, prepare_output, run_identity
+from prefopt.training.resume import breaking_differences, check_before_loading, check_resume, drop_metrics_after, prepare_output, run_identity
 from prefopt.training.run import make_accelerator, precompute_reference, setup
 from prefopt.training.samples import make_sampler
 from prefopt.training.step import LogWindow, evaluate, example_tokens, example_weight, forward_backward, read_flags
@@ -220,7 +220,7 @@ class Trainer:
         if path is None:
             raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_root}")
         saved = json.loads((path / "state.json").read_text())
-        diffs = config_differences(saved["config"], self.current)
+        diffs = breaking_differences(saved, self.current, say=False)  # said by check_before_loading
         if diffs:
             raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
         check_resume(saved, self.run_facts, self.config)

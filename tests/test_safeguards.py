@@ -81,6 +81,24 @@ def test_resume_refuses_a_changed_schedule_length(tok, tmp_path):
         train(config(tok, tmp_path, **{**base, "trainer.max_steps": 3}), resume=True)
 
 
+def test_a_changed_length_is_refused_before_loading_and_for_a_warmup_ratio(tok, tmp_path, monkeypatch):
+    from prefopt.training import trainer
+    from prefopt.training.trainer import train
+
+    runs = {"cosine": {"trainer.schedule": "cosine"}, "ratio": {"trainer.warmup_ratio": 0.5},
+            "steps": {"trainer.warmup_steps": 1}}  # the last: constant after one warm-up step, whatever the length
+    for name, extra in runs.items():
+        train(config(tok, tmp_path / name, **{"trainer.save_every": 1, "trainer.max_steps": 2, **extra}))
+        (tmp_path / name / "run" / "summary.json").unlink()  # not finished
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "Trainer", lambda *a: pytest.fail("loaded data or models before refusing"))
+        for name, fixed in (("cosine", "its cosine learning-rate schedule is"), ("ratio", r"its warm-up \(trainer.warmup_ratio\) is")):
+            with pytest.raises(ConfigError, match=rf"give 3 steps but the run was started with 2; {fixed} fixed by that length"):
+                train(config(tok, tmp_path / name, **{"trainer.save_every": 1, "trainer.max_steps": 3, **runs[name]}), resume=True)
+    resumed = train(config(tok, tmp_path / "steps", **{"trainer.save_every": 1, "trainer.max_steps": 3, **runs["steps"]}), resume=True)
+    assert resumed["steps"] == 3
+
+
 # ---------------------------------------------------------------- 6: broken final models
 
 

@@ -96,13 +96,22 @@ def check_resume(saved: dict[str, Any], facts: dict[str, Any], config: RunConfig
             f"--resume: the training data changed since the checkpoint (data.train: {config.data.train}): its pairs no longer "
             f"tokenise to the ones the run was trained on. Restore the data, or start a new run in another trainer.output_dir"
         )
-    old_total = saved.get("total_steps")
-    if old_total is not None and old_total != facts["total_steps"] and config.trainer.schedule != "constant":
-        raise ConfigError(
-            f"--resume: trainer.max_steps/trainer.epochs give {facts['total_steps']} steps but the run was started with "
-            f"{old_total}; its {config.trainer.schedule} learning-rate schedule is fixed by that length. Keep the original "
-            f"trainer.max_steps/epochs (schedule: constant allows changing them), or start a new run"
-        )
+    _check_length(saved.get("total_steps"), facts["total_steps"], config)
+
+
+def _check_length(old_total: int | None, total: int, config: RunConfig) -> None:
+    """Refuse another number of steps when the learning rate depends on it: a decaying schedule, or a warm-up
+    given as ``warmup_ratio`` (its length is a fraction of the steps)."""
+    tc = config.trainer
+    by_ratio = tc.warmup_ratio > 0 and not tc.warmup_steps
+    if old_total is None or old_total == total or (tc.schedule == "constant" and not by_ratio):
+        return
+    fixed = f"its {tc.schedule} learning-rate schedule is" if tc.schedule != "constant" else "its warm-up (trainer.warmup_ratio) is"
+    raise ConfigError(
+        f"--resume: trainer.max_steps/trainer.epochs give {total} steps but the run was started with {old_total}; "
+        f"{fixed} fixed by that length. Keep the original trainer.max_steps/epochs (schedule: constant with no "
+        f"warmup_ratio allows changing them), or start a new run"
+    )
 
 
 MARKER = ".prefopt-run"  # written into every output directory prefopt creates; --overwrite moves only those
@@ -302,6 +311,8 @@ def check_before_loading(config: RunConfig, processes: int) -> dict[str, Any] | 
     if diffs:
         raise ConfigError(f"--resume: the config changed in ways that break the run: {', '.join(diffs)}")
     _check_identity(saved, run_identity(config, processes), path)
+    if config.trainer.max_steps:  # the length is known before the data is read
+        _check_length(saved.get("total_steps"), config.trainer.max_steps, config)
     summary_file = out / "summary.json"
     same_length = all(saved["config"]["trainer"].get(k) == current["trainer"][k] for k in ("max_steps", "epochs"))
     if summary_file.is_file() and same_length:

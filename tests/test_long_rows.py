@@ -117,6 +117,22 @@ def _counted_as_cut(whole: dict, cut: dict, max_length: int) -> dict:
             + msgs[len(cut.get(reason, [])):] for reason, msgs in whole.items()}
 
 
+def test_a_cut_message_that_gives_few_tokens_is_not_trusted(tokenizers, tmp_path):
+    """Keep-end prompt of two long messages; the last one's end is a run of characters the normalizer deletes, after
+    real words. Cut, it gives almost nothing, so the kept tokens would come from the first message: the cut is refused
+    however many tokens the prompt as a whole gives."""
+    tok = tokenizers["deleting WordPiece"]
+    row = {"prompt": [{"role": "user", "content": "great " * 100_000},
+                      {"role": "user", "content": "the plot was good " * 20 + "\u200b" * 400_000 + " movie"}],
+           "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad movie"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with _cutting(False):
+        whole = _load(path, tok, max_length=64, max_prompt_length=40)
+    assert "plot" in tok.convert_ids_to_tokens(whole[0][0].prompt_ids)
+    assert _load(path, tok, max_length=64, max_prompt_length=40) == whole
+
+
 @pytest.mark.parametrize("max_prompt", [None, 16])
 def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path, monkeypatch, max_prompt):
     long_text = " ".join(["the plot was good and the acting great"] * 20_000)  # 780 000 characters

@@ -563,18 +563,18 @@ class _Tokens:
 def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> tuple[list[int], list[list[int]]]:
     """The row's (prompt, completions) ids after the cuts: ``_fit`` of ``_tokenise`` of the whole row.
 
-    A field longer than the window is cut to it first, so a huge row costs what the cuts can
-    keep. The cut row is accepted only when each cut field still gives the window's token count
-    (the cut's neighbourhood falls outside what is kept) and a cut at twice the characters gives
-    the same outcome; otherwise the window doubles, up to the whole row.
+    A text longer than the window is cut to it first, so a huge row costs what the cuts can keep.
+    The cut row is accepted only when each cut text alone still gives the window's token count
+    (so the cut's neighbourhood falls outside what is kept) and a cut at twice the characters
+    gives the same outcome; otherwise the window doubles, up to the whole row.
     """
     chars, previous = t.window.chars, None
     while True:
-        prompt_part, prompt_cut = clip(prompt, chars, t.window.prompt_end)
+        prompt_part, prompt_cuts = clip(prompt, chars, t.window.prompt_end)
         parts = [clip(c, chars, keep_end=False) for c in completions]
-        if not prompt_cut and not any(cut for _, cut in parts):
+        if not prompt_cuts and not any(cuts for _, cuts in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
-        outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t)
+        outcome = _cut_outcome(prompt_part, prompt_cuts, parts, names, t)
         if outcome is not None and outcome == previous:
             if isinstance(outcome[0], str):
                 raise _RowError(*outcome)
@@ -582,21 +582,19 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
         previous, chars = outcome, 2 * chars
 
 
-def _cut_outcome(prompt: Any, prompt_cut: bool, parts: list[tuple[Any, bool]], names: list[str], t: _Tokens) -> tuple | None:
-    """``_fit``'s result, or its error as ``(reason, field, message)``, for a cut row; None when the cut
-    row gives too few tokens to tell (or fails, which the cut may have caused)."""
+def _cut_outcome(prompt: Any, prompt_cuts: list[str], parts: list[tuple[Any, list[str]]], names: list[str], t: _Tokens) -> tuple | None:
+    """``_fit``'s result, or its error as ``(reason, field, message)``, for a cut row; None when a cut text gives
+    too few tokens to tell (or the cut row fails, which the cut may have caused)."""
+    def enough(texts: list[str], n: int) -> bool:
+        return all(len(t.tokenizer(x, add_special_tokens=False)["input_ids"]) >= n for x in texts)
+
+    if not enough(prompt_cuts, t.window.prompt_tokens) or not all(enough(cuts, t.window.completion_tokens) for _, cuts in parts):
+        return None
     try:
         prompt_ids, ids = _tokenise(prompt, [c for c, _ in parts], names, t.fmt, t.tokenizer, t.text_tokenization)
-    except _RowError:
-        return None
-    if prompt_cut and len(prompt_ids) < t.window.prompt_tokens:
-        return None
-    if any(cut and len(c) < t.window.completion_tokens for (_, cut), c in zip(parts, ids)):
-        return None
-    try:
-        return _fit(prompt_ids, ids, names, t.cuts, prompt_cut)
+        return _fit(prompt_ids, ids, names, t.cuts, bool(prompt_cuts))
     except _RowError as err:
-        return err.reason, err.field, err.message
+        return None if err.reason != OVERLONG else (err.reason, err.field, err.message)
 
 
 def _to_pair(rec: Record, fmt: _Format, t: _Tokens) -> Pair:

@@ -39,16 +39,17 @@ def longest_token(tokenizer: Any) -> int:
     return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
-def clip(value: Any, chars: int, keep_end: bool) -> tuple[Any, bool]:
-    """``value`` (a text or a list of messages) with each text cut to ``chars`` characters, keeping
-    its end or its start; and whether anything was cut."""
+def clip(value: Any, chars: int, keep_end: bool) -> tuple[Any, list[str]]:
+    """``value`` (a text or a list of messages) with each text cut to ``chars`` characters, keeping its end
+    or its start; and the texts that were cut, as cut."""
     if isinstance(value, str):
         if len(value) <= chars:
-            return value, False
-        return (value[-chars:] if keep_end else value[:chars]), True
-    out, cut = [], False
+            return value, []
+        cut = value[-chars:] if keep_end else value[:chars]
+        return cut, [cut]
+    out, cuts = [], []
     for message in value:
         content, was_cut = clip(message["content"], chars, keep_end)
         out.append({**message, "content": content} if was_cut else message)
-        cut = cut or was_cut
-    return out, cut
+        cuts += was_cut
+    return out, cuts

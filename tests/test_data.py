@@ -192,6 +192,10 @@ BAD_ROWS = [
     (b'{"prompt": "p", "chosen": "a", ', "malformed JSON", "malformed JSON"),
     (b"[1, 2]", "malformed JSON", "expected a JSON object, got a list"),
     (b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}', "invalid UTF-8", "invalid UTF-8"),
+    pytest.param(b'{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}', "malformed JSON", "duplicate key 'chosen'",
+                 id="duplicate-key"),
+    pytest.param(b'{"prompt": "p", "chosen": "a", "rejected": "b", "id": ' + b"9" * 5000 + b"}", "malformed JSON", "(4300 digits)",
+                 id="5000-digit-integer"),
 ]
 
 

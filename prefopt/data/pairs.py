@@ -7,6 +7,8 @@ counted by reason in a :class:`DataReport`. See docs/data.md.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import random
 from array import array
 from collections import Counter
@@ -35,6 +37,7 @@ REASONS = (MALFORMED, BAD_UTF8, MISSING, WRONG_TYPE, EMPTY, IDENTICAL, UNKNOWN_R
 
 ROLES = ("system", "user", "assistant", "tool")
 _EXAMPLES_PER_REASON = 3
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -215,6 +218,11 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
         reports.append(eval_report)
         if not evals:  # configured but nothing to evaluate: never a silent "no eval"
             raise DataError(f"data.eval: {cfg.eval}: no usable pairs. {eval_report.summary()}")
+        seen = {_key(x) for x in train}
+        shared = sum(_key(x) in seen for x in evals)
+        if shared:  # held-out metrics on training rows would read as generalisation
+            log.warning("data.eval: %d of %d eval examples are also in data.train (the same token ids); their metrics "
+                        "are not held out", shared, len(evals))
     elif cfg.eval_fraction > 0:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):
@@ -225,6 +233,12 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
     train = _convert(train, kind, target, cfg.pairs_from, report)
     evals = _convert(evals, kind, target, cfg.pairs_from, reports[-1] if cfg.eval else None)
     return train, evals, reports
+
+
+def _key(x: Pair | Group) -> tuple:
+    """An example's token ids, to compare examples."""
+    seqs = [x.prompt_ids, *x.completions] if isinstance(x, Group) else [x.prompt_ids, x.chosen_ids, x.rejected_ids]
+    return tuple(tuple(ids) for ids in seqs)
 
 
 def _convert(examples: list, kind: str, target: str, pairs_from: str, report: DataReport | None) -> list:
@@ -370,10 +384,16 @@ def _check_value(name: str, v: Any, fmt: _Format, where: str = "") -> None:
 def _check_scores(v: Any) -> list[float]:
     if not isinstance(v, list):
         raise _RowError(WRONG_TYPE, "scores", f"expected a list of numbers, got {kind_name(v)}")
+    out = []
     for i, x in enumerate(v):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
-            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got {kind_name(x)} ({x!r})")
-    return [float(x) for x in v]  # ints and floats alike, so every row has one schema
+        try:
+            y = float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+        except OverflowError:  # an integer beyond a float's range
+            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got a number too large for a float") from None
+        if y is None or not math.isfinite(y):
+            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got {kind_name(x)} ({x!r:.80})")
+        out.append(y)
+    return out  # ints and floats alike, so every row has one schema
 
 
 def _completions(value: dict[str, Any], fmt: _Format) -> list[Any]:

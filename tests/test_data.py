@@ -307,6 +307,15 @@ def test_directory_rows_name_their_file(tokenizer, tmp_path):
     assert report.examples["malformed JSON"][0].startswith(f"{tmp_path / '2.jsonl'} line 2:")
 
 
+def test_a_directory_leaves_out_hidden_files_as_datasets_does(tokenizer, tmp_path):
+    for sub in ("", ".ipynb_checkpoints/", "__pycache__/"):  # a notebook's checkpoint copy would double the rows
+        (tmp_path / sub).mkdir(exist_ok=True)
+        write_jsonl(tmp_path / f"{sub}a.jsonl", [GOOD])
+    (tmp_path / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\xff")  # macOS resource fork
+    pairs, report = load_pairs(str(tmp_path), tokenizer, max_length=64)
+    assert (len(pairs), report.rows) == (1, 1)
+
+
 @pytest.mark.parametrize(
     "make,message",
     [

@@ -65,7 +65,8 @@ def local_files(source: str, split: str | None = None) -> list[Path] | None:
             raise DataError(f"{source}: split {split!r} mixes file types; use one type")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in BUILDERS and not _hidden(p.relative_to(path)))
         if not files:
             raise DataError(f"{source}: directory has no .json, .jsonl, .parquet or .csv files")
         builders = {BUILDERS[p.suffix.lower()] for p in files}
@@ -81,6 +82,11 @@ def local_files(source: str, split: str | None = None) -> list[Path] | None:
     if path.suffix.lower() in BUILDERS or source.startswith((".", "/", "~")) or "\\" in source:
         raise DataError(f"{source}: no such file or directory")
     return None
+
+
+def _hidden(relative: Path) -> bool:
+    """A file ``datasets`` leaves out of a directory: hidden (``.ipynb_checkpoints/``, macOS ``._x.jsonl``) or under ``__x/``."""
+    return any(part.startswith(".") for part in relative.parts) or any(part.startswith("__") for part in relative.parent.parts)
 
 
 def read_records(

@@ -220,6 +220,7 @@ BAD_CONV = [
     ({**CONV, "chosen": [{"role": "assistant", "content": " "}]}, "empty completion", "field 'chosen': empty completion"),
     ({**CONV, "rejected": CONV["chosen"]}, "identical completions", "field 'rejected': identical"),
     ({"chosen": CONV["prompt"] + CONV["chosen"], "rejected": CONV["prompt"]}, "missing field", "field 'prompt': missing"),
+    ({**CONV, "prompt": [{"role": "user", "content": "hi", "\udc00": 1}]}, "invalid UTF-8", "field 'prompt': not valid Unicode"),
 ]
 
 
@@ -231,6 +232,14 @@ def test_bad_conversational_row_raises_or_is_counted(tokenizer, tmp_path, bad, r
     pairs, report = load_pairs(src, tokenizer, max_length=64, on_error="skip")
     assert (report.kept, report.skipped) == (2, {reason: 1})
     assert message in report.examples[reason][0]
+
+
+def test_columns_a_format_does_not_read_never_fail_the_file(tokenizer, tmp_path):
+    nested = json.loads("[" * 100 + "]" * 100)  # too deep for Arrow's schema, which failed the whole file
+    extra = [{"completion": "\ud800"}, {"completion": nested}, {"scores": "x", "label": [nested]}]
+    src = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4 + [{**GOOD, "chosen": f" {i}", **e} for i, e in enumerate(extra)])
+    pairs, report = load_pairs(src, tokenizer, max_length=64)  # most rows are pairs: the format
+    assert (report.kept, report.format) == (7, "text, explicit prompt")
 
 
 def test_implicit_pair_where_one_is_a_prefix_of_the_other(tokenizer, tmp_path):

@@ -306,6 +306,7 @@ def _check_all(records: list[Record], names: dict[str, str]) -> _Format:
             continue
         try:
             _check_row(rec.value, fmt)
+            rec.value = {k: rec.value[k] for k in fmt.fields if k in rec.value}  # other columns are never read, nor loaded
         except _RowError as err:
             rec.value = None
             rec.problem = (err.reason, _locate(rec, err, names))
@@ -341,6 +342,9 @@ def _locate(rec: Record, err: _RowError, names: dict[str, str]) -> str:
 
 
 def _check_row(value: dict[str, Any], fmt: _Format) -> None:
+    for name in fmt.fields:  # every string, keys of messages too: a lone surrogate would break reading the file later
+        if name in value and not _unicode(value[name]):
+            raise _RowError(BAD_UTF8, name, "not valid Unicode (a lone surrogate escape such as \\ud800)")
     for name in fmt.fields:
         v = value.get(name)
         if v is None:
@@ -375,8 +379,6 @@ def _check_value(name: str, v: Any, fmt: _Format, where: str = "") -> None:
             _check_messages(name, v)
         elif not isinstance(v, str):
             raise _RowError(WRONG_TYPE, name, f"expected a string like most rows, got {kind_name(v)}")
-        else:
-            _check_text(name, v)
     except _RowError as err:
         raise _RowError(err.reason, name, where + err.message) from None
 
@@ -442,16 +444,26 @@ def _check_messages(name: str, v: Any) -> None:
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"got {kind_name(m.get(key))}"
                 raise _RowError(WRONG_TYPE, name, f"message {i}: '{key}' must be a string ({got})")
-        _check_text(name, m["content"])
         if m["role"] not in ROLES:
             raise _RowError(UNKNOWN_ROLE, name, f"message {i}: unknown role {m['role']!r} (allowed: {', '.join(ROLES)})")
 
 
-def _check_text(name: str, s: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _RowError(BAD_UTF8, name, "not valid Unicode (a lone surrogate escape such as \\ud800)") from None
+def _unicode(v: Any) -> bool:
+    """Whether every string in ``v`` (dict keys included) can be written as UTF-8."""
+    todo = [v]
+    while todo:  # not recursive: a value nested nearly as deep as JSON parsing allows must not overflow the stack
+        x = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(x, dict):
+            todo.extend(x)
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+    return True
 
 
 def _blank(v: str | list[dict[str, Any]]) -> bool:

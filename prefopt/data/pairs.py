@@ -602,8 +602,10 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
     """
     chars, previous = t.window.chars, None
     while True:
-        prompt_part, prompt_cut = clip(prompt, chars, t.window.prompt_end)
-        parts = [clip(c, chars, keep_end=False) for c in completions]
+        # A prompt cut by max_prompt_length keeps its end, whose tokens can depend on where a long run (of '=', of
+        # spaces) starts: BPE merges a run from its left. So that prompt is never cut; a completion keeps its start.
+        prompt_part, prompt_cut = (prompt, False) if t.window.whole_prompt else clip(prompt, chars)
+        parts = [clip(c, chars) for c in completions]
         if not prompt_cut and not any(cut for _, cut in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
         outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t)

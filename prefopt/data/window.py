@@ -1,8 +1,9 @@
 """Character windows that keep tokenising a very long row bounded by ``max_length``, not by the row.
 
-Truncation keeps at most ``max_length`` tokens of a field: the start of a completion, the end
-of a prompt cut by ``max_prompt_length``. A field longer than the window is cut to it before
-tokenising; :func:`prefopt.data.pairs.load_examples` accepts the cut only when it provably
+Truncation keeps at most ``max_length`` tokens of a field: the start of a completion, the start
+of a prompt that only ``max_length`` cuts. A field longer than the window is cut to it before
+tokenising (not a prompt cut by ``max_prompt_length``: the tokens of a text's end can depend on
+its whole length, e.g. a long run of one character that BPE merges from the left); :func:`prefopt.data.pairs.load_examples` accepts the cut only when it provably
 changed nothing the truncation keeps (see ``_cut_ids`` there), else it widens the window,
 up to the whole row. The window only sets where that search starts: no result depends on it.
 """
@@ -23,14 +24,14 @@ class Window:
     chars: int
     prompt_tokens: int  # a cut prompt must give at least this many tokens
     completion_tokens: int  # a cut completion must give at least this many tokens
-    prompt_end: bool  # keep a prompt's end (max_prompt_length cuts it from the start)
+    whole_prompt: bool  # max_prompt_length keeps a prompt's end, so the prompt is never cut
 
 
 def window_for(tokenizer: Any, max_length: int, max_prompt_length: int | None, max_completion_length: int | None) -> Window:
     """The starting window for ``tokenizer`` and the cuts: enough characters for the kept tokens plus
     ``MARGIN``, each token counted as long as the tokenizer's longest."""
     completion = min(max_length, max_completion_length or max_length) + MARGIN
-    prompt = (max_prompt_length or max_length) + MARGIN
+    prompt = max_length + MARGIN  # a prompt is cut only when max_prompt_length is unset
     return Window(max(prompt, completion) * longest_token(tokenizer), prompt, completion, max_prompt_length is not None)
 
 
@@ -39,16 +40,16 @@ def longest_token(tokenizer: Any) -> int:
     return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
-def clip(value: Any, chars: int, keep_end: bool) -> tuple[Any, bool]:
-    """``value`` (a text or a list of messages) with each text cut to ``chars`` characters, keeping
-    its end or its start; and whether anything was cut."""
+def clip(value: Any, chars: int) -> tuple[Any, bool]:
+    """``value`` (a text or a list of messages) with each text cut to its first ``chars`` characters; and whether
+    anything was cut."""
     if isinstance(value, str):
         if len(value) <= chars:
             return value, False
-        return (value[-chars:] if keep_end else value[:chars]), True
+        return value[:chars], True
     out, cut = [], False
     for message in value:
-        content, was_cut = clip(message["content"], chars, keep_end)
+        content, was_cut = clip(message["content"], chars)
         out.append({**message, "content": content} if was_cut else message)
         cut = cut or was_cut
     return out, cut

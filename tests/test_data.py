@@ -192,6 +192,10 @@ BAD_ROWS = [
     (b'{"prompt": "p", "chosen": "a", ', "malformed JSON", "malformed JSON"),
     (b"[1, 2]", "malformed JSON", "expected a JSON object, got a list"),
     (b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}', "invalid UTF-8", "invalid UTF-8"),
+    pytest.param(b'{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}', "malformed JSON", "duplicate key 'chosen'",
+                 id="duplicate-key"),
+    pytest.param(b'{"prompt": "p", "chosen": "a", "rejected": "b", "id": ' + b"9" * 5000 + b"}", "malformed JSON", "(4300 digits)",
+                 id="5000-digit-integer"),
 ]
 
 
@@ -216,6 +220,7 @@ BAD_CONV = [
     ({**CONV, "chosen": [{"role": "assistant", "content": " "}]}, "empty completion", "field 'chosen': empty completion"),
     ({**CONV, "rejected": CONV["chosen"]}, "identical completions", "field 'rejected': identical"),
     ({"chosen": CONV["prompt"] + CONV["chosen"], "rejected": CONV["prompt"]}, "missing field", "field 'prompt': missing"),
+    ({**CONV, "prompt": [{"role": "user", "content": "hi", "\udc00": 1}]}, "invalid UTF-8", "field 'prompt': not valid Unicode"),
 ]
 
 
@@ -227,6 +232,14 @@ def test_bad_conversational_row_raises_or_is_counted(tokenizer, tmp_path, bad, r
     pairs, report = load_pairs(src, tokenizer, max_length=64, on_error="skip")
     assert (report.kept, report.skipped) == (2, {reason: 1})
     assert message in report.examples[reason][0]
+
+
+def test_columns_a_format_does_not_read_never_fail_the_file(tokenizer, tmp_path):
+    nested = json.loads("[" * 100 + "]" * 100)  # too deep for Arrow's schema, which failed the whole file
+    extra = [{"completion": "\ud800"}, {"completion": nested}, {"scores": "x", "label": [nested]}]
+    src = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4 + [{**GOOD, "chosen": f" {i}", **e} for i, e in enumerate(extra)])
+    pairs, report = load_pairs(src, tokenizer, max_length=64)  # most rows are pairs: the format
+    assert (report.kept, report.format) == (7, "text, explicit prompt")
 
 
 def test_implicit_pair_where_one_is_a_prefix_of_the_other(tokenizer, tmp_path):
@@ -301,6 +314,15 @@ def test_directory_rows_name_their_file(tokenizer, tmp_path):
     pairs, report = load_pairs(str(tmp_path), tokenizer, max_length=64, on_error="skip")
     assert [p.row for p in pairs] == [0, 1]
     assert report.examples["malformed JSON"][0].startswith(f"{tmp_path / '2.jsonl'} line 2:")
+
+
+def test_a_directory_leaves_out_hidden_files_as_datasets_does(tokenizer, tmp_path):
+    for sub in ("", ".ipynb_checkpoints/", "__pycache__/"):  # a notebook's checkpoint copy would double the rows
+        (tmp_path / sub).mkdir(exist_ok=True)
+        write_jsonl(tmp_path / f"{sub}a.jsonl", [GOOD])
+    (tmp_path / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\xff")  # macOS resource fork
+    pairs, report = load_pairs(str(tmp_path), tokenizer, max_length=64)
+    assert (len(pairs), report.rows) == (1, 1)
 
 
 @pytest.mark.parametrize(

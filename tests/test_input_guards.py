@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ from test_reliability import _nan_on
 
 from engine_helpers import set_dotted, word_rows, write_jsonl
 from prefopt.config import load_config, validate
-from prefopt.data.pairs import load_data, load_pairs
+from prefopt.data.pairs import load_data, load_examples, load_pairs
 from prefopt.errors import ConfigError, DataError
 
 CONFIG = "model: {name_or_path: ./model}\ndata: {train: ./train.jsonl}\n"
@@ -110,6 +111,53 @@ def test_an_eval_set_configured_but_empty_or_all_skipped_is_an_error_naming_it(t
         cfg = validate({"model": {"name_or_path": "m"}, "data": {"train": str(train), "eval": str(path), "on_error": "skip"}}).data
         with pytest.raises(DataError, match=rf"data.eval: .*{name}.jsonl"):
             load_data(cfg, tokenizer, 0)
+
+
+def test_numbers_beyond_a_float_and_duplicate_keys_are_located_row_errors(tokenizer, tmp_path):
+    ranked = [{"prompt": "p", "completions": [" good", " bad"], "scores": [1, 0]}] * 2
+    path = write_jsonl(tmp_path / "r.jsonl", ranked + [{"prompt": "p", "completions": [" a", " b"], "scores": [10**400, 0]}])
+    with pytest.raises(DataError, match=r"line 3, field 'scores': score 0: expected a finite number, got a number too large"):
+        load_examples(str(path), tokenizer, max_length=64)
+    assert load_examples(str(path), tokenizer, max_length=64, on_error="skip")[1].skipped == {"wrong type": 1}
+    # which of two values a reader keeps is its own choice: the row is refused, in an array too, by item
+    items = [{"prompt": "p", "chosen": " a", "rejected": " b"}] * 2
+    text = json.dumps(items)[:-1] + ', {"prompt": "p", "chosen": [{"role": "user", "content": "x", "content": "y"}]}]'
+    (tmp_path / "a.json").write_text(text)
+    with pytest.raises(DataError, match=r"a.json item 2 \(0-based\): malformed JSON: duplicate key 'content'"):
+        load_pairs(str(tmp_path / "a.json"), tokenizer, max_length=64)
+    assert load_pairs(str(tmp_path / "a.json"), tokenizer, max_length=64, on_error="skip")[1].skipped == {"malformed JSON": 1}
+
+
+def test_a_column_mapped_to_no_column_is_an_error_not_a_silently_dropped_field(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", word_rows(0, 4))  # with the mapping, prompt would be absent: an implicit prompt
+    with pytest.raises(DataError, match=r"d.jsonl: data.columns maps prompt to 'question', but the data has no such column "
+                                        r"\(its columns: chosen, prompt, rejected\)"):
+        load_pairs(str(path), tokenizer, max_length=64, columns={"prompt": "question"})
+    swapped, _ = load_pairs(str(path), tokenizer, max_length=64, columns={"chosen": "rejected", "rejected": "chosen"})
+    assert len(swapped) == 4
+
+
+def test_a_fifo_is_refused_unread_and_an_unparsable_csv_names_the_cause(tokenizer, tmp_path):
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(DataError, match=r"train.jsonl: not a regular file or directory"):
+        load_pairs(str(fifo), tokenizer, max_length=64)
+    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\np, a, b\nq, c, d, e\n")
+    with pytest.raises(DataError, match=r"d.csv: cannot load: .*Expected 3 fields in line 3, saw 4"):
+        load_pairs(str(tmp_path / "d.csv"), tokenizer, max_length=64)
+
+
+def test_eval_rows_that_are_also_train_rows_are_logged(tokenizer, tmp_path, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", word_rows(0, 8))
+    other = write_jsonl(tmp_path / "eval.jsonl", word_rows(0, 8)[6:] + word_rows(1, 3))
+    for ev, shared in ((train, "8 of 8"), (other, "2 of 5"), (None, None)):
+        caplog.clear()
+        cfg = validate({"model": {"name_or_path": "m"}, "data": {"train": str(train), "eval": ev and str(ev)}}).data
+        with caplog.at_level(logging.WARNING, logger="prefopt"):
+            load_data(cfg, tokenizer, 0)
+        said = [r.getMessage() for r in caplog.records if "also in data.train" in r.getMessage()]
+        assert said == ([f"data.eval: {shared} eval examples are also in data.train (the same token ids); their metrics are "
+                         "not held out"] if shared else [])
 
 
 # ---------------------------------------------------------------- H: metrics and the progress bar

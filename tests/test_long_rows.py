@@ -4,6 +4,7 @@ The oracle is the same loader with cutting turned off (a window longer than any 
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from contextlib import contextmanager
@@ -54,7 +55,8 @@ text = st.lists(st.one_of(st.sampled_from(PIECES), run), min_size=1, max_size=30
 @pytest.fixture(scope="module")
 def tokenizers(tokenizer):
     corpus = ["good movie the plot was good and the acting great 123 !!", "aaaa x e\u0301 é. the the movie"] * 20
-    out = {"byte-level BPE": tokenizer, "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus)}
+    out = {"byte-level BPE": copy.deepcopy(tokenizer),  # the session's tokenizer keeps its own template for other files
+           "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus)}
     for tok in out.values():
         tok.chat_template = TEMPLATE
     return out
@@ -117,20 +119,24 @@ def _counted_as_cut(whole: dict, cut: dict, max_length: int) -> dict:
             + msgs[len(cut.get(reason, [])):] for reason, msgs in whole.items()}
 
 
-def test_a_cut_message_that_gives_few_tokens_is_not_trusted(tokenizers, tmp_path):
-    """Keep-end prompt of two long messages; the last one's end is a run of characters the normalizer deletes, after
-    real words. Cut, it gives almost nothing, so the kept tokens would come from the first message: the cut is refused
-    however many tokens the prompt as a whole gives."""
-    tok = tokenizers["deleting WordPiece"]
-    row = {"prompt": [{"role": "user", "content": "great " * 100_000},
-                      {"role": "user", "content": "the plot was good " * 20 + "\u200b" * 400_000 + " movie"}],
-           "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad movie"}]}
+def test_a_conversational_row_is_never_cut(tokenizers, tmp_path, monkeypatch):
+    """A chat template may change a message as a whole: this one keeps what follows the last </think>, so the kept
+    tokens of a long reasoning completion come from its end. Messages are tokenised whole, with the template's ids."""
+    tok = copy.deepcopy(tokenizers["byte-level BPE"])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].split('</think>')[-1] | trim }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    answer = "the plot was good"
+    row = {"prompt": [{"role": "user", "content": "Review:"}],
+           "chosen": [{"role": "assistant", "content": "the movie " * 100_000 + "</think> " + answer}],
+           "rejected": [{"role": "assistant", "content": "bad movie"}]}
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with _cutting(False):
-        whole = _load(path, tok, max_length=64, max_prompt_length=40)
-    assert "plot" in tok.convert_ids_to_tokens(whole[0][0].prompt_ids)
-    assert _load(path, tok, max_length=64, max_prompt_length=40) == whole
+        whole = _load(path, tok, max_length=64)
+    (pair,) = whole[0]
+    assert pair.chosen_ids[:-1] == tok.apply_chat_template([{"role": "assistant", "content": answer}], tokenize=True,
+                                                          return_dict=True)["input_ids"][1:-1]
+    assert _load(path, tok, max_length=64) == whole
 
 
 @pytest.mark.parametrize("max_prompt", [None, 16])
@@ -148,7 +154,7 @@ def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path,
     tokenise = pairs._tokenise
 
     def recording(prompt, completions, *args):
-        seen.append(max(len(prompt), *map(len, completions)))
+        seen.append((len(prompt), max(map(len, completions))))
         return tokenise(prompt, completions, *args)
 
     monkeypatch.setattr(pairs, "_tokenise", recording)
@@ -156,4 +162,21 @@ def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path,
     assert cut[:2] == whole[:2] and cut[2] == _counted_as_cut(whole[2], cut[2], 48)
     assert len(whole[0]) == (3 if max_prompt else 2)
     bound = 2 * window.window_for(tokenizer, 48, max_prompt, None).chars
-    assert max(seen) <= bound < len(long_text) // 20, (seen, bound)
+    assert max(c for _, c in seen) <= bound < len(long_text) // 20, (seen, bound)
+    # a prompt that max_prompt_length cuts is tokenised whole (its end's tokens can depend on all of it)
+    assert max(p for p, _ in seen) == len(long_text) if max_prompt else max(p for p, _ in seen) <= bound
+
+
+@pytest.mark.parametrize("unit", ["=", "a", " ", "\r\n"])
+def test_the_end_of_a_long_run_in_a_prompt_is_tokenised_as_in_the_whole_row(tmp_path, unit):
+    from prefopt.testing.tiny import build_tokenizer
+
+    tok = build_tokenizer(["aa aaaa aaaaaaaa the plot ==== ======== --" + " " * 8 + "\r\n" * 4] * 20, vocab_size=300)
+    options = dict(max_length=24, max_prompt_length=8)
+    chars = window.window_for(tok, 24, 8, None).chars
+    for n in range(3 * chars, 3 * chars + 8):  # BPE merges a run from its left: its last tokens depend on its length
+        path = tmp_path / "run.jsonl"
+        path.write_text(json.dumps({"prompt": "Review: " + unit * (n // len(unit)), "chosen": " good", "rejected": " bad"}) + "\n")
+        with _cutting(False):
+            whole = _load(path, tok, **options)
+        assert _load(path, tok, **options) == whole, n

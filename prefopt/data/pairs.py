@@ -7,6 +7,8 @@ counted by reason in a :class:`DataReport`. See docs/data.md.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import random
 from array import array
 from collections import Counter
@@ -35,6 +37,7 @@ REASONS = (MALFORMED, BAD_UTF8, MISSING, WRONG_TYPE, EMPTY, IDENTICAL, UNKNOWN_R
 
 ROLES = ("system", "user", "assistant", "tool")
 _EXAMPLES_PER_REASON = 3
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -215,6 +218,11 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
         reports.append(eval_report)
         if not evals:  # configured but nothing to evaluate: never a silent "no eval"
             raise DataError(f"data.eval: {cfg.eval}: no usable pairs. {eval_report.summary()}")
+        seen = {_key(x) for x in train}
+        shared = sum(_key(x) in seen for x in evals)
+        if shared:  # held-out metrics on training rows would read as generalisation
+            log.warning("data.eval: %d of %d eval examples are also in data.train (the same token ids); their metrics "
+                        "are not held out", shared, len(evals))
     elif cfg.eval_fraction > 0:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
         if n_eval >= len(train):
@@ -225,6 +233,12 @@ def load_data(cfg, tokenizer, seed: int, takes: frozenset[str] = frozenset({"pai
     train = _convert(train, kind, target, cfg.pairs_from, report)
     evals = _convert(evals, kind, target, cfg.pairs_from, reports[-1] if cfg.eval else None)
     return train, evals, reports
+
+
+def _key(x: Pair | Group) -> tuple:
+    """An example's token ids, to compare examples."""
+    seqs = [x.prompt_ids, *x.completions] if isinstance(x, Group) else [x.prompt_ids, x.chosen_ids, x.rejected_ids]
+    return tuple(tuple(ids) for ids in seqs)
 
 
 def _convert(examples: list, kind: str, target: str, pairs_from: str, report: DataReport | None) -> list:
@@ -292,6 +306,7 @@ def _check_all(records: list[Record], names: dict[str, str]) -> _Format:
             continue
         try:
             _check_row(rec.value, fmt)
+            rec.value = {k: rec.value[k] for k in fmt.fields if k in rec.value}  # other columns are never read, nor loaded
         except _RowError as err:
             rec.value = None
             rec.problem = (err.reason, _locate(rec, err, names))
@@ -327,6 +342,9 @@ def _locate(rec: Record, err: _RowError, names: dict[str, str]) -> str:
 
 
 def _check_row(value: dict[str, Any], fmt: _Format) -> None:
+    for name in fmt.fields:  # every string, keys of messages too: a lone surrogate would break reading the file later
+        if name in value and not _unicode(value[name]):
+            raise _RowError(BAD_UTF8, name, "not valid Unicode (a lone surrogate escape such as \\ud800)")
     for name in fmt.fields:
         v = value.get(name)
         if v is None:
@@ -361,8 +379,6 @@ def _check_value(name: str, v: Any, fmt: _Format, where: str = "") -> None:
             _check_messages(name, v)
         elif not isinstance(v, str):
             raise _RowError(WRONG_TYPE, name, f"expected a string like most rows, got {kind_name(v)}")
-        else:
-            _check_text(name, v)
     except _RowError as err:
         raise _RowError(err.reason, name, where + err.message) from None
 
@@ -370,10 +386,16 @@ def _check_value(name: str, v: Any, fmt: _Format, where: str = "") -> None:
 def _check_scores(v: Any) -> list[float]:
     if not isinstance(v, list):
         raise _RowError(WRONG_TYPE, "scores", f"expected a list of numbers, got {kind_name(v)}")
+    out = []
     for i, x in enumerate(v):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x in (float("inf"), float("-inf")):
-            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got {kind_name(x)} ({x!r})")
-    return [float(x) for x in v]  # ints and floats alike, so every row has one schema
+        try:
+            y = float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+        except OverflowError:  # an integer beyond a float's range
+            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got a number too large for a float") from None
+        if y is None or not math.isfinite(y):
+            raise _RowError(WRONG_TYPE, "scores", f"score {i}: expected a finite number, got {kind_name(x)} ({x!r:.80})")
+        out.append(y)
+    return out  # ints and floats alike, so every row has one schema
 
 
 def _completions(value: dict[str, Any], fmt: _Format) -> list[Any]:
@@ -422,16 +444,26 @@ def _check_messages(name: str, v: Any) -> None:
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"got {kind_name(m.get(key))}"
                 raise _RowError(WRONG_TYPE, name, f"message {i}: '{key}' must be a string ({got})")
-        _check_text(name, m["content"])
         if m["role"] not in ROLES:
             raise _RowError(UNKNOWN_ROLE, name, f"message {i}: unknown role {m['role']!r} (allowed: {', '.join(ROLES)})")
 
 
-def _check_text(name: str, s: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _RowError(BAD_UTF8, name, "not valid Unicode (a lone surrogate escape such as \\ud800)") from None
+def _unicode(v: Any) -> bool:
+    """Whether every string in ``v`` (dict keys included) can be written as UTF-8."""
+    todo = [v]
+    while todo:  # not recursive: a value nested nearly as deep as JSON parsing allows must not overflow the stack
+        x = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(x, dict):
+            todo.extend(x)
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+    return True
 
 
 def _blank(v: str | list[dict[str, Any]]) -> bool:
@@ -570,8 +602,12 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
     """
     chars, previous = t.window.chars, None
     while True:
-        prompt_part, prompt_cuts = clip(prompt, chars, t.window.prompt_end)
-        parts = [clip(c, chars, keep_end=False) for c in completions]
+        # Never cut: a conversational row (a chat template may change a message's text as a whole: trim it, keep
+        # what follows a tag), or a prompt cut by max_prompt_length, whose end's tokens can depend on where a long
+        # run (of '=', of spaces) starts: BPE merges a run from its left. A completion keeps its start.
+        whole = t.fmt.messages
+        prompt_part, prompt_cuts = (prompt, []) if whole or t.window.whole_prompt else clip(prompt, chars)
+        parts = [(c, []) if whole else clip(c, chars) for c in completions]
         if not prompt_cuts and not any(cuts for _, cuts in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
         outcome = _cut_outcome(prompt_part, prompt_cuts, parts, names, t)

@@ -6,6 +6,7 @@ first scanned line by line here, because ``datasets`` cannot say which line is m
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,13 +65,16 @@ def local_files(source: str, split: str | None = None) -> list[Path] | None:
             raise DataError(f"{source}: split {split!r} mixes file types; use one type")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in BUILDERS and not _hidden(p.relative_to(path)))
         if not files:
             raise DataError(f"{source}: directory has no .json, .jsonl, .parquet or .csv files")
         builders = {BUILDERS[p.suffix.lower()] for p in files}
         if len(builders) > 1:
             raise DataError(f"{source}: directory mixes file types ({', '.join(sorted(builders))}); use one type")
         return files
+    if path.exists() and not path.is_file():  # a FIFO would hang the reader, a device never ends
+        raise DataError(f"{source}: not a regular file or directory")
     if path.is_file():
         if path.suffix.lower() not in BUILDERS:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
@@ -78,6 +82,11 @@ def local_files(source: str, split: str | None = None) -> list[Path] | None:
     if path.suffix.lower() in BUILDERS or source.startswith((".", "/", "~")) or "\\" in source:
         raise DataError(f"{source}: no such file or directory")
     return None
+
+
+def _hidden(relative: Path) -> bool:
+    """A file ``datasets`` leaves out of a directory: hidden (``.ipynb_checkpoints/``, macOS ``._x.jsonl``) or under ``__x/``."""
+    return any(part.startswith(".") for part in relative.parts) or any(part.startswith("__") for part in relative.parent.parts)
 
 
 def read_records(
@@ -100,9 +109,9 @@ def read_records(
         slice_ = f"{split}[:{max_rows}]" if max_rows else split
         label = f"Hub dataset {source}" if files is None else source
         ds = _load(str(Path(source).expanduser()) if files else source, label, split=slice_)
-        return _renamed([Record(i, f"{source} [{split}] row {i} (0-based)", dict(r)) for i, r in enumerate(ds)], columns)
+        return _renamed([Record(i, f"{source} [{split}] row {i} (0-based)", dict(r)) for i, r in enumerate(ds)], columns, source)
     if files[0].suffix.lower() in JSON_EXTS:
-        records = _renamed(_scan_json(files, max_rows), columns)
+        records = _renamed(_scan_json(files, max_rows), columns, source)
         check(records)
         return _through_datasets(records, source)
     records = []
@@ -112,16 +121,21 @@ def read_records(
         ds = _load(BUILDERS[path.suffix.lower()], str(path), data_files=str(path), split="train")
         for i, r in enumerate(ds):
             if max_rows is not None and len(records) >= max_rows:
-                return _renamed(records, columns)
+                return _renamed(records, columns, source)
             records.append(Record(len(records), f"{path} row {i} (0-based)", dict(r)))
-    return _renamed(records, columns)
+    return _renamed(records, columns, source)
 
 
-def _renamed(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
+def _renamed(records: list[Record], columns: dict[str, str] | None, source: str) -> list[Record]:
     """Rows with the source's column names replaced by the standard field names."""
     renames = {col: name for name, col in (columns or {}).items() if col != name}
     if not renames:
         return records
+    present = {k for rec in records if rec.value is not None for k in rec.value}
+    absent = [f"{name} to {col!r}" for col, name in renames.items() if col not in present]
+    if absent and present:  # else every field the mapping replaces would silently read as absent
+        raise DataError(f"{source}: data.columns maps {', '.join(absent)}, but the data has no such column "
+                        f"(its columns: {', '.join(sorted(present)[:20])})")
     for rec in records:
         if rec.value is not None:
             rec.value = {renames.get(k, k): v for k, v in rec.value.items() if k in renames or k not in renames.values()}
@@ -136,7 +150,8 @@ def _load(name: str, label: str, **kwargs: Any):
     try:
         return datasets.load_dataset(name, **kwargs)
     except Exception as exc:  # datasets raises many types; the user needs the source named
-        raise DataError(f"{label}: cannot load: {type(exc).__name__}: {exc}") from exc
+        cause = f" ({type(exc.__cause__).__name__}: {str(exc.__cause__).strip()})" if exc.__cause__ else ""
+        raise DataError(f"{label}: cannot load: {type(exc).__name__}: {exc}{cause}") from exc
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
@@ -193,9 +208,10 @@ def _scan_file(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, tuple[s
                 yield where, None, (BAD_UTF8, f"invalid UTF-8 at byte {exc.start + 1} of the line")
                 continue
             try:
-                value = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                yield where, None, (MALFORMED, f"malformed JSON: {getattr(exc, 'msg', exc)} (column {getattr(exc, 'colno', '?')})")
+                value = _loads(text)
+            except (ValueError, RecursionError) as exc:  # ValueError: also an integer of over 4300 digits, a duplicate key
+                yield where, None, (MALFORMED, f"malformed JSON: {getattr(exc, 'msg', exc)}"
+                                    + (f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""))
                 continue
             if not isinstance(value, dict):
                 yield where, None, (MALFORMED, f"expected a JSON object, got {kind_name(value)}")
@@ -207,16 +223,47 @@ def _scan_array(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, tuple[
     # A broken array has no rows to skip, so it is an error whatever on_error says.
     text = _decode(path)
     try:
-        items = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        where = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise DataError(f"{path}: malformed JSON at {where}") from None
-    for i, value in enumerate(items):
+        json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else f": {exc}"
+        raise DataError(f"{path}: malformed JSON{where}") from None
+    for i, (value, problem) in enumerate(_array_items(text)):
         where = f"{path} item {i} (0-based)"
-        if isinstance(value, dict):
+        if problem is not None:
+            yield where, None, (MALFORMED, f"malformed JSON: {problem}")
+        elif isinstance(value, dict):
             yield where, value, None
         else:
             yield where, None, (MALFORMED, f"expected a JSON object, got {kind_name(value)}")
+
+
+def _array_items(text: str) -> Iterator[tuple[Any, str | None]]:
+    """(item, None) for each item of a JSON array that parses, or (None, why) for an item with a duplicate key."""
+    strict, plain, space = json.JSONDecoder(object_pairs_hook=_unique_keys), json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    at = space.match(text, text.index("[") + 1).end()
+    while text[at] != "]":
+        try:
+            value, end = strict.raw_decode(text, at)
+            yield value, None
+        except ValueError as exc:
+            end = plain.raw_decode(text, at)[1]
+            yield None, str(exc)
+        at = space.match(text, end).end()
+        at = space.match(text, at + 1).end() if text[at] == "," else at
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, refusing an object with a key twice (which value a reader keeps is its own choice)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {key[:80]!r}")
+    return value
 
 
 def _decode(path: Path) -> str:

@@ -10,7 +10,7 @@ import re
 from contextlib import contextmanager
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import prefopt.data.pairs as pairs
@@ -96,6 +96,8 @@ def _row(kind: str, prompt: str, completions: list[str]) -> dict:
        kind=st.sampled_from(["text", "trl", "messages", "implicit", "ranking"]),
        rows=st.lists(st.tuples(text, st.lists(text, min_size=3, max_size=3)), min_size=1, max_size=4),
        max_length=st.integers(4, 24), max_prompt=st.sampled_from([None, 3, 8]), max_completion=st.sampled_from([None, 2, 6]))
+@example(name="byte-level BPE", kind="messages", rows=[("good", ["good", " \n  \n" * 27 + " movie", "good"])], max_length=4,
+         max_prompt=None, max_completion=None)  # the template trims the completion: cut before rendering, it would vanish
 def test_cut_rows_give_exactly_the_tokens_of_the_whole_rows(tokenizers, tmp_path_factory, name, kind, rows, max_length, max_prompt,
                                                             max_completion):
     if max_prompt is not None and max_prompt >= max_length:
@@ -119,13 +121,13 @@ def _counted_as_cut(whole: dict, cut: dict, max_length: int) -> dict:
             + msgs[len(cut.get(reason, [])):] for reason, msgs in whole.items()}
 
 
-def test_a_conversational_row_is_never_cut(tokenizers, tmp_path, monkeypatch):
+def test_a_conversational_row_is_cut_after_its_template(tokenizers, tmp_path, monkeypatch):
     """A chat template may change a message as a whole: this one keeps what follows the last </think>, so the kept
-    tokens of a long reasoning completion come from its end. Messages are tokenised whole, with the template's ids."""
+    tokens of a long reasoning completion come from its end. The row is rendered whole, then its text is cut."""
     tok = copy.deepcopy(tokenizers["byte-level BPE"])
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].split('</think>')[-1] | trim }}\n"
                          "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    answer = "the plot was good"
+    answer = "the plot was good " * 5_000
     row = {"prompt": [{"role": "user", "content": "Review:"}],
            "chosen": [{"role": "assistant", "content": "the movie " * 100_000 + "</think> " + answer}],
            "rejected": [{"role": "assistant", "content": "bad movie"}]}
@@ -134,9 +136,18 @@ def test_a_conversational_row_is_never_cut(tokenizers, tmp_path, monkeypatch):
     with _cutting(False):
         whole = _load(path, tok, max_length=64)
     (pair,) = whole[0]
-    assert pair.chosen_ids[:-1] == tok.apply_chat_template([{"role": "assistant", "content": answer}], tokenize=True,
-                                                          return_dict=True)["input_ids"][1:-1]
+    expected = tok.apply_chat_template([{"role": "assistant", "content": answer}], tokenize=True, return_dict=True)["input_ids"]
+    assert pair.chosen_ids == expected[1:len(pair.chosen_ids) + 1]  # after the role token: the answer's first tokens
+    seen: list[int] = []
+    tokenise = pairs._tokenise
+
+    def recording(prompt, completions, *args):
+        seen.append(max(map(len, completions)))
+        return tokenise(prompt, completions, *args)
+
+    monkeypatch.setattr(pairs, "_tokenise", recording)
     assert _load(path, tok, max_length=64) == whole
+    assert max(seen) <= 2 * window.window_for(tok, 64, None, None).chars < len(answer)
 
 
 @pytest.mark.parametrize("max_prompt", [None, 16])

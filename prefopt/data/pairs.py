@@ -495,25 +495,25 @@ def _split(value: dict[str, Any], fmt: _Format) -> tuple[Any, Any, Any]:
     return prompt, chosen, rejected
 
 
-def _check_template(tokenizer, prompt: list, completion: list, name: str) -> None:
-    """A completion can be separated only if the rendered prompt starts the rendered conversation."""
-    try:
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    except Exception as exc:  # jinja templates raise their own errors, e.g. on role order
-        raise _RowError(TEMPLATE, name, f"chat template failed: {exc}") from None
-    if not full.startswith(head):
-        raise _RowError(
-            TEMPLATE,
-            name,
-            "the chat template's rendering of prompt + completion does not start with its rendering of the "
-            "prompt with add_generation_prompt=True, so the completion cannot be separated",
-        )
-
-
-def _chat_ids(tokenizer, messages: list, generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
-    return list(out["input_ids"])
+def _render(tokenizer, prompt: list, completions: list[list], names: list[str]) -> tuple[str, list[str]]:
+    """A conversational row as text: the template's rendering of the prompt (with the generation prompt), and of
+    each completion, as the part of prompt + completion's rendering that follows the prompt's."""
+    tails = []
+    for completion, name in zip(completions, names):
+        try:
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        except Exception as exc:  # jinja templates raise their own errors, e.g. on role order
+            raise _RowError(TEMPLATE, name, f"chat template failed: {exc}") from None
+        if not full.startswith(head):
+            raise _RowError(
+                TEMPLATE,
+                name,
+                "the chat template's rendering of prompt + completion does not start with its rendering of the "
+                "prompt with add_generation_prompt=True, so the completion cannot be separated",
+            )
+        tails.append(full[len(head):])
+    return head, tails
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -533,13 +533,14 @@ def _split_ids(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int],
 
 def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Format, tokenizer,
               text_tokenization: str) -> tuple[list[int], list[list[int]]]:
-    """(prompt, completions) ids before truncation; ``names`` are the completions' fields, for messages."""
+    """(prompt, completions) ids before truncation; a conversational row comes rendered (:func:`_render`)."""
     if fmt.messages:
-        # As TRL's DPOTrainer: the template's own tokens only (BOS and end of turn as it writes them).
-        for c, name in zip(completions, names):
-            _check_template(tokenizer, prompt, c, name)
-        full = [_chat_ids(tokenizer, prompt + c) for c in completions]
-        return _split_ids(_chat_ids(tokenizer, prompt, generation_prompt=True), full)
+        # As TRL's DPOTrainer (apply_chat_template's tokens): the template's own tokens only (BOS and end of turn as
+        # it writes them), the completion starting where prompt and prompt + completion's tokens diverge.
+        def ids(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        return _split_ids(ids(prompt), [ids(prompt + c) for c in completions])
     eos_text = tokenizer.eos_token
     if text_tokenization == "trl":
         # As TRL's DPOTrainer: EOS text appended, prompt + completion tokenised as one string.
@@ -602,12 +603,10 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
     """
     chars, previous = t.window.chars, None
     while True:
-        # Never cut: a conversational row (a chat template may change a message's text as a whole: trim it, keep
-        # what follows a tag), or a prompt cut by max_prompt_length, whose end's tokens can depend on where a long
-        # run (of '=', of spaces) starts: BPE merges a run from its left. A completion keeps its start.
-        whole = t.fmt.messages
-        prompt_part, prompt_cuts = (prompt, []) if whole or t.window.whole_prompt else clip(prompt, chars)
-        parts = [(c, []) if whole else clip(c, chars) for c in completions]
+        # Never cut: a prompt cut by max_prompt_length, whose end's tokens can depend on where a long run (of '=',
+        # of spaces) starts: BPE merges a run from its left. A completion keeps its start.
+        prompt_part, prompt_cuts = (prompt, []) if t.window.whole_prompt else clip(prompt, chars)
+        parts = [clip(c, chars) for c in completions]
         if not prompt_cuts and not any(cuts for _, cuts in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
         outcome = _cut_outcome(prompt_part, prompt_cuts, parts, names, t)
@@ -636,7 +635,10 @@ def _cut_outcome(prompt: Any, prompt_cuts: list[str], parts: list[tuple[Any, lis
 def _to_pair(rec: Record, fmt: _Format, t: _Tokens) -> Pair:
     prompt, chosen, rejected = _split(rec.value, fmt)
     names = ["chosen", "rejected"]
-    prompt_ids, (chosen_ids, rejected_ids) = _ids(prompt, [chosen, rejected], names, t)
+    completions = [chosen, rejected]
+    if fmt.messages:  # rendered first: a template may change a message's text as a whole (trim it, keep what follows a tag)
+        prompt, completions = _render(t.tokenizer, prompt, completions, names)
+    prompt_ids, (chosen_ids, rejected_ids) = _ids(prompt, completions, names, t)
     if chosen_ids == rejected_ids:  # nothing to prefer: the loss would be constant
         cuts = t.cuts
         raise _RowError(IDENTICAL, "rejected", f"the same tokens as chosen once cut to max_length {cuts[0]}"
@@ -648,7 +650,10 @@ def _to_group(rec: Record, fmt: _Format, t: _Tokens) -> Group:
     """A ranking (completions best first) or a labelled completion."""
     completions = _completions(rec.value, fmt)
     names = [fmt.field_of(i) for i in range(len(completions))]
-    prompt_ids, ids = _ids(rec.value["prompt"], completions, names, t)
+    prompt = rec.value["prompt"]
+    if fmt.messages:
+        prompt, completions = _render(t.tokenizer, prompt, completions, names)
+    prompt_ids, ids = _ids(prompt, completions, names, t)
     if fmt.kind == "labelled":
         return Group(prompt_ids, ids, labels=[rec.value["label"]], row=rec.row)
     ids, scores = ranked(ids, _scores(rec.value, fmt))

@@ -1,10 +1,10 @@
 """Character windows that keep tokenising a very long row bounded by ``max_length``, not by the row.
 
 Truncation keeps at most ``max_length`` tokens of a field: the start of a completion, the start
-of a prompt that only ``max_length`` cuts. In a text row, such a text longer than the window is
-cut to it before tokenising. Never cut: a prompt cut by ``max_prompt_length`` (the tokens of a
-text's end can depend on its whole length, e.g. a long run of one character that BPE merges from
-the left), and conversational rows (a chat template may change a message's text as a whole).
+of a prompt that only ``max_length`` cuts. Such a text longer than the window is cut to it before
+tokenising (a conversational row once rendered by its chat template, which may change a message's
+text as a whole). Never cut: a prompt cut by ``max_prompt_length`` (the tokens of a text's end can
+depend on its whole length, e.g. a long run of one character that BPE merges from the left).
 :func:`prefopt.data.pairs.load_examples` accepts a cut only when it changed nothing the
 truncation keeps (see ``_ids`` there), else it widens the window, up to the whole row. The
 window only sets where that search starts: no result depends on it.

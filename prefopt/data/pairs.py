@@ -501,7 +501,7 @@ def _render(tokenizer, prompt: list, completions: list[list], names: list[str]) 
     tails = []
     for completion, name in zip(completions, names):
         try:
-            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)  # the same each time
             full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         except Exception as exc:  # jinja templates raise their own errors, e.g. on role order
             raise _RowError(TEMPLATE, name, f"chat template failed: {exc}") from None
@@ -605,11 +605,11 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
     while True:
         # Never cut: a prompt cut by max_prompt_length, whose end's tokens can depend on where a long run (of '=',
         # of spaces) starts: BPE merges a run from its left. A completion keeps its start.
-        prompt_part, prompt_cuts = (prompt, []) if t.window.whole_prompt else clip(prompt, chars)
+        prompt_part, prompt_cut = (prompt, False) if t.window.whole_prompt else clip(prompt, chars)
         parts = [clip(c, chars) for c in completions]
-        if not prompt_cuts and not any(cuts for _, cuts in parts):
+        if not prompt_cut and not any(cut for _, cut in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
-        outcome = _cut_outcome(prompt_part, prompt_cuts, parts, names, t)
+        outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t)
         if outcome is not None and outcome == previous:
             if isinstance(outcome[0], str):
                 raise _RowError(*outcome)
@@ -617,17 +617,17 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
         previous, chars = outcome, 2 * chars
 
 
-def _cut_outcome(prompt: Any, prompt_cuts: list[str], parts: list[tuple[Any, list[str]]], names: list[str], t: _Tokens) -> tuple | None:
+def _cut_outcome(prompt: str, prompt_cut: bool, parts: list[tuple[str, bool]], names: list[str], t: _Tokens) -> tuple | None:
     """``_fit``'s result, or its error as ``(reason, field, message)``, for a cut row; None when a cut text gives
     too few tokens to tell (or the cut row fails, which the cut may have caused)."""
-    def enough(texts: list[str], n: int) -> bool:
-        return all(len(t.tokenizer(x, add_special_tokens=False)["input_ids"]) >= n for x in texts)
+    def short(text: str, n: int) -> bool:
+        return len(t.tokenizer(text, add_special_tokens=False)["input_ids"]) < n
 
-    if not enough(prompt_cuts, t.window.prompt_tokens) or not all(enough(cuts, t.window.completion_tokens) for _, cuts in parts):
+    if (prompt_cut and short(prompt, t.window.prompt_tokens)) or any(cut and short(c, t.window.completion_tokens) for c, cut in parts):
         return None
     try:
         prompt_ids, ids = _tokenise(prompt, [c for c, _ in parts], names, t.fmt, t.tokenizer, t.text_tokenization)
-        return _fit(prompt_ids, ids, names, t.cuts, bool(prompt_cuts))
+        return _fit(prompt_ids, ids, names, t.cuts, prompt_cut)
     except _RowError as err:
         return None if err.reason != OVERLONG else (err.reason, err.field, err.message)
 

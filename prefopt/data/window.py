@@ -42,6 +42,6 @@ def longest_token(tokenizer: Any) -> int:
     return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
-def clip(text: str, chars: int) -> tuple[str, list[str]]:
-    """``text`` cut to its first ``chars`` characters, and ``[cut]`` (or ``[]`` when it is not longer)."""
-    return (text, []) if len(text) <= chars else (text[:chars], [text[:chars]])
+def clip(text: str, chars: int) -> tuple[str, bool]:
+    """``text`` cut to its first ``chars`` characters, and whether it was longer."""
+    return (text, False) if len(text) <= chars else (text[:chars], True)

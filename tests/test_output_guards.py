@@ -168,6 +168,10 @@ def test_a_name_longer_than_the_filesystem_allows_is_a_clear_error(tok, tmp_path
     for command in ("validate", "train"):
         assert main([command, str(config), "--set", f"trainer.output_dir={long}"]) == 2
         assert "trainer.output_dir: " in (err := capsys.readouterr().err) and "longer than the filesystem allows" in err
+    deep = tmp_path.joinpath(*["d" * 200] * 25)  # no name too long, the whole path over 4096 bytes
+    for command in ("validate", "train"):
+        assert main([command, str(config), "--set", f"trainer.output_dir={deep}"]) == 2
+        assert "is longer than the system allows (PATH_MAX" in capsys.readouterr().err
 
 
 @pytest.fixture

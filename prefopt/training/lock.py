@@ -44,6 +44,9 @@ def make_directory(path: Path, what: str) -> None:
 def describe_os_error(exc: OSError) -> str:
     """One line for the errors a path can meet, naming the limit or the cause."""
     if exc.errno == errno.ENAMETOOLONG:
+        path = os.fsencode(str(exc.filename or ""))
+        if len(path) >= 4096 and all(len(part) <= 255 for part in path.split(b"/")):
+            return f"the path ({len(path)} bytes) is longer than the system allows (PATH_MAX, usually 4096 bytes)"
         return "a name in it is longer than the filesystem allows (NAME_MAX, usually 255 bytes)"
     if exc.errno == errno.EROFS:
         return f"{exc.filename or 'its parent'} is on a read-only filesystem"

@@ -237,6 +237,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
+        if value.strip() == "~":  # YAML reads it as null; on a command line it reads as the home directory
+            raise ConfigError(f"--set {key}=~: a lone ~ is ambiguous here (YAML's null, or the home directory); "
+                              f"write {key}=null, or the path in full")
         node[parts[-1]] = parse_yaml(value, f"--set {key}")
     return raw
 

@@ -51,6 +51,8 @@ def test_tilde_is_expanded_in_every_path_field(tmp_path, monkeypatch):
                   c.trainer.output_dir]
         assert all(v.startswith(str(home) + "/") for v in values), values
     assert not (tmp_path / "~").exists()
+    with pytest.raises(ConfigError, match=r"--set trainer.output_dir=~: a lone ~ is ambiguous here .*write trainer.output_dir=null"):
+        load_config(path, ["trainer.output_dir=~"])
 
 
 def test_tilde_of_an_unknown_user_and_a_nul_in_a_path_are_errors_naming_the_field(tmp_path, monkeypatch):

@@ -197,7 +197,7 @@ class RunConfig(_Section):
 
 
 # PyYAML follows YAML 1.1, where `1e-6` is a string; accept it as a float as users expect.
-from prefopt.yaml_safe import AliasLimit, NoDuplicateKeys  # noqa: E402
+from prefopt.yaml_safe import AliasLimit, NoDuplicateKeys, short_repr  # noqa: E402
 
 
 class _Loader(AliasLimit, NoDuplicateKeys, yaml.SafeLoader):
@@ -253,7 +253,7 @@ def validate(raw: Any, source: str = "<config>", check_loss: bool = True) -> Run
     try:
         config = RunConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
-        from prefopt.yaml_safe import short_repr, suggest_key
+        from prefopt.yaml_safe import suggest_key
 
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"])
@@ -334,7 +334,7 @@ def _resolve_paths(config: RunConfig, base: Path, from_cli: set[str], source: st
         if value and value.startswith("~"):
             value = os.path.expanduser(value)  # every path field, so no literal ./~ directory is ever made
             if value.startswith("~"):  # ~name of no such user: expanduser leaves it as it was
-                raise ConfigError(f"{source}: {section}.{key}: {short_path(value)}: no user named "
+                raise ConfigError(f"{source}: {section}.{key}: {short_repr(value)}: no user named "
                                   f"{value[1:].split('/', 1)[0][:40]!r} to expand ~ for; write the path out in full")
             setattr(getattr(config, section), key, value)
         if not value or Path(value).is_absolute():
@@ -366,11 +366,7 @@ def _check_path_text(config: RunConfig, source: str) -> None:
     for section, key in fields:
         value = getattr(getattr(config, section), key)
         if value and "\0" in value and not (key == "chat_template" and is_template_text(value)):
-            raise ConfigError(f"{source}: {section}.{key}: {short_path(value)} contains a NUL character, which no path can hold")
-
-
-def short_path(value: str) -> str:
-    return repr(value if len(value) <= 80 else value[:77] + "...")
+            raise ConfigError(f"{source}: {section}.{key}: {short_repr(value)} contains a NUL character, which no path can hold")
 
 
 def is_template_text(value: str) -> bool:

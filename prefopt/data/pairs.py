@@ -160,7 +160,7 @@ def load_examples(
             report.add(*rec.problem)
             continue
         try:
-            examples.append(build(rec, fmt, tokens))
+            examples.append(build(rec, tokens))
         except _RowError as err:
             report.add(err.reason, _locate(rec, err, names))
         rec.value = None  # a long row's text is not kept once its tokens are
@@ -498,13 +498,16 @@ def _split(value: dict[str, Any], fmt: _Format) -> tuple[Any, Any, Any]:
 def _render(tokenizer, prompt: list, completions: list[list], names: list[str]) -> tuple[str, list[str]]:
     """A conversational row as text: the template's rendering of the prompt (with the generation prompt), and of
     each completion, as the part of prompt + completion's rendering that follows the prompt's."""
-    tails = []
-    for completion, name in zip(completions, names):
+    def render(messages: list, name: str, generation_prompt: bool = False) -> str:
         try:
-            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)  # the same each time
-            full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja templates raise their own errors, e.g. on role order
             raise _RowError(TEMPLATE, name, f"chat template failed: {exc}") from None
+
+    head = render(prompt, names[0], generation_prompt=True)
+    tails = []
+    for completion, name in zip(completions, names):
+        full = render(prompt + completion, name)
         if not full.startswith(head):
             raise _RowError(
                 TEMPLATE,
@@ -632,7 +635,8 @@ def _cut_outcome(prompt: str, prompt_cut: bool, parts: list[tuple[str, bool]], n
         return None if err.reason != OVERLONG else (err.reason, err.field, err.message)
 
 
-def _to_pair(rec: Record, fmt: _Format, t: _Tokens) -> Pair:
+def _to_pair(rec: Record, t: _Tokens) -> Pair:
+    fmt = t.fmt
     prompt, chosen, rejected = _split(rec.value, fmt)
     names = ["chosen", "rejected"]
     completions = [chosen, rejected]
@@ -646,8 +650,9 @@ def _to_pair(rec: Record, fmt: _Format, t: _Tokens) -> Pair:
     return Pair(prompt_ids, chosen_ids, rejected_ids, rec.row)
 
 
-def _to_group(rec: Record, fmt: _Format, t: _Tokens) -> Group:
+def _to_group(rec: Record, t: _Tokens) -> Group:
     """A ranking (completions best first) or a labelled completion."""
+    fmt = t.fmt
     completions = _completions(rec.value, fmt)
     names = [fmt.field_of(i) for i in range(len(completions))]
     prompt = rec.value["prompt"]

@@ -5,6 +5,7 @@ The oracle is the same loader with cutting turned off (a window longer than any 
 from __future__ import annotations
 
 import copy
+import os
 import json
 import re
 from contextlib import contextmanager
@@ -47,7 +48,36 @@ def _wordpiece_deleting(texts):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
 
 
-PIECES = ["good", " movie", " the", "  ", "\n", " \n  \n", "\u200b", "aaaa", " ", "é", "e\u0301", "!!", "123", "\t", ".", "x"]
+def _digits_by_three(texts):
+    """Llama-3-like: a pre-tokenizer regex that splits numbers into groups of three digits from their left."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _metaspace_unigram(texts):
+    """SentencePiece-like Unigram: words split at spaces, a '▁' prepended to the text's first word only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                                           unk_token="<unk>", show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+PIECES = ["good", " movie", " the", "  ", "\n", " \n  \n", "\u200b", "aaaa", " ", "é", "e\u0301", "!!", "123", "7", "\t", ".", "x", "="]
 run = st.tuples(st.sampled_from(PIECES), st.integers(1, 120)).map(lambda t: t[0] * t[1])
 text = st.lists(st.one_of(st.sampled_from(PIECES), run), min_size=1, max_size=30).map("".join).filter(lambda s: s.strip("\u200b \n\t"))
 
@@ -56,7 +86,8 @@ text = st.lists(st.one_of(st.sampled_from(PIECES), run), min_size=1, max_size=30
 def tokenizers(tokenizer):
     corpus = ["good movie the plot was good and the acting great 123 !!", "aaaa x e\u0301 é. the the movie"] * 20
     out = {"byte-level BPE": copy.deepcopy(tokenizer),  # the session's tokenizer keeps its own template for other files
-           "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus)}
+           "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus),
+           "digits by three": _digits_by_three(corpus), "Metaspace Unigram": _metaspace_unigram(corpus)}
     for tok in out.values():
         tok.chat_template = TEMPLATE
     return out
@@ -92,7 +123,7 @@ def _row(kind: str, prompt: str, completions: list[str]) -> dict:
 
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(["byte-level BPE", "whole-text BPE", "deleting WordPiece"]),
+@given(name=st.sampled_from(["byte-level BPE", "whole-text BPE", "deleting WordPiece", "digits by three", "Metaspace Unigram"]),
        kind=st.sampled_from(["text", "trl", "messages", "implicit", "ranking"]),
        rows=st.lists(st.tuples(text, st.lists(text, min_size=3, max_size=3)), min_size=1, max_size=4),
        max_length=st.integers(4, 24), max_prompt=st.sampled_from([None, 3, 8]), max_completion=st.sampled_from([None, 2, 6]))
@@ -141,9 +172,9 @@ def test_a_conversational_row_is_cut_after_its_template(tokenizers, tmp_path, mo
     seen: list[int] = []
     tokenise = pairs._tokenise
 
-    def recording(prompt, completions, *args):
+    def recording(prompt, completions, *args, **kw):
         seen.append(max(map(len, completions)))
-        return tokenise(prompt, completions, *args)
+        return tokenise(prompt, completions, *args, **kw)
 
     monkeypatch.setattr(pairs, "_tokenise", recording)
     assert _load(path, tok, max_length=64) == whole
@@ -164,9 +195,9 @@ def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path,
     seen: list[int] = []
     tokenise = pairs._tokenise
 
-    def recording(prompt, completions, *args):
+    def recording(prompt, completions, *args, **kw):
         seen.append((len(prompt), max(map(len, completions))))
-        return tokenise(prompt, completions, *args)
+        return tokenise(prompt, completions, *args, **kw)
 
     monkeypatch.setattr(pairs, "_tokenise", recording)
     cut = _load(path, tokenizer, **options)
@@ -174,8 +205,7 @@ def test_a_long_row_tokenises_only_what_max_length_can_keep(tokenizer, tmp_path,
     assert len(whole[0]) == (3 if max_prompt else 2)
     bound = 2 * window.window_for(tokenizer, 48, max_prompt, None).chars
     assert max(c for _, c in seen) <= bound < len(long_text) // 20, (seen, bound)
-    # a prompt that max_prompt_length cuts is tokenised whole (its end's tokens can depend on all of it)
-    assert max(p for p, _ in seen) == len(long_text) if max_prompt else max(p for p, _ in seen) <= bound
+    assert max(p for p, _ in seen) <= bound  # a prompt's start, or with max_prompt_length its end
 
 
 @pytest.mark.parametrize("unit", ["=", "a", " ", "\r\n"])
@@ -191,3 +221,99 @@ def test_the_end_of_a_long_run_in_a_prompt_is_tokenised_as_in_the_whole_row(tmp_
         with _cutting(False):
             whole = _load(path, tok, **options)
         assert _load(path, tok, **options) == whole, n
+
+
+def test_the_end_of_a_long_number_is_grouped_as_in_the_whole_row(tokenizers, tmp_path):
+    """A pre-tokenizer that groups digits by three from a number's left: the kept end's groups depend on the
+    number's length. The window's cuts are 3 x 88 and 6 x 88 characters, so both place the groups in the same
+    phase; only the cut one character longer shows that their boundaries are not the whole number's."""
+    tok = tokenizers["digits by three"]
+    options = dict(max_length=24, max_prompt_length=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(window, "longest_token", lambda tokenizer: 3)
+        chars = window.window_for(tok, 24, 8, None).chars
+        assert chars % 3 == 0
+        kept = set()
+        for r in range(3):  # '123123...' grouped as '123', or (one or two leading 9s) as '912', '312', ... or '991', '231', ...
+            prompt = "Total: " + "9" * r + "123" * 4 * chars + " the movie"
+            path = tmp_path / "digits.jsonl"
+            path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
+            cut = _load(path, tok, **options)
+            with _cutting(False):
+                whole = _load(path, tok, **options)
+            assert cut == whole, r
+            kept.add(tuple(whole[0][0].prompt_ids))
+            assert window.sure_end(tok, prompt, chars) <= 2  # only ' the', ' movie' are sure
+    assert len(kept) == 3  # the three phases keep different ids
+
+
+def test_a_cut_prompt_whose_kept_end_the_completion_moves_into_unsure_tokens_is_widened(tmp_path):
+    """TRL's rule puts the prompt's end where prompt and prompt + completion's tokens diverge. Here a completion that
+    continues the prompt's last word makes it an over-long word, one [UNK]: the boundary moves back 80 tokens, past
+    what the cut vouches for. The cut is not taken; a wider one gives the whole row's ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.train_from_iterator(["review a good bad"] * 5, trainers.WordPieceTrainer(vocab_size=60, show_progress=False,
+                                                                             special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"]))
+    wp.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+    prompt, completion = "review " * 60 + "a" * 80, "a" * 25 + " good"
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": completion, "rejected": " bad"}) + "\n")
+    options = dict(max_length=24, max_prompt_length=8, text_tokenization="trl")
+    with _cutting(False):
+        whole = _load(path, tok, **options)
+    assert tok.convert_ids_to_tokens(whole[0][0].prompt_ids) == ["review"] * 8
+    with _cutting(True):
+        t = pairs._Tokens(tok, pairs._Format(explicit=True, messages=False), "trl", (24, 8, None), pairs.window_for(tok, 24, 8, None))
+        chars = t.window.chars
+        cut = window.clip_end(prompt, chars)
+        sure = window.sure_end(tok, prompt, chars)
+        assert t.window.prompt_tokens <= sure < len(tok(cut[0])["input_ids"])  # the 80 a's and no more are sure
+        assert pairs._cut_outcome(*cut, [(completion, False), (" bad", False)], ["chosen", "rejected"], t, sure, False) is None
+        assert _load(path, tok, **options) == whole
+
+
+def test_a_prompt_with_no_word_boundary_to_trust_is_tokenised_whole_at_once(tokenizers, tmp_path, monkeypatch):
+    """Whole-text BPE sees the whole text as one word: no boundary can vouch for a cut prompt's end, so the prompt is
+    tokenised whole straight away rather than through ever wider cuts."""
+    tok = tokenizers["whole-text BPE"]
+    prompt = "the movie was good " * 2_000
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
+    options = dict(max_length=24, max_prompt_length=8)
+    with _cutting(False):
+        whole = _load(path, tok, **options)
+    asked, seen = [], []
+    sure, tokenise = pairs.sure_end, pairs._tokenise
+    monkeypatch.setattr(pairs, "sure_end", lambda *a: asked.append(a[2]) or sure(*a))
+    monkeypatch.setattr(pairs, "_tokenise", lambda p, *a, **kw: seen.append(len(p)) or tokenise(p, *a, **kw))
+    assert _load(path, tok, **options) == whole and len(whole[0]) == 1
+    assert len(asked) == 1 and seen == [len(prompt)]
+
+
+def test_a_long_string_is_read_as_datasets_reads_it_without_datasets_holding_it(tmp_path, monkeypatch):
+    """Rows still go through ``datasets`` (they come back as it reads them), but a long string goes through as a
+    placeholder and comes back as it was, wherever it sits (here a message's content)."""
+    import prefopt.data.sources as sources
+
+    long = "the plot was good " * 10_000
+    rows = [{"prompt": [{"role": "user", "content": long}], "chosen": [{"role": "assistant", "content": "good", "name": "a"}],
+             "rejected": [{"role": "assistant", "content": long + "!"}]},
+            {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": long}],
+             "rejected": [{"role": "assistant", "content": "bad"}]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sizes = []
+    load = sources._load
+    monkeypatch.setattr(sources, "_load", lambda name, label, **kw: sizes.append(os.path.getsize(kw["data_files"])) or load(name, label, **kw))
+    held = sources.read_records(str(path), "train", None, check=lambda recs: None)
+    monkeypatch.setattr(sources, "HELD", 10**12)
+    plain = sources.read_records(str(path), "train", None, check=lambda recs: None)
+    assert [r.value for r in held] == [r.value for r in plain]
+    assert held[1].value["chosen"][0]["content"] == long and held[0].value["rejected"][0]["content"] == long + "!"
+    assert sizes[0] < 2_000 < len(long) < sizes[1]

@@ -17,7 +17,7 @@ from typing import Any
 
 from prefopt.data.examples import Group, Pair, as_group, plan, ranked, to_pairs
 from prefopt.data.sources import BAD_UTF8, FIELDS, MALFORMED, Record, kind_name, read_records
-from prefopt.data.window import Window, clip, window_for
+from prefopt.data.window import Window, clip, clip_end, sure_end, window_for
 from prefopt.errors import DataError
 
 MISSING = "missing field"
@@ -535,8 +535,9 @@ def _split_ids(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int],
 
 
 def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Format, tokenizer,
-              text_tokenization: str) -> tuple[list[int], list[list[int]]]:
-    """(prompt, completions) ids before truncation; a conversational row comes rendered (:func:`_render`)."""
+              text_tokenization: str, bos_given: bool | None = None) -> tuple[list[int], list[list[int]]]:
+    """(prompt, completions) ids before truncation; a conversational row comes rendered (:func:`_render`).
+    ``bos_given``: whether the whole prompt starts with the BOS text (when ``prompt`` is its cut end)."""
     if fmt.messages:
         # As TRL's DPOTrainer (apply_chat_template's tokens): the template's own tokens only (BOS and end of turn as
         # it writes them), the completion starting where prompt and prompt + completion's tokens diverge.
@@ -550,8 +551,7 @@ def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Forma
         texts = [c if c.endswith(eos_text) else c + eos_text for c in completions]
         return _split_ids(list(tokenizer(prompt)["input_ids"]), [list(tokenizer(prompt + t)["input_ids"]) for t in texts])
     # A text that already holds the BOS text gets no second one.
-    bos = tokenizer.bos_token
-    add_special = not (bos and prompt.startswith(bos))
+    add_special = not (_starts_with_bos(prompt, tokenizer) if bos_given is None else bos_given)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
     eos = tokenizer.eos_token_id
     out = []
@@ -561,6 +561,11 @@ def _tokenise(prompt: Any, completions: list[Any], names: list[str], fmt: _Forma
             ids.append(eos)
         out.append(ids)
     return prompt_ids, out
+
+
+def _starts_with_bos(prompt: str, tokenizer) -> bool:
+    bos = tokenizer.bos_token
+    return bool(bos) and prompt.startswith(bos)
 
 
 def _fit(prompt_ids: list[int], completions: list[list[int]], names: list[str],
@@ -599,20 +604,25 @@ class _Tokens:
 def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> tuple[list[int], list[list[int]]]:
     """The row's (prompt, completions) ids after the cuts: ``_fit`` of ``_tokenise`` of the whole row.
 
-    A text longer than the window is cut to it first, so a huge row costs what the cuts can keep.
-    The cut row is accepted only when each cut text alone still gives the window's token count
-    (so the cut's neighbourhood falls outside what is kept) and a cut at twice the characters
-    gives the same outcome; otherwise the window doubles, up to the whole row.
+    A text longer than the window is cut to it first (a completion to its start; a prompt to its end when
+    ``max_prompt_length`` keeps that, else to its start), so a huge row costs what the cuts can keep.
+    The cut row is accepted only when each cut text alone still gives the window's token count (so the
+    cut's neighbourhood falls outside what is kept: for a prompt's end, tokens :func:`sure_end` vouches for)
+    and a cut at twice the characters gives the same outcome; otherwise the window doubles, up to the whole row.
     """
     chars, previous = t.window.chars, None
     while True:
-        # Never cut: a prompt cut by max_prompt_length, whose end's tokens can depend on where a long run (of '=',
-        # of spaces) starts: BPE merges a run from its left. A completion keeps its start.
-        prompt_part, prompt_cut = (prompt, False) if t.window.whole_prompt else clip(prompt, chars)
+        prompt_part, prompt_cut = (clip_end if t.window.keep_end else clip)(prompt, chars)
         parts = [clip(c, chars) for c in completions]
         if not prompt_cut and not any(cut for _, cut in parts):
             return _fit(*_tokenise(prompt, completions, names, t.fmt, t.tokenizer, t.text_tokenization), names, t.cuts)
-        outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t)
+        sure = None
+        if prompt_cut and t.window.keep_end:
+            sure = sure_end(t.tokenizer, prompt, chars)
+            if sure is None:  # no word boundary to trust: only the whole prompt tells its end's tokens
+                chars = len(prompt)
+                continue
+        outcome = _cut_outcome(prompt_part, prompt_cut, parts, names, t, sure, _starts_with_bos(prompt, t.tokenizer))
         if outcome is not None and outcome == previous:
             if isinstance(outcome[0], str):
                 raise _RowError(*outcome)
@@ -620,19 +630,31 @@ def _ids(prompt: Any, completions: list[Any], names: list[str], t: _Tokens) -> t
         previous, chars = outcome, 2 * chars
 
 
-def _cut_outcome(prompt: str, prompt_cut: bool, parts: list[tuple[str, bool]], names: list[str], t: _Tokens) -> tuple | None:
+def _cut_outcome(prompt: str, prompt_cut: bool, parts: list[tuple[str, bool]], names: list[str], t: _Tokens,
+                 sure: int | None, bos_given: bool) -> tuple | None:
     """``_fit``'s result, or its error as ``(reason, field, message)``, for a cut row; None when a cut text gives
-    too few tokens to tell (or the cut row fails, which the cut may have caused)."""
+    too few tokens to tell (or the cut row fails, which the cut may have caused). ``sure``: for a prompt cut to its
+    end, how many of its last tokens are the whole prompt's (:func:`sure_end`)."""
     def short(text: str, n: int) -> bool:
         return len(t.tokenizer(text, add_special_tokens=False)["input_ids"]) < n
 
-    if (prompt_cut and short(prompt, t.window.prompt_tokens)) or any(cut and short(c, t.window.completion_tokens) for c, cut in parts):
+    if prompt_cut and (sure < t.window.prompt_tokens if sure is not None else short(prompt, t.window.prompt_tokens)):
+        return None
+    if any(cut and short(c, t.window.completion_tokens) for c, cut in parts):
         return None
     try:
-        prompt_ids, ids = _tokenise(prompt, [c for c, _ in parts], names, t.fmt, t.tokenizer, t.text_tokenization)
+        prompt_ids, ids = _tokenise(prompt, [c for c, _ in parts], names, t.fmt, t.tokenizer, t.text_tokenization, bos_given)
+        if sure is not None and len(prompt_ids) - t.cuts[1] < _own_length(prompt, t, bos_given) - sure:
+            return None  # the completions' boundary moved back so far that the kept prompt reaches unsure tokens
         return _fit(prompt_ids, ids, names, t.cuts, prompt_cut)
     except _RowError as err:
         return None if err.reason != OVERLONG else (err.reason, err.field, err.message)
+
+
+def _own_length(prompt: str, t: _Tokens, bos_given: bool) -> int:
+    """Tokens of ``prompt`` tokenised alone as ``_tokenise`` does, special tokens included."""
+    add = False if t.fmt.messages else t.text_tokenization == "trl" or not bos_given
+    return len(t.tokenizer(prompt, add_special_tokens=add)["input_ids"])
 
 
 def _to_pair(rec: Record, t: _Tokens) -> Pair:

@@ -1,13 +1,12 @@
 """Character windows that keep tokenising a very long row bounded by ``max_length``, not by the row.
 
 Truncation keeps at most ``max_length`` tokens of a field: the start of a completion, the start
-of a prompt that only ``max_length`` cuts. Such a text longer than the window is cut to it before
-tokenising (a conversational row once rendered by its chat template, which may change a message's
-text as a whole). Never cut: a prompt cut by ``max_prompt_length`` (the tokens of a text's end can
-depend on its whole length, e.g. a long run of one character that BPE merges from the left).
-:func:`prefopt.data.pairs.load_examples` accepts a cut only when it changed nothing the
-truncation keeps (see ``_ids`` there), else it widens the window, up to the whole row. The
-window only sets where that search starts: no result depends on it.
+of a prompt that only ``max_length`` cuts, the end of a prompt that ``max_prompt_length`` cuts.
+Such a text longer than the window is cut to it (from its start, or to its end) before
+tokenising (a conversational row once rendered by its chat template, which may change a
+message's text as a whole). :func:`prefopt.data.pairs.load_examples` accepts a cut only when it
+changed nothing the truncation keeps (see ``_ids`` there), else it widens the window, up to the
+whole row. The window only sets where that search starts: no result depends on it.
 """
 from __future__ import annotations
 
@@ -26,14 +25,14 @@ class Window:
     chars: int
     prompt_tokens: int  # a cut text of a prompt must give at least this many tokens
     completion_tokens: int  # a cut text of a completion must give at least this many tokens
-    whole_prompt: bool  # max_prompt_length keeps a prompt's end, so the prompt is never cut
+    keep_end: bool  # max_prompt_length keeps a prompt's end, so a prompt is cut to its end
 
 
 def window_for(tokenizer: Any, max_length: int, max_prompt_length: int | None, max_completion_length: int | None) -> Window:
     """The starting window for ``tokenizer`` and the cuts: enough characters for the kept tokens plus
     ``MARGIN``, each token counted as long as the tokenizer's longest."""
     completion = min(max_length, max_completion_length or max_length) + MARGIN
-    prompt = max_length + MARGIN  # a prompt is cut only when max_prompt_length is unset
+    prompt = (max_length if max_prompt_length is None else max_prompt_length) + MARGIN
     return Window(max(prompt, completion) * longest_token(tokenizer), prompt, completion, max_prompt_length is not None)
 
 
@@ -45,3 +44,41 @@ def longest_token(tokenizer: Any) -> int:
 def clip(text: str, chars: int) -> tuple[str, bool]:
     """``text`` cut to its first ``chars`` characters, and whether it was longer."""
     return (text, False) if len(text) <= chars else (text[:chars], True)
+
+
+def clip_end(text: str, chars: int) -> tuple[str, bool]:
+    """``text`` cut to its last ``chars`` characters, and whether it was longer."""
+    return (text, False) if len(text) <= chars else (text[-chars:], True)
+
+
+def sure_end(tokenizer: Any, text: str, chars: int) -> int | None:
+    """How many of the last tokens of ``text[-chars:]`` are surely those of the whole ``text``.
+
+    Unlike a text's start, its end has no fixed point to tokenise from: BPE merges a long run of
+    one character from the run's left, a pre-tokenizer may group digits by three from a number's
+    left. But a fast tokenizer applies its model to each pre-token ("word") on its own, so from a
+    word boundary on, the tokens depend only on the words that follow. A boundary is trusted when
+    three cuts place a word boundary there and agree on every token after it: at ``chars``, at one
+    character more (a grouping out of phase moves its boundaries) and at twice the characters (a
+    longer left context). None when ``text[-chars:]`` has no word boundary: a slow tokenizer (it
+    reports no words), one whose model sees the whole text as one word (SentencePiece BPE without a
+    pre-tokenizer), or a single word longer than the window; only the whole text then tells.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    cuts = []
+    for n in (chars, chars + 1, 2 * chars):
+        enc = tokenizer(text[-n:], add_special_tokens=False)
+        cuts.append((enc["input_ids"], enc.word_ids()))
+    same = _common_suffix([ids for ids, _ in cuts])
+    starts = [{len(w) - i for i in range(1, len(w)) if w[i] is not None and w[i] != w[i - 1]} for _, w in cuts]
+    if not starts[0]:
+        return None
+    return max((n for n in set.intersection(*starts) if n <= same), default=0)
+
+
+def _common_suffix(lists: list[list[int]]) -> int:
+    n, shortest = 0, min(map(len, lists))
+    while n < shortest and all(x[-1 - n] == lists[0][-1 - n] for x in lists):
+        n += 1
+    return n

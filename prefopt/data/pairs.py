@@ -12,6 +12,7 @@ import math
 import random
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -480,10 +481,8 @@ def _split(value: dict[str, Any], fmt: _Format) -> tuple[Any, Any, Any]:
     chosen, rejected = value["chosen"], value["rejected"]
     if fmt.explicit:
         return value["prompt"], chosen, rejected
-    n = 0
+    n = _common_prefix(chosen, rejected)
     limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
     if not fmt.messages:
         # Cut back to a whitespace boundary, so a completion starts with its separating space.
         while n > 0 and not (n < limit and chosen[n].isspace() and rejected[n].isspace()):
@@ -519,11 +518,12 @@ def _render(tokenizer, prompt: list, completions: list[list], names: list[str]) 
     return head, tails
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the common prefix of two strings or lists; a long one compared a block at a time."""
+    n, block, limit = 0, 1 << 16, min(len(a), len(b))
+    while n + block <= limit and a[n:n + block] == b[n:n + block]:
+        n += block
+    while n < limit and a[n] == b[n]:
         n += 1
     return n
 

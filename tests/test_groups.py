@@ -248,7 +248,9 @@ def test_features_the_engine_does_not_compute_for_groups_are_refused():
 def test_two_processes_train_kto_like_one_process(group_plugins, labelled_assets, tmp_path):
     """KTO, two DDP processes of 2 labelled completions each (two micro-batches per step), train like one process of 4:
     the reference point (``kl``) is the mean over the whole global batch's mismatched completions (gathered in training,
-    shared once per evaluation), so losses, ``kl``, gradient norms, held-out loss and weights agree within 1e-5."""
+    shared once per evaluation), so losses, ``kl``, gradient norms, held-out loss and weights agree within 1e-5; so do
+    the means over desirable or undesirable completions only (``rewards/chosen``, ``logratios/desirable``...), which
+    each process counts, although the processes hold different numbers of them."""
     import os
 
     from dist_helpers import ROOT, cpu_env, launch, torchrun, train_one_process
@@ -265,12 +267,39 @@ def test_two_processes_train_kto_like_one_process(group_plugins, labelled_assets
     a, b = single["trainer"]["output_dir"], ddp["trainer"]["output_dir"]
     rows, evals = read_metrics(a), eval_rows(a)
     assert max(r["kl"] for r in rows) > 1e-3 and evals[-1]["eval/kl"] > 1e-3  # the reference point is not clamped to 0
-    assert_rows_close(rows, read_metrics(b), ("loss", "kl", "grad_norm"), abs=1e-5, rel=1e-5)
-    assert_rows_close(evals, eval_rows(b), ("eval/loss", "eval/kl"), abs=1e-5, rel=1e-5)
+    counted = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+               "logratios/desirable", "logratios/undesirable")  # means over some completions: weighted by their counts
+    assert_rows_close(rows, read_metrics(b), ("loss", "kl", "grad_norm", *counted), abs=1e-5, rel=1e-5)
+    assert_rows_close(evals, eval_rows(b), ("eval/loss", "eval/kl", *(f"eval/{k}" for k in counted)), abs=1e-5, rel=1e-5)
     assert_weights_close(final_weights(a), final_weights(b), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- logratios/* of groups, from the engine
+
+
+def test_counted_metrics_are_means_over_their_examples_left_out_where_there_are_none():
+    """A metric with a count (KTO's rewards/chosen: a mean over the desirable completions only) is averaged over those
+    completions of every forward, not over forwards; a forward with none adds nothing, even a plugin's 0/0; a window
+    with none leaves it out, and a margin of counted means is their difference."""
+    from types import SimpleNamespace
+
+    from prefopt.training.step import MetricSums
+
+    acc = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, op: t)
+    t = torch.tensor
+    nan = float("nan")
+    sums = MetricSums()  # two forwards of one step, half the examples each
+    sums.add({"loss": t(1.0), "rewards/chosen": t(2.0), "rewards/rejected": t(nan), "rewards/margins": t(nan)},
+             {"rewards/chosen": t(3), "rewards/rejected": t(0)}, 0.5)
+    sums.add({"loss": t(3.0), "rewards/chosen": t(6.0), "rewards/rejected": t(-1.0), "rewards/margins": t(7.0)},
+             {"rewards/chosen": t(1), "rewards/rejected": t(2)}, 0.5)
+    means, _ = sums.means(acc, 1.0)
+    assert means == pytest.approx({"loss": 2.0, "rewards/chosen": 3.0, "rewards/rejected": -1.0, "rewards/margins": 4.0})
+    none = MetricSums()
+    none.add({"loss": t(1.0), "rewards/chosen": t(2.0), "rewards/rejected": t(0.0), "rewards/margins": t(2.0)},
+             {"rewards/chosen": t(3), "rewards/rejected": t(0)}, 1.0)
+    means, _ = none.means(acc, 1.0)
+    assert means == pytest.approx({"loss": 1.0, "rewards/chosen": 2.0})
 
 
 def test_group_logratios_are_the_per_completion_log_ratios():
@@ -283,19 +312,21 @@ def test_group_logratios_are_the_per_completion_log_ratios():
     policy, ref = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)  # column 3: a mismatched completion
     ratio = (policy - ref).double().tolist()
     last = [int(m.sum()) - 1 for m in mask]
-    rankings = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": None})
+    rankings, counts = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": None})
+    assert counts == {}  # means over every ranking
     margins = [ratio[b][0] - ratio[b][last[b]] for b in range(4)]
     expected = {"best": sum(r[0] for r in ratio) / 4, "worst": sum(ratio[b][last[b]] for b in range(4)) / 4,
                 "margins": sum(margins) / 4, "accuracies": sum(m > 0 for m in margins) / 4}
     assert 0 < expected["accuracies"] < 1
     assert {k: rankings[f"logratios/{k}"].item() for k in expected} == pytest.approx(expected, abs=1e-6)
     labels = torch.tensor([[True, False, True], [False, False, False], [True, False, False], [False, True, False]])
-    labelled = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": labels})
+    labelled, counts = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": labels})
     slots = [(b, k) for b in range(4) for k in range(3) if mask[b, k]]
     for name, want in (("desirable", True), ("undesirable", False)):
         values = [ratio[b][k] for b, k in slots if bool(labels[b, k]) == want]
         assert labelled[f"logratios/{name}"].item() == pytest.approx(sum(values) / len(values), abs=1e-6)
-    none = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": torch.zeros_like(labels)})
+        assert counts[f"logratios/{name}"].item() == len(values)
+    none, _ = group_logratio_metrics(policy, ref, {"completion_mask": mask, "labels": torch.zeros_like(labels)})
     assert none["logratios/desirable"].item() == 0.0  # no desirable completion in the batch: 0, not NaN
 
 
@@ -322,7 +353,7 @@ def test_a_group_step_logs_engine_logratios_with_one_host_read(kind, group_plugi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert finite and syncs.count == 1, dict(syncs.ops)
-    m = {k: v.item() for k, v in result.metrics.items()}
+    m = {k: v.item() for k, v in result.metrics.sums.items()}  # weighted sums: counted metrics (labelled) by their counts
     pairs = (("best", "chosen"), ("worst", "rejected")) if kind == "rankings" else (("desirable", "chosen"), ("undesirable", "rejected"))
     for ours, theirs in pairs:
         assert abs(m[f"logratios/{ours}"]) > 1e-4

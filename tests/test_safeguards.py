@@ -246,6 +246,8 @@ def test_lora_on_the_output_head_is_refused(tok, tmp_path):
         (lambda out: LossOutput(out.losses, out.losses, out.metrics), r"returned loss of shape \(4,\).*expected a scalar float tensor"),
         (lambda out: out.loss, r"returned Tensor, expected a prefopt.LossOutput"),
         (lambda out: None.loss, r"raised AttributeError: 'NoneType' object has no attribute 'loss'"),
+        (lambda out: LossOutput(out.loss, out.losses, out.metrics, {"rewards/best": out.loss.detach()}),
+         r"returned counts for 'rewards/best', which are not among its metrics"),
     ],
 )
 def test_malformed_loss_output_names_the_loss_and_package(tok, tmp_path, monkeypatch, bad, message):

@@ -269,11 +269,18 @@ def needs_of(loss: object) -> frozenset[Feature]:
 
 @dataclass
 class LossOutput:
-    """A loss's result: the scalar to minimise, one loss per pair, and detached scalar metrics."""
+    """A loss's result: the scalar to minimise, one loss per pair, and detached scalar metrics.
+
+    ``counts``: for a metric that is a mean over only some of the batch's examples (KTO's desirable
+    completions), how many. The logs then average it over those examples of every forward, step and
+    process, as one process would, and leave it out of a row that has none (a ``.../margins`` beside
+    counted ``.../chosen`` and ``.../rejected`` is logged as their difference); other metrics are
+    averaged over all examples."""
 
     loss: torch.Tensor
     losses: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Loss:

@@ -35,14 +35,18 @@ class WeightedLoss:
     def __call__(self, inputs: LossInputs) -> LossOutput:
         total: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         for (weight, loss), label in zip(self.terms, self.labels):
             out = loss(inputs)
             total = weight * out.losses if total is None else total + weight * out.losses
             metrics[f"loss/{label}"] = out.loss.detach()
             for key, value in out.metrics.items():
-                metrics.setdefault(key, value)
+                if key not in metrics:
+                    metrics[key] = value
+                    if key in out.counts:
+                        counts[key] = out.counts[key]
         assert total is not None
-        return LossOutput(total.mean(), total, metrics)
+        return LossOutput(total.mean(), total, metrics, counts)
 
     def __repr__(self) -> str:
         return " + ".join(f"{w} * {loss!r}" for w, loss in self.terms)

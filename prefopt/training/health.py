@@ -272,13 +272,17 @@ class CheckedLoss:
             problem = "returned a loss without a gradient (detached, or not computed from the policy log-probs), so training cannot step"
         elif not isinstance(out.losses, torch.Tensor) or tuple(out.losses.shape) != (n,):
             problem = f"returned losses {_describe(out.losses)}, expected a tensor of shape ({n},), one per example"
-        elif not isinstance(out.metrics, dict):
-            problem = f"returned metrics {type(out.metrics).__name__}, expected a dict of scalar tensors"
+        elif not isinstance(out.metrics, dict) or not isinstance(out.counts, dict):
+            bad = "metrics" if not isinstance(out.metrics, dict) else "counts"
+            problem = f"returned {bad} {type(getattr(out, bad)).__name__}, expected a dict of scalar tensors"
         else:
-            for key, value in out.metrics.items():
+            for key, value in [*out.metrics.items(), *out.counts.items()]:
                 if not isinstance(value, torch.Tensor) or value.numel() != 1:
                     problem = f"returned metric {key!r} {_describe(value)}, expected a scalar tensor"
                     break
+            stray = sorted(set(out.counts) - set(out.metrics))
+            if not problem and stray:
+                problem = f"returned counts for {', '.join(map(repr, stray))}, which are not among its metrics"
         if problem:
             raise PluginError(f"{self._where()} {problem}")
         return out

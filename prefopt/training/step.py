@@ -137,12 +137,16 @@ def group_reference(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> torc
     return grid_sums(out["ref_logps"], batch) if "ref_logps" in out else batch.get("ref_grid")
 
 
-def group_logratio_metrics(policy: torch.Tensor, ref: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``logratios/*`` of groups, from the per-completion grids alone (as :func:`logratio_metrics` for pairs).
+Metrics = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # values, and counts of those over some examples
+
+
+def group_logratio_metrics(policy: torch.Tensor, ref: torch.Tensor, batch: dict[str, Any]) -> Metrics:
+    """``logratios/*`` of groups, from the per-completion grids alone (as :func:`logratio_metrics` for pairs), and the
+    counts of those that average only some completions (:class:`prefopt.losses.base.LossOutput` ``counts``).
 
     Rankings (best first): ``best``, ``worst`` (the lowest-ranked completion), ``margins`` (best minus worst) and
     ``accuracies`` (fraction of rankings whose margin is > 0), means over the batch's rankings. Labelled
-    completions: ``desirable`` and ``undesirable``, means over those completions (0 where there are none).
+    completions: ``desirable`` and ``undesirable``, means over those completions (0 where there are none), counted.
     """
     mask = batch["completion_mask"]
     k = mask.shape[1]
@@ -153,12 +157,14 @@ def group_logratio_metrics(policy: torch.Tensor, ref: torch.Tensor, batch: dict[
         def mean(where: torch.Tensor) -> torch.Tensor:
             return torch.where(where, ratio, 0.0).sum() / where.sum().clamp(min=1)
 
-        return {"logratios/desirable": mean(mask & labels), "logratios/undesirable": mean(mask & ~labels)}
+        desirable, undesirable = mask & labels, mask & ~labels
+        return ({"logratios/desirable": mean(desirable), "logratios/undesirable": mean(undesirable)},
+                {"logratios/desirable": desirable.sum(), "logratios/undesirable": undesirable.sum()})
     last = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # valid slots come first
     best, worst = ratio[:, 0], ratio.gather(-1, last).squeeze(-1)
     margins = best - worst
     return {"logratios/best": best.mean(), "logratios/worst": worst.mean(),
-            "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}
+            "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}, {}
 
 
 def logratio_metrics(policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -173,7 +179,7 @@ def logratio_metrics(policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch
             "logratios/margins": margins.mean(), "logratios/accuracies": (margins > 0).float().mean()}
 
 
-def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, Metrics]:
     """One forward of a batch: the loss's inputs and the engine's ``logratios/*`` metrics (computed before the
     loss runs: new tensors, so nothing the loss does to its inputs changes them)."""
     batch = to_device(batch, run.accelerator.device)
@@ -183,11 +189,11 @@ def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tup
     inputs = loss_inputs(out, batch, run.needs)
     if "group_flat" in batch:
         ref = inputs.ref_logps if inputs.ref_logps is not None else group_reference(out, batch)
-        engine = group_logratio_metrics(inputs.policy_logps, ref, batch) if ref is not None else {}
+        engine = group_logratio_metrics(inputs.policy_logps, ref, batch) if ref is not None else ({}, {})
     else:
         # the loss's own reference sums where it asked for them, so a live reference is not summed twice
         ref = (inputs.ref_chosen_logps, inputs.ref_rejected_logps) if inputs.ref_chosen_logps is not None else reference_sums(out, batch)
-        engine = logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}
+        engine = (logratio_metrics((inputs.policy_chosen_logps, inputs.policy_rejected_logps), ref) if ref is not None else {}), {}
     if "gather_counts" in batch and inputs.mismatched_logps is not None:
         gather_mismatched(run.accelerator, inputs, batch["gather_counts"])
     return inputs, engine
@@ -195,9 +201,9 @@ def model_inputs(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tup
 
 def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
     """One forward of a batch through the model and the loss plugin, with the engine's ``logratios/*`` metrics."""
-    inputs, engine = model_inputs(run, model, batch)
+    inputs, (metrics, counts) = model_inputs(run, model, batch)
     output = run.loss(inputs)
-    output.metrics = {**output.metrics, **engine}
+    output.metrics, output.counts = {**output.metrics, **metrics}, {**output.counts, **counts}
     return output
 
 
@@ -205,9 +211,56 @@ def compute_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> Los
 class StepResult:
     """Device tensors of one optimiser step; nothing here has been read back to the host."""
 
-    metrics: dict[str, torch.Tensor]
+    metrics: MetricSums
     grad_norm: torch.Tensor
     finite: torch.Tensor
+
+
+class MetricSums:
+    """Metrics summed on the device: each weighted by its forward's share of the examples, or, a metric that averages
+    only some of them (``LossOutput.counts``), by its count, with the counts summed beside it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], weight: float) -> None:
+        for key, value in metrics.items():
+            count = counts.get(key)
+            if count is None:
+                self.sums[key] = self.sums.get(key, 0) + value.float() * weight
+            else:  # a mean over no examples (0, or 0/0 from a plugin) adds nothing
+                count = count.float() * (1.0 if weight else 0.0)
+                self.sums[key] = self.sums.get(key, 0) + torch.where(count > 0, value.float() * count, 0.0)
+                self.counts[key] = self.counts.get(key, 0) + count
+
+    def merge(self, other: MetricSums) -> None:
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        for key, value in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + value
+
+    def means(self, acc: Any, total: float | torch.Tensor, extra: torch.Tensor | None = None) -> tuple[dict[str, float], float | None]:
+        """Over all processes (one collective, one host read): each metric's sum over ``total`` (the summed weights),
+        a counted one's over its count (left out where that is 0); and ``extra`` summed."""
+        keys, counted = sorted(self.sums), sorted(self.counts)
+        device = acc.device
+        local = [self.sums[k].float().reshape(()) for k in keys] + [self.counts[k].reshape(()) for k in counted]
+        local += [torch.as_tensor(total, dtype=torch.float32, device=device).reshape(())]
+        if extra is not None:
+            local.append(extra.float().reshape(()))
+        values = acc.reduce(torch.stack([v.to(device) for v in local]), "sum").tolist()
+        counts = dict(zip(counted, values[len(keys):len(keys) + len(counted)]))
+        whole = values[len(keys) + len(counted)]
+        out = {k: (v / counts[k] if k in counts else v / whole) for k, v in zip(keys, values) if counts.get(k, 1) > 0}
+        for key in [k for k in out if k.endswith("/margins")]:
+            chosen, rejected = key.replace("/margins", "/chosen"), key.replace("/margins", "/rejected")
+            if chosen in counts and rejected in counts:  # of counted means, the margin is their difference
+                if chosen in out and rejected in out:
+                    out[key] = out[chosen] - out[rejected]
+                else:
+                    del out[key]
+        return out, values[-1] if extra is not None else None
 
 
 def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[str, Any]], weights: Sequence[float],
@@ -219,7 +272,7 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
     Only the last backward synchronises gradients across processes.
     """
     acc = run.accelerator
-    sums: dict[str, torch.Tensor] = {}
+    sums = MetricSums()
     fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2: no no_sync(); say whether to reduce-scatter
     for i, (batch, weight) in enumerate(zip(forwards, weights)):
         last = i == len(forwards) - 1
@@ -228,14 +281,13 @@ def forward_backward(run: Run, model: torch.nn.Module, forwards: Sequence[dict[s
         with acc.no_sync(model) if not last and acc.num_processes > 1 and not fsdp else nullcontext():
             output = compute_loss(run, model, batch)
             acc.backward(output.loss * weight)
-        for key, value in {"loss": output.loss.detach(), **output.metrics}.items():
-            sums[key] = sums.get(key, 0) + value.float() * weight
+        sums.add({"loss": output.loss.detach(), **output.metrics}, output.counts, weight)
     grad_norm = acc.clip_grad_norm_(params, run.config.trainer.max_grad_norm or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over all shards, as a plain tensor
         grad_norm = grad_norm.full_tensor()
     if not isinstance(grad_norm, torch.Tensor):
         grad_norm = torch.tensor(float(grad_norm), device=acc.device)
-    finite = torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
+    finite = torch.isfinite(sums.sums["loss"]) & torch.isfinite(grad_norm)
     return StepResult(sums, grad_norm.detach().float(), finite)
 
 
@@ -259,25 +311,22 @@ class LogWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums = MetricSums()
         self.steps, self.tokens, self.padding = 0, 0, 0.0
 
     def add(self, result: StepResult, tokens: int, padding: float) -> None:
-        for key, value in {**result.metrics, "grad_norm": result.grad_norm}.items():
-            self.sums[key] = self.sums.get(key, 0) + value
+        self.sums.merge(result.metrics)
+        self.sums.add({"grad_norm": result.grad_norm}, {}, 1.0)
         self.steps += 1
         self.tokens += tokens
         self.padding += padding
 
     def row(self, run: Run) -> dict[str, Any]:
-        """Means over the window's steps and the processes (``num_tokens`` summed): one collective, one host read; then empty."""
+        """Means over the window's steps and the processes (a counted metric over its examples; ``num_tokens`` summed):
+        one collective, one host read; then empty."""
         acc = run.accelerator
-        keys = sorted(self.sums)
-        local = torch.stack([self.sums[k].float() for k in keys] + [torch.tensor(float(self.tokens), device=acc.device)])
-        values = acc.reduce(local, "sum").tolist()
-        n, world = self.steps, acc.num_processes
-        row = {**{k: v / n / world for k, v in zip(keys, values[:-1])},
-               "num_tokens": int(values[-1]), "padding_fraction": round(self.padding / n, 4)}
+        means, tokens = self.sums.means(acc, self.steps, torch.tensor(float(self.tokens), device=acc.device))
+        row = {**means, "num_tokens": int(tokens), "padding_fraction": round(self.padding / self.steps, 4)}
         self._reset()
         return row
 
@@ -300,29 +349,22 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     mine = forward_plans(sizes, tc.batch_size, budget, acc.num_processes, matched=sharded, sliced=True)[acc.process_index]
     if not mine:  # no held-out pair here: one filler forward, for the metric names of the reduction
         mine = [None]
-    totals: dict[str, torch.Tensor] = {}
+    totals = MetricSums()
     count = torch.zeros((), device=acc.device)
     # lazily, one forward at a time; KTO's held out forwards wait for their global batches' reference points
     forwards = ((b, *model_inputs(run, model, run.make_batch(pairs, b or [0], "eval"))) for b in mine)
     if mismatched:
         forwards = share_mismatched(acc, list(forwards), len(pairs), tc.batch_size)
-    for b, inputs, engine in forwards:
-        count += _add(totals, run.loss(inputs), engine, sum(example_weight(pairs[i]) for i in b) if b else 0)
+    for b, inputs, (metrics, counts) in forwards:
+        output, n = run.loss(inputs), sum(example_weight(pairs[i]) for i in b) if b else 0
+        totals.add({"loss": output.loss.detach(), **output.metrics, **metrics}, {**output.counts, **counts}, n)
+        count += n
     model.train()
-    keys = sorted(totals)
-    stacked = acc.reduce(torch.stack([totals[k] for k in keys] + [count]), "sum")
-    values = stacked.tolist()
-    return {f"eval/{k}": v / values[-1] for k, v in zip(keys, values[:-1])}
+    means, _ = totals.means(acc, count)
+    return {f"eval/{k}": v for k, v in means.items()}
 
 
-def _add(totals: dict[str, torch.Tensor], output: LossOutput, engine: dict[str, torch.Tensor], n: int) -> int:
-    """Add a forward's loss and metrics, weighted by its ``n`` examples, to ``totals``; returns ``n``."""
-    for key, value in {"loss": output.loss.detach(), **output.metrics, **engine}.items():
-        totals[key] = totals.get(key, 0) + value.float() * n
-    return n
-
-
-Staged = list[tuple[list[int] | None, LossInputs, dict[str, torch.Tensor]]]
+Staged = list[tuple[list[int] | None, LossInputs, Metrics]]
 
 
 def share_mismatched(acc: Any, staged: Staged, n: int, batch_size: int) -> Staged:

@@ -42,18 +42,23 @@ class KTO(Loss):
         terms = torch.where(desirable, chosen, torch.where(undesirable, rejected, 0.0))
         losses = terms.sum(-1)
         loss = losses.sum() / mask.sum().clamp(min=1)
-        return LossOutput(loss, losses, _metrics(cfg.beta * h.detach(), policy.detach(), desirable, undesirable, z0))
+        metrics, counts = _metrics(cfg.beta * h.detach(), policy.detach(), desirable, undesirable, z0)
+        return LossOutput(loss, losses, metrics, counts)
 
 
 def _metrics(rewards: torch.Tensor, policy: torch.Tensor, desirable: torch.Tensor, undesirable: torch.Tensor,
-             z0: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TRL's KTO metrics: means over the desirable (chosen) and undesirable (rejected) completions; 0 where there are none."""
+             z0: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """TRL's KTO metrics: means over the desirable (chosen) and undesirable (rejected) completions (0 where there are
+    none), and their counts, so that the logs average them over those completions."""
     def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         return torch.where(where, values, 0.0).sum() / where.sum().clamp(min=1)
 
     chosen, rejected = mean(rewards, desirable), mean(rewards, undesirable)
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-            "logps/chosen": mean(policy, desirable), "logps/rejected": mean(policy, undesirable), "kl": z0}
+    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+               "logps/chosen": mean(policy, desirable), "logps/rejected": mean(policy, undesirable), "kl": z0}
+    n_chosen, n_rejected = desirable.sum(), undesirable.sum()
+    counts = {"rewards/chosen": n_chosen, "logps/chosen": n_chosen, "rewards/rejected": n_rejected, "logps/rejected": n_rejected}
+    return metrics, counts
 
 
 @prefopt.hookimpl

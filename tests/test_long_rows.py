@@ -5,8 +5,8 @@ The oracle is the same loader with cutting turned off (a window longer than any 
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import re
 from contextlib import contextmanager
 

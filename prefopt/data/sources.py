@@ -22,6 +22,7 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 FIELDS = ("prompt", "chosen", "rejected", "completions", "scores", "completion", "label")
 MALFORMED = "malformed JSON"
 BAD_UTF8 = "invalid UTF-8"
+HELD = 1 << 16  # characters: a longer string goes around datasets (see _through_datasets)
 
 
 @dataclass
@@ -181,11 +182,8 @@ def _through_datasets(records: list[Record], source: str) -> list[Record]:
             item = dict(item)
             rec = by_row[item.pop("__row__")]
             # columns absent from this row come back as null
-            rec.value = {k: _put_back(v, held, tag) for k, v in item.items() if k in rec.value}
+            rec.value = {k: _put_back(v, held, tag) if held else v for k, v in item.items() if k in rec.value}
     return records
-
-
-HELD = 1 << 16
 
 
 def _hold(value: Any, held: list[str], tag: str) -> Any:

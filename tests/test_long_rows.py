@@ -35,6 +35,22 @@ def _bpe_whole_text(texts):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def _sentencepiece_bpe(texts):
+    """Llama-2-like: trained on words (no merge crosses a space), then run as SentencePiece does: no pre-tokenizer,
+    spaces made '▁' and one prepended, so the model sees the whole text as one word; byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    specials = ["<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def _wordpiece_deleting(texts):
     """BERT-like: the normalizer deletes control and format characters (e.g. U+200B), unknown words are one [UNK]."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -87,7 +103,8 @@ def tokenizers(tokenizer):
     corpus = ["good movie the plot was good and the acting great 123 !!", "aaaa x e\u0301 é. the the movie"] * 20
     out = {"byte-level BPE": copy.deepcopy(tokenizer),  # the session's tokenizer keeps its own template for other files
            "whole-text BPE": _bpe_whole_text(corpus), "deleting WordPiece": _wordpiece_deleting(corpus),
-           "digits by three": _digits_by_three(corpus), "Metaspace Unigram": _metaspace_unigram(corpus)}
+           "digits by three": _digits_by_three(corpus), "Metaspace Unigram": _metaspace_unigram(corpus),
+           "SentencePiece BPE": _sentencepiece_bpe(corpus)}
     for tok in out.values():
         tok.chat_template = TEMPLATE
     return out
@@ -123,7 +140,8 @@ def _row(kind: str, prompt: str, completions: list[str]) -> dict:
 
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(["byte-level BPE", "whole-text BPE", "deleting WordPiece", "digits by three", "Metaspace Unigram"]),
+@given(name=st.sampled_from(["byte-level BPE", "whole-text BPE", "deleting WordPiece", "digits by three", "Metaspace Unigram",
+                             "SentencePiece BPE"]),
        kind=st.sampled_from(["text", "trl", "messages", "implicit", "ranking"]),
        rows=st.lists(st.tuples(text, st.lists(text, min_size=3, max_size=3)), min_size=1, max_size=4),
        max_length=st.integers(4, 24), max_prompt=st.sampled_from([None, 3, 8]), max_completion=st.sampled_from([None, 2, 6]))
@@ -279,8 +297,9 @@ def test_a_cut_prompt_whose_kept_end_the_completion_moves_into_unsure_tokens_is_
 
 
 def test_a_prompt_with_no_word_boundary_to_trust_is_tokenised_whole_at_once(tokenizers, tmp_path, monkeypatch):
-    """Whole-text BPE sees the whole text as one word: no boundary can vouch for a cut prompt's end, so the prompt is
-    tokenised whole straight away rather than through ever wider cuts."""
+    """Whole-text BPE sees the whole text as one word, and, trained so too, holds every pair of neighbouring characters
+    of this text in some token: no boundary can vouch for a cut prompt's end, so the prompt is tokenised whole straight
+    away rather than through ever wider cuts."""
     tok = tokenizers["whole-text BPE"]
     prompt = "the movie was good " * 2_000
     path = tmp_path / "train.jsonl"
@@ -317,3 +336,21 @@ def test_a_long_string_is_read_as_datasets_reads_it_without_datasets_holding_it(
     assert [r.value for r in held] == [r.value for r in plain]
     assert held[1].value["chosen"][0]["content"] == long and held[0].value["rejected"][0]["content"] == long + "!"
     assert sizes[0] < 2_000 < len(long) < sizes[1]
+
+
+def test_a_sentencepiece_prompt_is_cut_where_no_token_can_span(tokenizers, tmp_path, monkeypatch):
+    """SentencePiece BPE (Llama-2's kind) has no pre-tokenizer, so no words; but no token of its vocabulary holds a
+    character followed by '▁', so nothing ever merges across the start of a word: a long prompt cut by
+    max_prompt_length is tokenised only as far as it keeps, with the whole prompt's ids."""
+    tok = tokenizers["SentencePiece BPE"]
+    prompt = "the plot was good and the acting great " * 20_000
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
+    options = dict(max_length=24, max_prompt_length=8)
+    with _cutting(False):
+        whole = _load(path, tok, **options)
+    seen = []
+    tokenise = pairs._tokenise
+    monkeypatch.setattr(pairs, "_tokenise", lambda p, *a, **kw: seen.append(len(p)) or tokenise(p, *a, **kw))
+    assert _load(path, tok, **options) == whole and len(whole[0]) == 1
+    assert max(seen) <= 2 * window.window_for(tok, 24, 8, None).chars < len(prompt) // 100

@@ -10,6 +10,8 @@ whole row. The window only sets where that search starts: no result depends on i
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,24 +59,63 @@ def sure_end(tokenizer: Any, text: str, chars: int) -> int | None:
     Unlike a text's start, its end has no fixed point to tokenise from: BPE merges a long run of
     one character from the run's left, a pre-tokenizer may group digits by three from a number's
     left. But a fast tokenizer applies its model to each pre-token ("word") on its own, so from a
-    word boundary on, the tokens depend only on the words that follow. A boundary is trusted when
-    three cuts place a word boundary there and agree on every token after it: at ``chars``, at one
+    word boundary on, the tokens depend only on the words that follow. A tokenizer without a
+    pre-tokenizer (SentencePiece BPE or Unigram, whose model sees the whole text as one word) has
+    boundaries of its own: between two tokens whose meeting characters no vocabulary entry holds
+    side by side, no merge or piece can ever span (:func:`_unspannable`). A boundary is trusted
+    when three cuts place one there and agree on every token after it: at ``chars``, at one
     character more (a grouping out of phase moves its boundaries) and at twice the characters (a
-    longer left context). None when ``text[-chars:]`` has no word boundary: a slow tokenizer (it
-    reports no words), one whose model sees the whole text as one word (SentencePiece BPE without a
-    pre-tokenizer), or a single word longer than the window; only the whole text then tells.
+    longer left context). None when ``text[-chars:]`` has no boundary: a slow tokenizer, a model
+    whose pieces could span anything, or an end that is one word longer than the window; only the
+    whole text then tells.
     """
     if not getattr(tokenizer, "is_fast", False):
         return None
-    cuts = []
+    pairs = _vocabulary_pairs(tokenizer)
+    cuts, starts = [], []
     for n in (chars, chars + 1, 2 * chars):
         enc = tokenizer(text[-n:], add_special_tokens=False)
-        cuts.append((enc["input_ids"], enc.word_ids()))
-    same = _common_suffix([ids for ids, _ in cuts])
-    starts = [{len(w) - i for i in range(1, len(w)) if w[i] is not None and w[i] != w[i - 1]} for _, w in cuts]
+        ids, words = enc["input_ids"], enc.word_ids()
+        cuts.append(ids)
+        starts.append({len(ids) - i for i in range(1, len(ids)) if words[i] is not None and words[i] != words[i - 1]}
+                      | (_unspannable(tokenizer, ids, pairs) if pairs is not None else set()))
     if not starts[0]:
         return None
+    same = _common_suffix(cuts)
     return max((n for n in set.intersection(*starts) if n <= same), default=0)
+
+
+def _vocabulary_pairs(tokenizer: Any) -> frozenset[tuple[str, str]] | None:
+    """The pairs of characters that some vocabulary entry holds side by side, for a tokenizer whose model sees the
+    whole text as one word and builds each token from one stretch of it (BPE, Unigram); else None."""
+    backend = tokenizer.backend_tokenizer
+    pre, model = backend.pre_tokenizer, backend.model
+    if pre is not None and not (type(pre).__name__ == "Metaspace" and pre.split is False):
+        return None  # words of its own: their boundaries are found from the words
+    if type(model).__name__ == "BPE":
+        if model.dropout or model.continuing_subword_prefix or model.end_of_word_suffix:
+            return None  # random merges, or a token's text that is not the text it covers
+    elif type(model).__name__ != "Unigram":
+        return None  # e.g. WordPiece: greedy from the word's start, so any cut changes what follows
+    return _pairs(tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _pairs(tokenizer: Any) -> frozenset[tuple[str, str]]:
+    # Added tokens are cut out before the model runs, and byte-fallback tokens ("<0x0A>") stand for a byte, not for
+    # their letters: any merge with them is itself a vocabulary entry, holding the pair it spans.
+    skip = set(tokenizer.get_added_vocab())
+    byte = re.compile(r"<0x[0-9A-F]{2}>")
+    return frozenset((t[j], t[j + 1]) for t in tokenizer.get_vocab() if t not in skip and not byte.fullmatch(t)
+                     for j in range(len(t) - 1))
+
+
+def _unspannable(tokenizer: Any, ids: list[int], pairs: frozenset[tuple[str, str]]) -> set[int]:
+    """Tail lengths at boundaries between tokens whose meeting characters no vocabulary entry holds side by side
+    (so no merge or piece spans them, in this text or in any text around it); not within the first two tokens, which
+    a cut or a prepended ``▁`` may have changed."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return {len(ids) - i for i in range(2, len(ids)) if pieces[i - 1] and pieces[i] and (pieces[i - 1][-1], pieces[i][0]) not in pairs}
 
 
 def _common_suffix(lists: list[list[int]]) -> int:

@@ -296,17 +296,20 @@ def test_a_cut_prompt_whose_kept_end_the_completion_moves_into_unsure_tokens_is_
         assert _load(path, tok, **options) == whole
 
 
+def _one_prompt(tmp_path, tok, prompt: str, **options):
+    """A file of one pair with ``prompt``, and what loading it gives with cutting off."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
+    with _cutting(False):
+        return path, _load(path, tok, **options)
+
+
 def test_a_prompt_with_no_word_boundary_to_trust_is_tokenised_whole_at_once(tokenizers, tmp_path, monkeypatch):
     """Whole-text BPE sees the whole text as one word, and, trained so too, holds every pair of neighbouring characters
     of this text in some token: no boundary can vouch for a cut prompt's end, so the prompt is tokenised whole straight
     away rather than through ever wider cuts."""
-    tok = tokenizers["whole-text BPE"]
-    prompt = "the movie was good " * 2_000
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
-    options = dict(max_length=24, max_prompt_length=8)
-    with _cutting(False):
-        whole = _load(path, tok, **options)
+    tok, prompt, options = tokenizers["whole-text BPE"], "the movie was good " * 2_000, dict(max_length=24, max_prompt_length=8)
+    path, whole = _one_prompt(tmp_path, tok, prompt, **options)
     asked, seen = [], []
     sure, tokenise = pairs.sure_end, pairs._tokenise
     monkeypatch.setattr(pairs, "sure_end", lambda *a: asked.append(a[2]) or sure(*a))
@@ -342,13 +345,9 @@ def test_a_sentencepiece_prompt_is_cut_where_no_token_can_span(tokenizers, tmp_p
     """SentencePiece BPE (Llama-2's kind) has no pre-tokenizer, so no words; but no token of its vocabulary holds a
     character followed by '▁', so nothing ever merges across the start of a word: a long prompt cut by
     max_prompt_length is tokenised only as far as it keeps, with the whole prompt's ids."""
-    tok = tokenizers["SentencePiece BPE"]
-    prompt = "the plot was good and the acting great " * 20_000
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"prompt": prompt, "chosen": " good", "rejected": " bad"}) + "\n")
+    tok, prompt = tokenizers["SentencePiece BPE"], "the plot was good and the acting great " * 20_000
     options = dict(max_length=24, max_prompt_length=8)
-    with _cutting(False):
-        whole = _load(path, tok, **options)
+    path, whole = _one_prompt(tmp_path, tok, prompt, **options)
     seen = []
     tokenise = pairs._tokenise
     monkeypatch.setattr(pairs, "_tokenise", lambda p, *a, **kw: seen.append(len(p)) or tokenise(p, *a, **kw))

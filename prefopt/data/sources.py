@@ -170,11 +170,12 @@ def _through_datasets(records: list[Record], source: str) -> list[Record]:
         return records
     held: list[str] = []
     tag = f"\x00prefopt-held-{uuid.uuid4().hex}-"
+    hold, put_back = _hold(held, tag), _put_back(held, tag)
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "rows.jsonl"
         with clean.open("w", encoding="utf-8") as f:
             for r in good:
-                fields = {k: _hold(v, held, tag) for k, v in r.value.items() if k in FIELDS}
+                fields = {k: _strings(v, hold) for k, v in r.value.items() if k in FIELDS}
                 f.write(json.dumps({"__row__": r.row, **fields}) + "\n")
         ds = _load("json", source, data_files=str(clean), split="train", cache_dir=str(Path(tmp) / "cache"))
         by_row = {r.row: r for r in good}
@@ -182,29 +183,32 @@ def _through_datasets(records: list[Record], source: str) -> list[Record]:
             item = dict(item)
             rec = by_row[item.pop("__row__")]
             # columns absent from this row come back as null
-            rec.value = {k: _put_back(v, held, tag) if held else v for k, v in item.items() if k in rec.value}
+            rec.value = {k: _strings(v, put_back) if held else v for k, v in item.items() if k in rec.value}
     return records
 
 
-def _hold(value: Any, held: list[str], tag: str) -> Any:
-    """``value`` with each string longer than ``HELD`` appended to ``held`` and replaced by ``tag`` and its index."""
-    if isinstance(value, str) and len(value) > HELD:
-        held.append(value)
+def _hold(held: list[str], tag: str) -> Callable[[str], str]:
+    """A string longer than ``HELD`` appended to ``held`` and replaced by ``tag`` and its index; others as they are."""
+    def hold(text: str) -> str:
+        if len(text) <= HELD:
+            return text
+        held.append(text)
         return f"{tag}{len(held) - 1}"
-    if isinstance(value, dict):
-        return {k: _hold(v, held, tag) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_hold(v, held, tag) for v in value]
-    return value
+    return hold
 
 
-def _put_back(value: Any, held: list[str], tag: str) -> Any:
-    if isinstance(value, str) and value.startswith(tag):
-        return held[int(value[len(tag):])]
+def _put_back(held: list[str], tag: str) -> Callable[[str], str]:
+    return lambda text: held[int(text[len(tag):])] if text.startswith(tag) else text
+
+
+def _strings(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (JSON: dicts, lists, scalars) with ``change`` applied to every string in it."""
+    if isinstance(value, str):
+        return change(value)
     if isinstance(value, dict):
-        return {k: _put_back(v, held, tag) for k, v in value.items()}
+        return {k: _strings(v, change) for k, v in value.items()}
     if isinstance(value, list):
-        return [_put_back(v, held, tag) for v in value]
+        return [_strings(v, change) for v in value]
     return value
 
 
